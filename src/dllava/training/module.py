@@ -1,0 +1,222 @@
+"""The training recipe: an HF LLaVA, its LM loss, optimizer groups, and generation-based validation.
+
+Dense fine-tuning only; sparsification plugs in on top of this module. The model is created in
+``configure_model`` (not ``__init__``) so sharded strategies can build it under their init context.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+
+from dllava.metrics.answers import exact_match
+from dllava.model.loading import ModelSource, load_llava, load_processor
+
+PARAM_GROUPS = (("vision", "model.vision_tower."), ("projector", "model.multi_modal_projector."))
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay, one learning rate per part of the model."""
+
+    lr: float = 1e-4
+    projector_lr: float | None = None
+    vision_lr: float | None = None
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        for key in ("lr", "projector_lr", "vision_lr"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(f"optim.{key} must be > 0, got {value}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+
+    def group_lr(self, group: str) -> float:
+        specific = {"projector": self.projector_lr, "vision": self.vision_lr}.get(group)
+        return self.lr if specific is None else specific
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear 0->1 over ``warmup`` steps, then cosine 1->``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LlavaLitModule(L.LightningModule):
+    """Fine-tunes an HF ``LlavaForConditionalGeneration`` and scores its greedy answers."""
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optim: dict[str, Any] | None = None,
+        freeze_vision_tower: bool = True,
+        max_new_tokens: int = 4,
+        answer_kinds: Sequence[str] | None = ("color", "shape", "count", "exist"),
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.source = ModelSource(**model)
+        self.optim = OptimConfig(**(optim or {}))
+        if max_new_tokens < 1:
+            raise ValueError(f"module.max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.freeze_vision_tower = freeze_vision_tower
+        self.max_new_tokens = max_new_tokens
+        self.answer_kinds = list(answer_kinds) if answer_kinds is not None else None
+        self.llava: nn.Module | None = None
+        self.tokenizer: Any = None
+        kinds = self.answer_kinds or []
+        self.eval_metrics = nn.ModuleDict(
+            {
+                split: nn.ModuleDict(
+                    {"loss": MeanMetric(), "answer_acc": MeanMetric(), **{f"acc_{k}": MeanMetric() for k in kinds}}
+                )
+                for split in ("val", "test")
+            }
+        )
+        self.val_acc_best = MaxMetric()
+        self._step_started = 0.0
+
+    # -- model -----------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.llava is not None:
+            return
+        self.llava = load_llava(self.source)
+        if self.freeze_vision_tower:
+            self.llava.model.vision_tower.requires_grad_(False)
+        if self.source.pretrained is not None and not self.source.random_init:
+            # Needed to decode generated answers; random-init models are scored by loss only.
+            self.tokenizer = load_processor(self.source.pretrained).tokenizer
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.llava(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"].to(self.dtype_of_model),
+            labels=batch["labels"],
+        )
+
+    @property
+    def dtype_of_model(self) -> torch.dtype:
+        return next(self.llava.parameters()).dtype
+
+    # -- training --------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        tokens = float(batch["attention_mask"].sum())
+        self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), batch_size=1)
+        for group in self.optimizers().param_groups:
+            self.log(f"lr/{group['name']}", group["lr"], batch_size=1)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters grouped by part of the model (name prefix), each with its own lr."""
+        groups: dict[str, list[nn.Parameter]] = {}
+        for name, param in self.llava.named_parameters():
+            if not param.requires_grad:
+                continue
+            group = next((g for g, prefix in PARAM_GROUPS if name.startswith(prefix)), "llm")
+            groups.setdefault(group, []).append(param)
+        return [
+            {"name": g, "params": ps, "lr": self.optim.group_lr(g), "weight_decay": self.optim.weight_decay}
+            for g, ps in groups.items()
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(self.parameter_groups(), betas=self.optim.betas, eps=self.optim.eps)
+        total = int(self.trainer.estimated_stepping_batches)
+        if not 0 < total < 10**9:
+            raise ValueError("trainer.max_steps must be set: the cosine schedule needs the number of steps")
+        warmup = int(self.optim.warmup_ratio * total)
+        ratio = self.optim.min_lr_ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, total, warmup, ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self.val_acc_best.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict[str, Any], split: str) -> None:
+        metrics = self.eval_metrics[split]
+        metrics["loss"].update(self(batch).loss)
+        if self.tokenizer is None:
+            return
+        selected = [i for i, k in enumerate(batch["kinds"]) if self.answer_kinds is None or k in self.answer_kinds]
+        if not selected:
+            return
+        predictions = self.generate_answers(batch, selected)
+        for i, prediction in zip(selected, predictions):
+            hit = float(exact_match(prediction, batch["answers"][i]))
+            metrics["answer_acc"].update(hit)
+            kind_metric = f"acc_{batch['kinds'][i]}"
+            if kind_metric in metrics:
+                metrics[kind_metric].update(hit)
+
+    @torch.no_grad()
+    def generate_answers(self, batch: dict[str, Any], rows: Sequence[int]) -> list[str]:
+        """Greedy answers for the selected rows of ``batch`` (left-padded generation prompts)."""
+        index = torch.tensor(list(rows), device=batch["prompt_ids"].device)
+        prompt_ids = batch["prompt_ids"].index_select(0, index)
+        output = self.llava.generate(
+            input_ids=prompt_ids,
+            attention_mask=batch["prompt_mask"].index_select(0, index),
+            pixel_values=batch["pixel_values"].index_select(0, index).to(self.dtype_of_model),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return self.tokenizer.batch_decode(output[:, prompt_ids.shape[1] :], skip_special_tokens=True)
+
+    def _log_eval(self, split: str) -> None:
+        for name, metric in self.eval_metrics[split].items():
+            if metric.update_called:
+                self.log(f"{split}/{name}", metric.compute(), sync_dist=False)
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.eval_metrics["val"]["answer_acc"]
+        if acc.update_called:
+            self.val_acc_best(acc.compute())
+            self.log("val/answer_acc_best", self.val_acc_best.compute())
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def hparams_dict(self) -> dict[str, Any]:
+        return {"model": self.source.to_dict(), "optim": asdict(self.optim)}
