@@ -21,4 +21,41 @@ def compose(name: str, overrides: list[str] | None = None, output_dir: Path | No
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(output_dir)
     HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra  # @hydra.main hands the task its config without the hydra node, too
     return cfg
+
+
+def read_wandb_history(run_file: Path) -> list[dict]:
+    """History rows of an offline ``run-<id>.wandb`` file (W&B's LevelDB-style record log).
+
+    W&B 0.31 no longer ships a Python reader, so this walks the log format directly: a 7-byte
+    header, then 32 KiB blocks of records ``crc32(4) length(2, LE) type(1) payload``.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(run_file).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{run_file} is not a W&B run file")
+    block, pos, chunks, rows = 32768, 7, [], []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 2, 3):
+            chunks.append(payload)
+        if kind in (1, 4):
+            if kind == 4:
+                chunks.append(payload)
+            record = pb.Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows

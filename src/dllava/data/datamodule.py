@@ -248,8 +248,8 @@ class LlavaDataModule(L.LightningDataModule):
     def train_dataloader(self) -> wds.WebLoader:
         urls = resolve_urls(self.train_urls, "data.train_urls")
         dataset = (
-            wds.WebDataset(urls, resampled=True, nodesplitter=wds.split_by_node, handler=wds.warn_and_continue,
-                           seed=self.seed)
+            wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node,
+                           handler=wds.warn_and_continue, seed=self.seed)
             .shuffle(self.shuffle_buffer)
             .map(decode_sample, handler=wds.warn_and_continue)
             .map(self.preprocess, handler=wds.warn_and_continue)

@@ -99,9 +99,9 @@ class LlavaLitModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.llava is not None:
             return
-        self.llava = load_llava(self.source)
+        self.llava = load_llava(self.source).train()  # from_pretrained returns eval mode
         if self.freeze_vision_tower:
-            self.llava.model.vision_tower.requires_grad_(False)
+            self.llava.model.vision_tower.requires_grad_(False).eval()
         if self.source.pretrained is not None and not self.source.random_init:
             # Needed to decode generated answers; random-init models are scored by loss only.
             self.tokenizer = load_processor(self.source.pretrained).tokenizer
