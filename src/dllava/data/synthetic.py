@@ -124,19 +124,34 @@ def describe(scene: list[dict[str, Any]]) -> str:
     return " ".join(parts)
 
 
-def ask(kind: str, scene: list[dict[str, Any]], rng: np.random.Generator) -> tuple[str, str] | None:
-    """One (question, answer) of ``kind`` about ``scene``; None when the scene cannot give the drawn answer.
+def draw_answer(kind: str, rng: np.random.Generator) -> int | None:
+    """The answer a count (0-3) or exist (1 yes / 0 no) round must have, drawn before the scene.
 
-    count and exist first draw the answer uniformly, then look for a question with that answer, which
-    keeps their answer distributions balanced (the caller redraws the scene on None).
+    Drawing it first and redrawing scenes until one admits it keeps these answers uniform, so the
+    question alone never predicts them.
     """
+    if kind == "count":
+        return int(rng.integers(0, 4))
+    if kind == "exist":
+        return int(rng.random() < 0.5)
+    return None
+
+
+def ask(
+    kind: str, scene: list[dict[str, Any]], rng: np.random.Generator, wanted: int | None = None
+) -> tuple[str, str] | None:
+    """One (question, answer) of ``kind`` about ``scene``; None when the scene cannot give ``wanted``.
+
+    ``wanted`` comes from ``draw_answer`` (drawn here when None).
+    """
+    if wanted is None:
+        wanted = draw_answer(kind, rng)
     if kind in ("color", "shape"):
         obj = scene[int(rng.integers(len(scene)))]
         if kind == "color":
             return f"what color is the shape at {_where(obj)} ?", obj["color"]
         return f"what shape is at {_where(obj)} ?", obj["shape"]
     if kind == "count":
-        wanted = int(rng.integers(0, 4))
         colours = [c for c in COLORS if sum(o["color"] == c for o in scene) == wanted]
         if not colours:
             return None
@@ -144,7 +159,7 @@ def ask(kind: str, scene: list[dict[str, Any]], rng: np.random.Generator) -> tup
         return f"how many {colour} shapes are there ?", COUNT_WORDS[wanted]
     if kind == "exist":
         present = {(o["color"], o["shape"]) for o in scene}
-        if rng.random() < 0.5:
+        if wanted:
             colour, shape = sorted(present)[int(rng.integers(len(present)))]
             return f"is there a {colour} {shape} ?", "yes"
         absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
@@ -169,11 +184,15 @@ def make_conversation(
     """The record (without rendering) and the RNG positioned to render its image."""
     rng = _rng(seed, split, index)
     rounds = int(rng.integers(1, 4))
-    kinds = [SHORT_KINDS[int(rng.integers(len(SHORT_KINDS)))] for _ in range(rounds - 1)]
-    kinds.append(FINAL_KINDS[int(rng.integers(len(FINAL_KINDS)))])
+    final = FINAL_KINDS[int(rng.integers(len(FINAL_KINDS)))]
+    # Earlier rounds: distinct short kinds other than the final one (two "how many ... three"
+    # questions could never share one scene).
+    others = [k for k in SHORT_KINDS if k != final]
+    kinds = [others[int(i)] for i in rng.permutation(len(others))[: rounds - 1]] + [final]
+    wanted = [draw_answer(kind, rng) for kind in kinds]
     for _ in range(1000):
         scene = make_scene(rng, image_size, grid)
-        exchanges = _exchanges(kinds, scene, rng)
+        exchanges = _exchanges(kinds, wanted, scene, rng)
         if exchanges is not None:
             break
     else:  # pragma: no cover - a 4-object scene always admits every kind within a few draws
@@ -193,11 +212,13 @@ def make_conversation(
     return record, rng
 
 
-def _exchanges(kinds: list[str], scene: list[dict[str, Any]], rng: np.random.Generator) -> list[tuple[str, str]] | None:
+def _exchanges(
+    kinds: list[str], wanted: list[int | None], scene: list[dict[str, Any]], rng: np.random.Generator
+) -> list[tuple[str, str]] | None:
     asked: list[tuple[str, str]] = []
-    for kind in kinds:
+    for kind, answer in zip(kinds, wanted):
         for _ in range(20):
-            exchange = ask(kind, scene, rng)
+            exchange = ask(kind, scene, rng, answer)
             if exchange is None:
                 return None
             if exchange[0] not in {q for q, _ in asked}:

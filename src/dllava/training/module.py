@@ -6,6 +6,7 @@ Dense fine-tuning only; sparsification plugs in on top of this module. The model
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +19,8 @@ from torchmetrics import MaxMetric, MeanMetric
 
 from dllava.metrics.answers import exact_match
 from dllava.model.loading import ModelSource, load_llava, load_processor
+
+log = logging.getLogger(__name__)
 
 PARAM_GROUPS = (("vision", "model.vision_tower."), ("projector", "model.multi_modal_projector."))
 
@@ -102,9 +105,11 @@ class LlavaLitModule(L.LightningModule):
         self.llava = load_llava(self.source).train()  # from_pretrained returns eval mode
         if self.freeze_vision_tower:
             self.llava.model.vision_tower.requires_grad_(False).eval()
-        if self.source.pretrained is not None and not self.source.random_init:
-            # Needed to decode generated answers; random-init models are scored by loss only.
-            self.tokenizer = load_processor(self.source.pretrained).tokenizer
+        if self.source.pretrained is not None:
+            try:  # decodes generated answers; without a tokenizer only the loss is scored
+                self.tokenizer = load_processor(self.source.pretrained).tokenizer
+            except OSError as err:
+                log.warning("no tokenizer for %s (%s): answer accuracy is not computed", self.source.pretrained, err)
 
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.llava(
