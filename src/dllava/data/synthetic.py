@@ -1,17 +1,22 @@
 """The built-in shapes VQA task, written as webdataset shards of LLaVA conversation records.
 
-Design (see ../shared/CALIBRATION.md):
-* The image is a grid of cells (4x4 of 24 px by default; with 12 px patches each cell is exactly 2x2
-  patches). 2-4 coloured shapes sit inside distinct cells on a textured grey background, so all the
-  evidence lives in at most 16 of 64 patches and the rest is uninformative: a sparsifier that keeps
-  the right 25% loses nothing, a random one loses objects.
-* Short questions (colour or shape at a cell, count of a colour, is there a <colour> <shape>) need
-  the image and only a few regions of it; their answers are balanced so that the best answer per
-  question text (the question-only baseline) stays near 0.3.
+Design (measurements behind it: ../shared/CALIBRATION.md):
+
+* Evidence is confined to object cells. The image is a ``grid`` x ``grid`` array of cells (4 x 4 cells
+  of 24 px by default; with 12 px patches each cell is exactly 2 x 2 patches). 2-4 coloured shapes sit
+  strictly inside distinct cells on a grey textured background with the same statistics everywhere, so
+  at most 16 of 64 patches carry anything and the rest is uninformative. A sparsifier that keeps the
+  right 25% of patches loses nothing; one that keeps a random 25% loses objects.
+* Answers are balanced, so the question-only baseline (the best answer per question text) stays near
+  0.3: colour and shape are asked of occupied cells (uniform over 6 colours / 4 shapes), count draws its
+  answer uniformly from zero..three before choosing the colour, exist is yes half the time and its
+  "no"s are often near misses.
 * ``describe`` answers list every object and its cell (tens of tokens), for text sparsification.
 
-Record ``i`` of a split draws from its own RNG seeded by ``(seed, split, i)``, so shards are
-byte-identical whatever the number of worker processes.
+Record ``i`` of a split draws everything (conversation, then pixels) from its own RNG seeded by
+``(seed, split, i)``, so shards are byte-identical whatever the number of worker processes.
+
+CLI: ``python -m dllava.data.synthetic --out data/synthetic --train 20000 --val 512 --test 512``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import argparse
 import io
 import json
 import os
+import re
+from collections.abc import Collection
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
@@ -46,29 +53,82 @@ LONG_KINDS = ("describe",)
 FINAL_KINDS = SHORT_KINDS + LONG_KINDS
 SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 MIN_OBJECTS, MAX_OBJECTS = 2, 4
+MAX_ROUNDS = 3
+COUNT_ANSWERS = 4  # count answers are zero..three, drawn uniformly
+MAX_SCENE_DRAWS = 1000  # the rarest plans (count "two" twice, "three" with "one") need 30-45 draws on average
+SHARD_MTIME = 0  # fixed tar member times: shards are byte-identical across runs, not just their payloads
 
-_TEMPLATE_WORDS = (
-    "what color is the shape at row column ? what shape is at how many shapes are there ? is there a ? "
-    "yes no describe the image in detail . there are shapes . a at row column"
+# Fixed words of every question and answer template; the variable slots are filled from the tuples above.
+_TEMPLATE_TEXT = (
+    "what color is the shape at row column ? | what shape is at row column ? | how many shapes are there ? | "
+    "is there a ? | yes no | describe the image in detail . | there are shapes . a at row column ."
 )
 WORDS: tuple[str, ...] = tuple(
-    sorted(set(_TEMPLATE_WORDS.split()) | set(COLORS) | set(SHAPES) | set(POSITION_WORDS) | set(COUNT_WORDS))
+    sorted(
+        set(_TEMPLATE_TEXT.replace("|", " ").split())
+        | set(COLORS)
+        | set(SHAPES)
+        | set(POSITION_WORDS)
+        | set(COUNT_WORDS)
+    )
 )
+
+Scene = list[dict[str, Any]]
+
+
+# -- validation --------------------------------------------------------------------------------------
+def check_geometry(image_size: int, grid: int) -> None:
+    """Raise unless the grid can hold MAX_OBJECTS objects in cells of at least 8 px named in words."""
+    if not 2 <= grid <= len(POSITION_WORDS):
+        raise ValueError(f"grid must be in 2..{len(POSITION_WORDS)} (rows and columns are named in words), got {grid}")
+    if image_size % grid:
+        raise ValueError(f"image_size must be divisible by grid, got image_size={image_size}, grid={grid}")
+    if image_size // grid < 16 or (image_size // grid) % 2:
+        raise ValueError(f"cells must be an even number of >= 16 px (objects sit in a quadrant), got image_size={image_size} / grid={grid}")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLIT_INDEX:
+        raise ValueError(f"split must be one of {list(SPLIT_INDEX)}, got {split!r}")
+
+
+def _check_at_least(name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ValueError(f"--{name} must be >= {minimum}, got {value}")
+
+
+def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+    _check_split(split)
+    _check_at_least("seed", seed, 0)  # numpy seeds must be non-negative
+    return np.random.default_rng([seed, SPLIT_INDEX[split], index])
 
 
 # -- scenes ------------------------------------------------------------------------------------------
-def make_scene(rng: np.random.Generator, image_size: int = 96, grid: int = 4) -> list[dict[str, Any]]:
-    """2-4 objects in distinct cells, each a colour, a shape and a box strictly inside its cell."""
-    _check_geometry(image_size, grid)
+def make_scene(rng: np.random.Generator, image_size: int = 96, grid: int = 4) -> Scene:
+    """2-4 objects in distinct cells, in reading order, each inside one quadrant of its cell.
+
+    A cell is 2 x 2 vision patches (24 px cells, 12 px patches by default) and an object is drawn inside
+    one of its four quadrants, chosen at random: its whole outline falls in a single patch, so one image
+    token carries both its colour and its shape. Objects spread over 2 x 2 patches (16-22 px boxes) were
+    tried first: on the H100 a tiny LLaVA then learned colours, counts and positions but stayed at chance
+    on shapes, whose cues were split across four tokens (a linear probe on the cell's tokens found them,
+    the LLM never did).
+
+    Each box ``[x0, y0, x1, y1]`` is half-open in pixels (PIL crop convention), quadrant - 3 to
+    quadrant - 2 px wide (9-10 px), at least 1 px inside its quadrant on every side.
+    """
+    check_geometry(image_size, grid)
     cell = image_size // grid
+    quadrant = cell // 2
     count = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
-    cells = rng.choice(grid * grid, size=count, replace=False)
+    cells = sorted(int(c) for c in rng.choice(grid * grid, size=count, replace=False))
     scene = []
-    for index in sorted(int(c) for c in cells):
+    for index in cells:
         row, col = divmod(index, grid)
-        size = int(rng.integers(int(cell * 2 / 3), int(cell * 5 / 6) + 1))
-        x0 = col * cell + int(rng.integers(1, cell - size))
-        y0 = row * cell + int(rng.integers(1, cell - size))
+        qy, qx = divmod(int(rng.integers(4)), 2)
+        size = int(rng.integers(quadrant - 3, quadrant - 2 + 1))
+        x0 = col * cell + qx * quadrant + int(rng.integers(1, quadrant - size))  # >= 1 px margin
+        y0 = row * cell + qy * quadrant + int(rng.integers(1, quadrant - size))
         scene.append(
             {
                 "color": COLORS[int(rng.integers(len(COLORS)))],
@@ -81,34 +141,38 @@ def make_scene(rng: np.random.Generator, image_size: int = 96, grid: int = 4) ->
     return scene
 
 
-def _check_geometry(image_size: int, grid: int) -> None:
-    if not 1 <= grid <= len(POSITION_WORDS):
-        raise ValueError(f"grid must be in 1..{len(POSITION_WORDS)} (positions are named in words), got {grid}")
-    if image_size % grid or image_size // grid < 8:
-        raise ValueError(f"image_size must be a multiple of grid with cells of >= 8 px, got {image_size} / {grid}")
+def render(scene: Scene, rng: np.random.Generator, image_size: int = 96) -> Image.Image:
+    """The scene's filled shapes on a textured grey background.
 
-
-def render(scene: list[dict[str, Any]], rng: np.random.Generator, image_size: int = 96) -> Image.Image:
-    """Textured grey background (blocky noise, slightly blurred) with the scene's filled shapes."""
+    The background is a grey level in [90, 150] plus blocky noise (4 px blocks, +-15) and fine noise
+    (+-6), slightly blurred: texture everywhere, grey only, so it cannot be mistaken for an object.
+    """
     base = int(rng.integers(90, 151))
-    blocks = rng.integers(-15, 16, size=(image_size // 4, image_size // 4))
-    noise = np.kron(blocks, np.ones((4, 4), dtype=np.int64)) + rng.integers(-6, 7, size=(image_size, image_size))
-    grey = np.clip(base + noise, 0, 255).astype(np.uint8)
-    image = Image.fromarray(np.stack([grey] * 3, axis=-1)).filter(ImageFilter.GaussianBlur(0.8))
+    blocks = rng.integers(-15, 16, size=(-(-image_size // 4),) * 2)
+    coarse = np.kron(blocks, np.ones((4, 4), dtype=np.int64))[:image_size, :image_size]
+    fine = rng.integers(-6, 7, size=(image_size, image_size))
+    grey = np.clip(base + coarse + fine, 0, 255).astype(np.uint8)
+    image = Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2)).filter(ImageFilter.GaussianBlur(0.8))
     draw = ImageDraw.Draw(image)
     for obj in scene:
-        x0, y0, x1, y1 = obj["box"]
-        fill = RGB[obj["color"]]
-        if obj["shape"] == "circle":
-            draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
-        elif obj["shape"] == "square":
-            draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
-        elif obj["shape"] == "triangle":
-            draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
-        else:
-            cx, cy = (x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2
-            draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=fill)
+        _draw_shape(draw, obj["shape"], obj["box"], RGB[obj["color"]])
     return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: list[int], fill: tuple[int, int, int]) -> None:
+    x0, y0, x1, y1 = box
+    right, bottom = x1 - 1, y1 - 1  # PIL's shape coordinates are inclusive
+    cx, cy = (x0 + right) / 2, (y0 + bottom) / 2
+    if shape == "circle":
+        draw.ellipse([x0, y0, right, bottom], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x0, y0, right, bottom], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (right, bottom), (x0, bottom)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, y0), (right, cy), (cx, bottom), (x0, cy)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
 
 
 # -- questions ---------------------------------------------------------------------------------------
@@ -116,7 +180,7 @@ def _where(obj: dict[str, Any]) -> str:
     return f"row {POSITION_WORDS[obj['row']]} column {POSITION_WORDS[obj['col']]}"
 
 
-def describe(scene: list[dict[str, Any]]) -> str:
+def describe(scene: Scene) -> str:
     """Every object in reading order: 'there are three shapes . a red circle at row one column two . ...'"""
     parts = [f"there are {COUNT_WORDS[len(scene)]} shapes ."]
     for obj in sorted(scene, key=lambda o: (o["row"], o["col"])):
@@ -124,136 +188,172 @@ def describe(scene: list[dict[str, Any]]) -> str:
     return " ".join(parts)
 
 
-def draw_answer(kind: str, rng: np.random.Generator) -> int | None:
-    """The answer a count (0-3) or exist (1 yes / 0 no) round must have, drawn before the scene.
+def ask(
+    kind: str,
+    scene: Scene,
+    rng: np.random.Generator,
+    answer: str | None = None,
+    exclude: Collection[str] = (),
+) -> tuple[str, str] | None:
+    """One (question, answer) of ``kind`` about ``scene``, its question not in ``exclude``.
 
-    Drawing it first and redrawing scenes until one admits it keeps these answers uniform, so the
-    question alone never predicts them.
+    ``answer`` fixes the answer of a count ("zero".."three") or exist ("yes"/"no") question; it is drawn
+    here when None. Returns None when the scene has no fresh question with that answer: the caller then
+    draws a new scene but keeps the answer, which is what keeps count and exist answers balanced.
     """
+    if kind == "color":
+        options = [(f"what color is the shape at {_where(o)} ?", o["color"]) for o in scene]
+    elif kind == "shape":
+        options = [(f"what shape is at {_where(o)} ?", o["shape"]) for o in scene]
+    elif kind == "count":
+        options = _count_options(scene, answer or draw_answer(kind, rng))
+    elif kind == "exist":
+        options = _exist_options(scene, answer or draw_answer(kind, rng), rng)
+    elif kind == "describe":
+        options = [("describe the image in detail .", describe(scene))]
+    else:
+        raise ValueError(f"unknown question kind {kind!r}; expected one of {FINAL_KINDS}")
+    options = [(q, a) for q, a in options if q not in exclude]
+    return options[int(rng.integers(len(options)))] if options else None
+
+
+def draw_answer(kind: str, rng: np.random.Generator) -> str | None:
+    """The answer of a count (uniform over zero..three) or exist (yes/no) round, drawn before its scene."""
     if kind == "count":
-        return int(rng.integers(0, 4))
+        return COUNT_WORDS[int(rng.integers(COUNT_ANSWERS))]
     if kind == "exist":
-        return int(rng.random() < 0.5)
+        return "yes" if rng.random() < 0.5 else "no"
     return None
 
 
-def ask(
-    kind: str, scene: list[dict[str, Any]], rng: np.random.Generator, wanted: int | None = None
-) -> tuple[str, str] | None:
-    """One (question, answer) of ``kind`` about ``scene``; None when the scene cannot give ``wanted``.
+def _count_options(scene: Scene, answer: str) -> list[tuple[str, str]]:
+    wanted = COUNT_WORDS.index(answer)
+    colours = [c for c in COLORS if sum(o["color"] == c for o in scene) == wanted]
+    return [(f"how many {c} shapes are there ?", answer) for c in colours]
 
-    ``wanted`` comes from ``draw_answer`` (drawn here when None).
-    """
-    if wanted is None:
-        wanted = draw_answer(kind, rng)
-    if kind in ("color", "shape"):
-        obj = scene[int(rng.integers(len(scene)))]
-        if kind == "color":
-            return f"what color is the shape at {_where(obj)} ?", obj["color"]
-        return f"what shape is at {_where(obj)} ?", obj["shape"]
-    if kind == "count":
-        colours = [c for c in COLORS if sum(o["color"] == c for o in scene) == wanted]
-        if not colours:
-            return None
-        colour = colours[int(rng.integers(len(colours)))]
-        return f"how many {colour} shapes are there ?", COUNT_WORDS[wanted]
-    if kind == "exist":
-        present = {(o["color"], o["shape"]) for o in scene}
-        if wanted:
-            colour, shape = sorted(present)[int(rng.integers(len(present)))]
-            return f"is there a {colour} {shape} ?", "yes"
+
+def _exist_options(scene: Scene, answer: str, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Present pairs for "yes"; for "no", half the time only near misses (the colour or the shape is there)."""
+    present = sorted({(o["color"], o["shape"]) for o in scene})
+    if answer == "yes":
+        pairs = present
+    else:
         absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
         near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
-        pool = near if near and rng.random() < 0.5 else absent
-        colour, shape = pool[int(rng.integers(len(pool)))]
-        return f"is there a {colour} {shape} ?", "no"
-    if kind == "describe":
-        return "describe the image in detail .", describe(scene)
-    raise ValueError(f"unknown question kind {kind!r}")
+        pairs = near if rng.random() < 0.5 else absent  # a scene always has near misses (>= 1 object)
+    return [(f"is there a {c} {s} ?", answer) for c, s in pairs]
 
 
-def _rng(seed: int, split: str, index: int) -> np.random.Generator:
-    if split not in SPLIT_INDEX:
-        raise ValueError(f"split must be one of {sorted(SPLIT_INDEX)}, got {split!r}")
-    return np.random.default_rng([seed, SPLIT_INDEX[split], index])
+def _draw_plan(rng: np.random.Generator) -> list[tuple[str, str | None]]:
+    """1-3 rounds of (kind, fixed answer or None): short kinds first, the final kind uniform over all five.
+
+    Count answers that no scene could serve together (counts of distinct colours summing past
+    MAX_OBJECTS, e.g. "three" twice) are redrawn.
+    """
+    rounds = int(rng.integers(1, MAX_ROUNDS + 1))
+    kinds = [SHORT_KINDS[int(rng.integers(len(SHORT_KINDS)))] for _ in range(rounds - 1)]
+    kinds.append(FINAL_KINDS[int(rng.integers(len(FINAL_KINDS)))])
+    plan: list[tuple[str, str | None]] = []
+    for kind in kinds:
+        answer = draw_answer(kind, rng)
+        while kind == "count" and _objects_counted(plan) + COUNT_WORDS.index(answer) > MAX_OBJECTS:
+            answer = draw_answer(kind, rng)  # terminates: "zero" always fits
+        plan.append((kind, answer))
+    return plan
 
 
-def make_conversation(
-    split: str, index: int, seed: int, image_size: int = 96, grid: int = 4
-) -> tuple[dict[str, Any], np.random.Generator]:
-    """The record (without rendering) and the RNG positioned to render its image."""
-    rng = _rng(seed, split, index)
-    rounds = int(rng.integers(1, 4))
-    final = FINAL_KINDS[int(rng.integers(len(FINAL_KINDS)))]
-    # Earlier rounds: distinct short kinds other than the final one (two "how many ... three"
-    # questions could never share one scene).
-    others = [k for k in SHORT_KINDS if k != final]
-    kinds = [others[int(i)] for i in rng.permutation(len(others))[: rounds - 1]] + [final]
-    wanted = [draw_answer(kind, rng) for kind in kinds]
-    for _ in range(1000):
+def _objects_counted(plan: list[tuple[str, str | None]]) -> int:
+    return sum(COUNT_WORDS.index(answer) for kind, answer in plan if kind == "count")
+
+
+def _exchanges(
+    plan: list[tuple[str, str | None]], scene: Scene, rng: np.random.Generator
+) -> list[tuple[str, str]] | None:
+    """One distinct question per round of ``plan``, or None when this scene cannot serve them all."""
+    asked: list[tuple[str, str]] = []
+    for kind, answer in plan:
+        exchange = ask(kind, scene, rng, answer, exclude={q for q, _ in asked})
+        if exchange is None:
+            return None
+        asked.append(exchange)
+    return asked
+
+
+def _conversation(
+    rng: np.random.Generator, split: str, index: int, image_size: int, grid: int
+) -> dict[str, Any]:
+    plan = _draw_plan(rng)
+    for _ in range(MAX_SCENE_DRAWS):
         scene = make_scene(rng, image_size, grid)
-        exchanges = _exchanges(kinds, wanted, scene, rng)
+        exchanges = _exchanges(plan, scene, rng)
         if exchanges is not None:
             break
-    else:  # pragma: no cover - a 4-object scene always admits every kind within a few draws
-        raise RuntimeError(f"could not build record {split}-{index}")
+    else:  # pragma: no cover - failing 1000 draws has probability below 1e-15
+        raise RuntimeError(f"could not build record {split}-{index} in {MAX_SCENE_DRAWS} scene draws")
     record_id = f"{split}-{index:07d}"
     conversations = []
     for n, (question, answer) in enumerate(exchanges):
         conversations.append({"from": "human", "value": f"<image>\n{question}" if n == 0 else question})
         conversations.append({"from": "gpt", "value": answer})
-    record = {
+    return {
         "id": record_id,
         "image": f"{split}/{record_id}.jpg",
         "conversations": conversations,
-        "kinds": kinds,
+        "kinds": [kind for kind, _ in plan],
         "scene": scene,
     }
-    return record, rng
 
 
-def _exchanges(
-    kinds: list[str], wanted: list[int | None], scene: list[dict[str, Any]], rng: np.random.Generator
-) -> list[tuple[str, str]] | None:
-    asked: list[tuple[str, str]] = []
-    for kind, answer in zip(kinds, wanted):
-        for _ in range(20):
-            exchange = ask(kind, scene, rng, answer)
-            if exchange is None:
-                return None
-            if exchange[0] not in {q for q, _ in asked}:
-                asked.append(exchange)
-                break
-        else:
-            return None
-    return asked
+def make_conversation(split: str, index: int, seed: int, image_size: int = 96, grid: int = 4) -> dict[str, Any]:
+    """The record of :func:`make_record` without rendering its image (fast, for statistics)."""
+    check_geometry(image_size, grid)
+    return _conversation(_rng(seed, split, index), split, index, image_size, grid)
 
 
 def make_record(
     split: str, index: int, seed: int, image_size: int = 96, grid: int = 4
 ) -> tuple[dict[str, Any], Image.Image]:
-    """Record ``index`` of ``split`` and its image, deterministic in ``(seed, split, index)``."""
-    record, rng = make_conversation(split, index, seed, image_size, grid)
-    return record, render(record["scene"], rng, image_size)
+    """Record ``index`` of ``split`` (LLaVA mix665k schema plus ``kinds`` and ``scene``) and its RGB image."""
+    check_geometry(image_size, grid)
+    rng = _rng(seed, split, index)
+    record = _conversation(rng, split, index, image_size, grid)
+    return record, render(record["scene"], rng, image_size)  # pixels draw after the conversation
 
 
 # -- shards ------------------------------------------------------------------------------------------
 def _jpeg(image: Image.Image) -> bytes:
+    # 4:4:4 keeps colour inside 8 px JPEG blocks; 4:2:0 would smear it over 16 px, across cell borders.
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=95)
+    image.save(buffer, format="JPEG", quality=95, subsampling=0)
     return buffer.getvalue()
 
 
+def _sample(record: dict[str, Any], image: Image.Image) -> dict[str, Any]:
+    return {"__key__": record["id"], "jpg": _jpeg(image), "json": json.dumps(record).encode("utf-8")}
+
+
+def _shard_name(split: str, shard: int) -> str:
+    return f"{split}-{shard:06d}.tar"
+
+
 def _write_shard(task: tuple[Path, str, int, int, int, int, int, int]) -> int:
+    """Write one shard under a temporary name, then move it into place; returns its record count."""
     out, split, shard, start, stop, seed, image_size, grid = task
-    path = out / f"{split}-{shard:06d}.tar"
-    tmp = path.with_name(f".{path.name}.tmp")
-    with wds.TarWriter(str(tmp)) as sink:
+    path = out / _shard_name(split, shard)
+    tmp = out / f".{path.name}.{os.getpid()}.tmp"  # dot-prefixed: shard globs never match it
+    with wds.TarWriter(str(tmp), mtime=SHARD_MTIME) as sink:
         for index in range(start, stop):
-            record, image = make_record(split, index, seed, image_size, grid)
-            sink.write({"__key__": record["id"], "jpg": _jpeg(image), "json": json.dumps(record).encode("utf-8")})
+            sink.write(_sample(*make_record(split, index, seed, image_size, grid)))
     os.replace(tmp, path)
     return stop - start
+
+
+def _remove_stale_shards(out: Path, split: str, keep: list[str]) -> None:
+    """Drop shards of an earlier, larger generation so that ``{split}-*.tar`` globs see only this one."""
+    pattern = re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
+    for path in out.glob(f"{split}-*.tar"):
+        if pattern.fullmatch(path.name) and path.name not in keep:
+            path.unlink()
 
 
 def write_split(
@@ -267,22 +367,26 @@ def write_split(
     workers: int = 1,
     progress: tqdm | None = None,
 ) -> list[str]:
-    """Write ``num_records`` records of ``split`` as shards under ``out``; returns the shard names."""
-    _check_geometry(image_size, grid)
-    _rng(seed, split, 0)
-    if num_records < 0:
-        raise ValueError(f"--{split} must be >= 0, got {num_records}")
-    if samples_per_shard < 1:
-        raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    """Write ``num_records`` records of ``split`` as shards under ``out``; returns the shard file names.
+
+    One task per shard, spread over ``workers`` processes; every record has its own RNG, so the bytes
+    do not depend on ``workers``. ``progress`` (optional) is advanced by each finished shard's records.
+    """
+    _check_split(split)
+    check_geometry(image_size, grid)
+    _check_at_least(split, num_records, 0)
+    _check_at_least("seed", seed, 0)
+    _check_at_least("samples-per-shard", samples_per_shard, 1)
+    _check_at_least("workers", workers, 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = [
-        (out, split, n, start, min(start + samples_per_shard, num_records), seed, image_size, grid)
-        for n, start in enumerate(range(0, num_records, samples_per_shard))
+        (out, split, shard, start, min(start + samples_per_shard, num_records), seed, image_size, grid)
+        for shard, start in enumerate(range(0, num_records, samples_per_shard))
     ]
     if workers > 1 and len(tasks) > 1:
         with Pool(min(workers, len(tasks))) as pool:
-            for done in pool.imap(_write_shard, tasks):
+            for done in pool.imap_unordered(_write_shard, tasks):
                 if progress is not None:
                     progress.update(done)
     else:
@@ -290,7 +394,9 @@ def write_split(
             done = _write_shard(task)
             if progress is not None:
                 progress.update(done)
-    return [f"{split}-{task[2]:06d}.tar" for task in tasks]
+    names = [_shard_name(split, task[2]) for task in tasks]
+    _remove_stale_shards(out, split, names)
+    return names
 
 
 def generate(
@@ -304,51 +410,73 @@ def generate(
     samples_per_shard: int = 1000,
     workers: int = 1,
 ) -> dict[str, Any]:
-    """Write all three splits and ``info.json`` (last, atomically: its presence means complete)."""
-    out = Path(out)
+    """Write all three splits, then ``info.json`` (atomically, last: its presence means complete)."""
     sizes = {"train": train, "val": val, "test": test}
+    for split, count in sizes.items():
+        _check_at_least(split, count, 0)
+    check_geometry(image_size, grid)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "info.json").unlink(missing_ok=True)  # an interrupted regeneration must not look complete
     info: dict[str, Any] = {
-        "version": 1, "seed": seed, "image_size": image_size, "grid": grid,
-        "samples_per_shard": samples_per_shard, "splits": {},
+        "version": 1,
+        "seed": seed,
+        "image_size": image_size,
+        "grid": grid,
+        "samples_per_shard": samples_per_shard,
+        "splits": {},
     }
     with tqdm(total=sum(sizes.values()), desc=f"synthetic -> {out}", unit="rec") as progress:
         for split, count in sizes.items():
             shards = write_split(out, split, count, seed, image_size, grid, samples_per_shard, workers, progress)
             info["splits"][split] = {"records": count, "shards": shards}
-    tmp = out / ".info.json.tmp"
+    tmp = out / f".info.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, out / "info.json")
     return info
 
 
 def read_info(out: str | Path) -> dict[str, Any] | None:
-    """The generation's ``info.json``, or None when there is no complete generation in ``out``."""
+    """The generation's ``info.json``, or None when ``out`` holds no complete generation."""
     path = Path(out) / "info.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the synthetic shapes VQA task as webdataset shards.")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--train", type=int, default=20000)
-    parser.add_argument("--val", type=int, default=512)
-    parser.add_argument("--test", type=int, default=512)
+# -- CLI ---------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dllava.data.synthetic",
+        description="Write the synthetic shapes VQA task as webdataset shards of LLaVA records.",
+    )
+    parser.add_argument("--out", required=True, help="output directory (shards and info.json)")
+    parser.add_argument("--train", type=int, default=20000, help="train records (default 20000)")
+    parser.add_argument("--val", type=int, default=512, help="val records (default 512)")
+    parser.add_argument("--test", type=int, default=512, help="test records (default 512)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--grid", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=96, help="image side in px (default 96)")
+    parser.add_argument("--grid", type=int, default=4, help="cells per side, 2..4 (default 4)")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="processes writing shards (default 1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Validate the arguments (exit 2 with the reason), generate, and print the record counts."""
+    parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("train", "val", "test"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     try:
-        _check_geometry(args.image_size, args.grid)
+        for name in ("train", "val", "test", "seed"):
+            _check_at_least(name, getattr(args, name), 0)
+        _check_at_least("samples-per-shard", args.samples_per_shard, 1)
+        _check_at_least("workers", args.workers, 1)
+        check_geometry(args.image_size, args.grid)
     except ValueError as err:
         parser.error(str(err))
-    info = generate(args.out, args.train, args.val, args.test, args.seed, args.image_size, args.grid,
-                    args.samples_per_shard, args.workers)
-    print(json.dumps({split: s["records"] for split, s in info["splits"].items()}))
+    info = generate(
+        args.out, args.train, args.val, args.test, args.seed, args.image_size, args.grid,
+        args.samples_per_shard, args.workers,
+    )
+    print(json.dumps({split: entry["records"] for split, entry in info["splits"].items()}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,350 @@
+"""The synthetic shapes VQA task: LLaVA schema, evidence confined to cells, balanced answers, shards."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from dllava.data.synthetic import (
+    COLORS,
+    COUNT_WORDS,
+    LONG_KINDS,
+    POSITION_WORDS,
+    SHAPES,
+    SHORT_KINDS,
+    WORDS,
+    _jpeg,
+    generate,
+    main,
+    make_conversation,
+    make_record,
+    read_info,
+    write_split,
+)
+
+CELL = 24  # defaults: image_size=96, grid=4
+POSITION = r"row (\w+) column (\w+)"
+
+
+def _records(split: str, n: int, seed: int = 0, **geometry) -> list[dict]:
+    return [make_conversation(split, i, seed, **geometry) for i in range(n)]
+
+
+def _rounds(record: dict) -> list[tuple[str, str, str]]:
+    """(kind, question without the image placeholder, answer) per round."""
+    turns = record["conversations"]
+    questions = [t["value"].removeprefix("<image>\n") for t in turns[0::2]]
+    answers = [t["value"] for t in turns[1::2]]
+    return list(zip(record["kinds"], questions, answers))
+
+
+def _cell(question: str) -> tuple[int, int]:
+    row, col = re.search(POSITION, question).groups()
+    return POSITION_WORDS.index(row), POSITION_WORDS.index(col)
+
+
+def _expected_answer(kind: str, question: str, scene: list[dict]) -> str:
+    """The answer recomputed from the scene alone, independently of the generator's code."""
+    by_cell = {(o["row"], o["col"]): o for o in scene}
+    if kind == "color":
+        return by_cell[_cell(question)]["color"]
+    if kind == "shape":
+        return by_cell[_cell(question)]["shape"]
+    if kind == "count":
+        colour = re.fullmatch(r"how many (\w+) shapes are there \?", question).group(1)
+        return COUNT_WORDS[sum(o["color"] == colour for o in scene)]
+    if kind == "exist":
+        colour, shape = re.fullmatch(r"is there a (\w+) (\w+) \?", question).groups()
+        return "yes" if any(o["color"] == colour and o["shape"] == shape for o in scene) else "no"
+    assert kind == "describe" and question == "describe the image in detail ."
+    ordered = sorted(scene, key=lambda o: (o["row"], o["col"]))
+    parts = [f"a {o['color']} {o['shape']} at row {POSITION_WORDS[o['row']]} column {POSITION_WORDS[o['col']]} ."
+             for o in ordered]
+    return f"there are {COUNT_WORDS[len(scene)]} shapes . " + " ".join(parts)
+
+
+def _payload_hashes(out: Path) -> dict[str, str]:
+    """sha256 of every member's bytes (jpg and json) in every shard, by member name."""
+    hashes = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                hashes[f"{shard.name}/{member.name}"] = hashlib.sha256(tar.extractfile(member).read()).hexdigest()
+    return hashes
+
+
+# -- records -----------------------------------------------------------------------------------------
+def test_records_follow_llava_schema():
+    rounds_seen = Counter()
+    for record in _records("train", 300):
+        assert set(record) == {"id", "image", "conversations", "kinds", "scene"}
+        assert re.fullmatch(r"train-\d{7}", record["id"]) and "." not in record["id"]
+        assert record["image"] == f"train/{record['id']}.jpg"
+        turns = record["conversations"]
+        assert len(turns) % 2 == 0 and len(turns) // 2 == len(record["kinds"])
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].startswith("<image>\n")
+        assert all("<image>" not in t["value"] for t in turns[1:])
+        rounds_seen[len(record["kinds"])] += 1
+    assert set(rounds_seen) == {1, 2, 3}
+
+
+def test_earlier_rounds_are_short_and_final_kind_is_uniform():
+    finals = Counter()
+    for record in _records("train", 2000):
+        assert all(kind in SHORT_KINDS for kind in record["kinds"][:-1])
+        finals[record["kinds"][-1]] += 1
+    assert set(finals) == set(SHORT_KINDS + LONG_KINDS)
+    assert all(abs(n / 2000 - 0.2) < 0.04 for n in finals.values()), finals
+
+
+def test_no_question_repeats_within_a_record():
+    for record in _records("train", 500):
+        questions = [q for _, q, _ in _rounds(record)]
+        assert len(set(questions)) == len(questions)
+
+
+def test_records_are_deterministic_by_seed_split_and_index():
+    record, image = make_record("val", 7, seed=3)
+    again, image_again = make_record("val", 7, seed=3)
+    assert record == again and image.tobytes() == image_again.tobytes()
+    assert make_conversation("val", 7, seed=3) == record  # the image-free path gives the same record
+    assert make_record("val", 7, seed=4)[0]["scene"] != record["scene"]
+    assert make_record("test", 7, seed=3)[0]["scene"] != record["scene"]
+
+
+# -- scenes and images -------------------------------------------------------------------------------
+@pytest.mark.parametrize("image_size, grid", [(96, 4), (72, 3), (48, 2)])
+def test_objects_stay_inside_one_quadrant_of_their_cell(image_size, grid):
+    """Each object lies inside one quadrant (one vision patch) of its own cell, 1 px from its edges."""
+    cell = image_size // grid
+    quadrant = cell // 2
+    for record in _records("train", 300, image_size=image_size, grid=grid):
+        scene = record["scene"]
+        assert 2 <= len(scene) <= 4
+        assert len({(o["row"], o["col"]) for o in scene}) == len(scene)
+        for obj in scene:
+            assert obj["color"] in COLORS and obj["shape"] in SHAPES
+            x0, y0, x1, y1 = obj["box"]
+            left = obj["col"] * cell + (x0 - obj["col"] * cell) // quadrant * quadrant
+            top = obj["row"] * cell + (y0 - obj["row"] * cell) // quadrant * quadrant
+            assert obj["col"] * cell <= left < (obj["col"] + 1) * cell, obj
+            assert obj["row"] * cell <= top < (obj["row"] + 1) * cell, obj
+            assert left + 1 <= x0 and x1 <= left + quadrant - 1, obj
+            assert top + 1 <= y0 and y1 <= top + quadrant - 1, obj
+            assert x1 - x0 == y1 - y0 and quadrant - 3 <= x1 - x0 <= quadrant - 2
+
+
+def test_each_object_fits_one_12px_patch_at_default_size():
+    records = _records("train", 300)
+    sizes = {o["box"][2] - o["box"][0] for r in records for o in r["scene"]}
+    assert sizes == {9, 10}
+    patches = {(o["box"][0] // 12, o["box"][1] // 12) == ((o["box"][2] - 1) // 12, (o["box"][3] - 1) // 12)
+               for r in records for o in r["scene"]}
+    assert patches == {True}
+
+
+def test_colour_appears_only_inside_object_boxes_even_after_jpeg():
+    """Empty cells hold grey texture only, so every patch outside the objects' cells is uninformative."""
+    for index in range(30):
+        record, image = make_record("train", index, seed=0)
+        assert image.size == (96, 96) and image.mode == "RGB"
+        pixels = np.asarray(image).astype(int)
+        saturation = pixels.max(axis=2) - pixels.min(axis=2)
+        inside = np.zeros(saturation.shape, dtype=bool)
+        for obj in record["scene"]:
+            x0, y0, x1, y1 = obj["box"]
+            inside[y0:y1, x0:x1] = True
+            assert saturation[y0:y1, x0:x1].max() > 100  # the shape is drawn, saturated
+        assert saturation[~inside].max() == 0
+        grey = pixels[~inside, 0]
+        assert 60 <= grey.mean() <= 180 and grey.std() > 3  # textured, not flat
+        decoded = np.asarray(Image.open(io.BytesIO(_jpeg(image)))).astype(int)
+        occupied = {(o["row"], o["col"]) for o in record["scene"]}
+        for row in range(4):
+            for col in range(4):
+                if (row, col) not in occupied:
+                    block = decoded[row * CELL:(row + 1) * CELL, col * CELL:(col + 1) * CELL]
+                    assert (block.max(axis=2) - block.min(axis=2)).max() <= 8
+
+
+# -- questions and answers ---------------------------------------------------------------------------
+def test_answers_match_scene():
+    kinds = Counter()
+    for record in _records("train", 300):
+        occupied = {(o["row"], o["col"]) for o in record["scene"]}
+        for kind, question, answer in _rounds(record):
+            if kind in ("color", "shape"):
+                assert _cell(question) in occupied
+            assert answer == _expected_answer(kind, question, record["scene"]), (kind, question)
+            kinds[kind] += 1
+    assert set(kinds) == set(SHORT_KINDS + LONG_KINDS)
+
+
+def test_text_is_lowercase_single_spaced_with_separate_punctuation():
+    for record in _records("train", 300):
+        for kind, question, answer in _rounds(record):
+            for text in (question, answer):
+                assert text == text.lower() and text == " ".join(text.split())
+                assert re.fullmatch(r"[a-z]+( ([a-z]+|[.?]))*", text), text
+            assert question.endswith(" ?") or question.endswith(" .")
+            if kind in SHORT_KINDS:
+                assert " " not in answer and not answer.endswith(".")
+            else:
+                assert answer.startswith("there are ") and answer.endswith(" .")
+
+
+def test_every_token_is_in_words():
+    assert list(WORDS) == sorted(set(WORDS)) and "?" in WORDS and "." in WORDS
+    tokens = {tok for r in _records("train", 300) for _, q, a in _rounds(r) for tok in (q + " " + a).split()}
+    assert tokens <= set(WORDS), tokens - set(WORDS)
+
+
+def test_short_answer_distributions_are_balanced():
+    answers = defaultdict(Counter)
+    for record in _records("train", 2000):
+        for kind, _, answer in _rounds(record):
+            answers[kind][answer] += 1
+    counts, exists = answers["count"], answers["exist"]
+    assert set(counts) == {"zero", "one", "two", "three"}
+    assert all(abs(n / counts.total() - 0.25) <= 0.06 for n in counts.values()), counts
+    assert abs(exists["yes"] / exists.total() - 0.5) <= 0.06, exists
+    assert set(answers["color"]) == set(COLORS) and set(answers["shape"]) == set(SHAPES)
+
+
+def test_half_of_exist_nos_are_near_misses_or_more():
+    near = no = 0
+    for record in _records("train", 2000):
+        for kind, question, answer in _rounds(record):
+            if kind == "exist" and answer == "no":
+                colour, shape = re.fullmatch(r"is there a (\w+) (\w+) \?", question).groups()
+                no += 1
+                near += any(o["color"] == colour or o["shape"] == shape for o in record["scene"])
+    assert near / no >= 0.5
+
+
+def _baseline_accuracy(train: list[dict], val: list[dict]) -> float:
+    """Exact match of the majority train answer per question text on val's final short questions."""
+    by_question = defaultdict(Counter)
+    for record in train:
+        for kind, question, answer in _rounds(record):
+            if kind in SHORT_KINDS:
+                by_question[question][answer] += 1
+    majority = {q: c.most_common(1)[0][0] for q, c in by_question.items()}
+    finals = [_rounds(r)[-1] for r in val if r["kinds"][-1] in SHORT_KINDS]
+    return sum(majority.get(q) == a for _, q, a in finals) / len(finals)
+
+
+def test_question_only_baseline_is_low():
+    assert _baseline_accuracy(_records("train", 3000), _records("val", 1000)) <= 0.35
+
+
+# -- shards ------------------------------------------------------------------------------------------
+def test_same_seed_gives_identical_shards(tmp_path):
+    sizes = dict(train=20, val=6, test=5, seed=1, samples_per_shard=4)
+    generate(tmp_path / "serial", **sizes, workers=1)
+    generate(tmp_path / "parallel", **sizes, workers=2)
+    serial, parallel = _payload_hashes(tmp_path / "serial"), _payload_hashes(tmp_path / "parallel")
+    assert len(serial) == 2 * (20 + 6 + 5) and serial == parallel
+    for name in (tmp_path / "serial").glob("*.tar"):  # the tar files themselves match too
+        assert name.read_bytes() == (tmp_path / "parallel" / name.name).read_bytes()
+    generate(tmp_path / "other", **{**sizes, "seed": 2})
+    assert _payload_hashes(tmp_path / "other") != serial
+
+
+def test_shards_read_back_with_webdataset(tmp_path):
+    shards = write_split(tmp_path, "val", 10, seed=0, samples_per_shard=4)
+    assert shards == ["val-000000.tar", "val-000001.tar", "val-000002.tar"]
+    samples = list(wds.WebDataset([str(tmp_path / s) for s in shards], shardshuffle=False))
+    assert len(samples) == 10
+    for index, sample in enumerate(samples):
+        assert {"jpg", "json"} <= set(sample)
+        record = json.loads(sample["json"])
+        assert sample["__key__"] == record["id"] == f"val-{index:07d}"
+        assert record == make_conversation("val", index, seed=0)
+        image = Image.open(io.BytesIO(sample["jpg"]))
+        assert image.format == "JPEG" and image.size == (96, 96) and image.mode == "RGB"
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_info_json_lists_shards(tmp_path):
+    assert read_info(tmp_path) is None
+    info = generate(tmp_path, train=9, val=4, test=0, seed=5, samples_per_shard=4)
+    assert read_info(tmp_path) == info
+    assert info == {
+        "version": 1, "seed": 5, "image_size": 96, "grid": 4, "samples_per_shard": 4,
+        "splits": {
+            "train": {"records": 9, "shards": ["train-000000.tar", "train-000001.tar", "train-000002.tar"]},
+            "val": {"records": 4, "shards": ["val-000000.tar"]},
+            "test": {"records": 0, "shards": []},
+        },
+    }
+    with tarfile.open(tmp_path / "train-000002.tar") as tar:
+        assert len(tar.getnames()) == 2  # the last shard holds the remaining record (jpg + json)
+
+
+def test_regenerating_smaller_removes_stale_shards(tmp_path):
+    generate(tmp_path, train=12, val=0, test=0, samples_per_shard=4)
+    generate(tmp_path, train=5, val=0, test=0, samples_per_shard=4)
+    assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
+
+
+# -- validation and CLI ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(grid=5), "grid must be in 2..4"),
+        (dict(image_size=100, grid=3), "divisible by grid"),
+        (dict(image_size=40, grid=4), "cells must be an even number of >= 16 px"),
+        (dict(split="dev"), "split must be one of"),
+        (dict(seed=-1), "--seed must be >= 0, got -1"),
+    ],
+)
+def test_bad_record_arguments_are_rejected_with_reason(kwargs, message):
+    args = {"split": "train", "index": 0, "seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        make_record(**args)
+
+
+def test_write_split_rejects_bad_sizes(tmp_path):
+    with pytest.raises(ValueError, match="--train must be >= 0, got -1"):
+        write_split(tmp_path, "train", -1, seed=0)
+    with pytest.raises(ValueError, match="--samples-per-shard must be >= 1, got 0"):
+        write_split(tmp_path, "train", 3, seed=0, samples_per_shard=0)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train", "-1"], "--train must be >= 0, got -1"),
+        (["--test", "-3"], "--test must be >= 0, got -3"),
+        (["--workers", "0"], "--workers must be >= 1, got 0"),
+        (["--samples-per-shard", "0"], "--samples-per-shard must be >= 1, got 0"),
+        (["--grid", "5"], "grid must be in 2..4"),
+        (["--image-size", "100", "--grid", "3"], "divisible by grid"),
+    ],
+)
+def test_cli_rejects_bad_arguments_with_reason(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert read_info(tmp_path) is None
+
+
+def test_cli_writes_shards_and_info(tmp_path, capsys):
+    main(["--out", str(tmp_path), "--train", "3", "--val", "2", "--test", "1", "--seed", "4",
+          "--samples-per-shard", "2", "--workers", "2"])
+    assert json.loads(capsys.readouterr().out) == {"train": 3, "val": 2, "test": 1}
+    info = read_info(tmp_path)
+    assert info["seed"] == 4 and info["splits"]["train"]["shards"] == ["train-000000.tar", "train-000001.tar"]
