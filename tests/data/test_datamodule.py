@@ -111,3 +111,12 @@ def test_expand_to_square_pads_with_fill_colour():
     square = expand_to_square(Image.new("RGB", (20, 10), (255, 0, 0)), (1, 2, 3))
     assert square.size == (20, 20)
     assert square.getpixel((0, 0)) == (1, 2, 3) and square.getpixel((10, 10)) == (255, 0, 0)
+
+
+def test_existing_generation_with_other_settings_is_not_overwritten(synthetic_dir):
+    from dllava.data.datamodule import ensure_synthetic
+
+    info = ensure_synthetic(str(synthetic_dir), train=256, val=64, test=64, seed=0, samples_per_shard=64)
+    assert info["splits"]["train"]["records"] == 256
+    with pytest.raises(ValueError, match=r"data.synthetic: .* \(train: on disk 256, configured 999\)"):
+        ensure_synthetic(str(synthetic_dir), train=999, val=64, test=64, seed=0, samples_per_shard=64)
