@@ -5,9 +5,9 @@ decoder) with a word-level tokenizer built in code from the synthetic task's wor
 processor. ``save_tiny_llava`` writes it with ``save_pretrained`` so that the tiny model and
 llava-1.5-7b load through the same ``from_pretrained`` code.
 
-Sizes follow ../shared/CALIBRATION.md: 96 px images with 12 px patches give 64 image tokens (each
-synthetic grid cell is exactly 2x2 patches), and a 6-layer decoder leaves room for sparsification at
-K = 2 to matter.
+Sizes follow ../shared/CALIBRATION.md: 96 px images with 12 px patches give 64 image tokens (a
+synthetic grid cell is 2x2 patches and each object fills one of them), and a 6-layer decoder leaves
+room for sparsification at K = 2 to matter.
 
 CLI: ``python -m dllava.model.tiny --out DIR`` writes an untrained tiny model (the starting point of
 ``experiment=tiny_base``).
