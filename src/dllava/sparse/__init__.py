@@ -1,0 +1,1 @@
+"""Dynamic-LLaVA sparsification: predictors, gated attention, decisions and the budget loss."""

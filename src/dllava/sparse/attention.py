@@ -1,0 +1,91 @@
+"""Masked-softmax attention for decoder layers >= K, hooked into transformers' attention interface.
+
+The keep decision enters attention as a multiplicative gate on the keys inside the softmax
+(PAPER.md section 4.3): ``A_ij = exp(S_ij) * G_j / sum_j' exp(S_ij') * G_j'`` with ``G_ii = 1``. That
+product is the only path from the LM loss to the predictors, so an additive ``-inf`` mask would not do.
+Dropped tokens still run as queries. Layers < K (and the vision tower) keep their normal attention.
+
+The function is registered under :data:`ATTENTION_NAME` in ``AttentionInterface`` together with a mask
+function in ``AttentionMaskInterface`` (without it transformers would pass ``attention_mask=None``). It
+reads two extra keyword arguments that the decoder loop passes through the HF layers: ``policy``
+(B, N_keys) keep gate in [0, 1] and ``sparse_layer`` (K). Without a policy it is plain SDPA, so a
+model switched to it still runs HF's own ``forward`` and ``generate`` unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "dllava_gated"
+
+
+def gated_softmax_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    gate: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """Attention whose softmax is multiplied by a per-key gate, normalised in fp32.
+
+    ``query`` (B, h, Nq, d), ``key``/``value`` (B, h, Nk, d), ``gate`` (B, Nk); the queries are the last
+    Nq positions of the keys, and each query's own key is always kept. ``attention_mask`` is an
+    additive float mask broadcastable to (B, h, Nq, Nk) or a boolean one (True = attend); None means
+    causal (what transformers' SDPA mask function returns when it can skip the mask).
+
+    Unlike the reference code, which adds eps/N to every weight (a little mass on masked and padded
+    keys), the row maximum is taken over the kept keys only, so every row sum is >= 1 and no eps is
+    needed; the output is exactly a softmax over the kept, unmasked keys.
+    """
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    n_q, n_k = query.shape[-2], key.shape[-2]
+    compute = torch.promote_types(query.dtype, torch.float32)  # fp32 at least (fp64 for gradcheck)
+    scores = torch.matmul(query.to(compute), key.to(compute).transpose(-1, -2)) * scaling
+    offset = torch.arange(n_q, device=query.device)[:, None] + (n_k - n_q)
+    keys = torch.arange(n_k, device=query.device)
+    if attention_mask is None:
+        scores = scores.masked_fill(keys > offset, torch.finfo(scores.dtype).min)
+    else:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask.to(compute)
+    own = offset == keys
+    gates = torch.where(own, torch.ones((), dtype=compute, device=gate.device), gate.to(compute)[:, None, None, :])
+    row_max = scores.masked_fill(gates == 0, float("-inf")).amax(-1, keepdim=True).detach()
+    weights = torch.exp(scores - row_max) * gates
+    weights = weights / weights.sum(-1, keepdim=True)
+    return torch.matmul(weights.to(value.dtype), value)
+
+
+def gated_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    policy: torch.Tensor | None = None,
+    sparse_layer: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """``AttentionInterface`` entry: gated softmax in layers >= ``sparse_layer`` when a policy is given."""
+    if policy is None or sparse_layer is None or module.layer_idx < sparse_layer:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    output = gated_softmax_attention(
+        query, repeat_kv(key, groups), repeat_kv(value, groups), policy, attention_mask, scaling
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+def register_gated_attention() -> str:
+    """Register the attention and mask functions (idempotent); returns the implementation name."""
+    AttentionInterface.register(ATTENTION_NAME, gated_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME

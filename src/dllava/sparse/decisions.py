@@ -1,0 +1,50 @@
+"""Keep/drop decisions from predictor logits (channel 0 = keep) and the sparsity-budget loss.
+
+Training samples hard decisions with straight-through Gumbel-Softmax, so the forward pass sees 0/1
+while gradients follow the soft sample (PAPER.md section 4.1). Evaluation thresholds the logits (what
+the budget loss trains); inference keeps exactly ``int(n * keep)`` image tokens by top-k (section 7.1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gumbel_keep(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Hard 0/1 keep decisions with straight-through gradient: (..., 2) -> (...)."""
+    return F.gumbel_softmax(F.log_softmax(logits.float(), dim=-1), tau=tau, hard=True)[..., 0]
+
+
+def threshold_keep(logits: torch.Tensor) -> torch.Tensor:
+    """Keep where the keep logit wins: (..., 2) -> (...) float 0/1, no gradient."""
+    return (logits[..., 0] > logits[..., 1]).float()
+
+
+def topk_keep(logits: torch.Tensor, keep: float) -> torch.Tensor:
+    """Keep the ``int(n * keep)`` tokens with the highest keep log-probability per row: (B, n, 2) -> (B, n)."""
+    n = logits.shape[-2]
+    k = max(1, int(n * keep))
+    score = F.log_softmax(logits.float(), dim=-1)[..., 0]
+    kept = torch.zeros_like(score)
+    return kept.scatter(-1, score.topk(k, dim=-1).indices, 1.0)
+
+
+def keep_ratio(kept: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample fraction of kept tokens among the valid ones: (B, n) -> (B,) (0 where none is valid)."""
+    if valid is None:
+        return kept.mean(-1)
+    valid = valid.to(kept.dtype)
+    return (kept * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+
+
+def budget_loss(ratio: torch.Tensor, target: float, eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean_b (target - ratio_b)^2`` over the whole batch; ineligible samples contribute 0.
+
+    Averaging over every sample (not only eligible ones) follows the reference code, whose text term
+    is diluted by short-answer samples (PAPER.md section 5).
+    """
+    error = (target - ratio) ** 2
+    if eligible is not None:
+        error = error * eligible.to(error.dtype)
+    return error.mean()
