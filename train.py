@@ -19,7 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from dllava.data.datamodule import iter_records, resolve_urls
 from dllava.metrics.answers import question_only_baseline
+from dllava.utils.resolvers import register_resolvers
 from dllava.utils.run import instantiate_group, task_wrapper, write_summary
+
+register_resolvers()
 
 log = logging.getLogger("train")
 
@@ -55,7 +58,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 logger.log_metrics({"baseline/question_only_acc": metrics["baseline/question_only_acc"]})
         if cfg.get("export"):
             export_dir = Path(cfg.paths.output_dir) / "hf"
-            module.llava.save_pretrained(export_dir)
+            module.model.save_pretrained(export_dir)  # HF files (+ predictors, sparsity.json)
             datamodule.processor.save_pretrained(export_dir)
             log.info("exported the trained model to %s", export_dir)
         ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None

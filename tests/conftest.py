@@ -31,10 +31,10 @@ def tiny_image():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """An untrained tiny LLaVA saved with save_pretrained (2 decoder layers to stay fast)."""
+    """An untrained tiny LLaVA saved with save_pretrained (3 decoder layers: K=2 leaves one gated layer)."""
     from dllava.model.tiny import save_tiny_llava
 
-    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"), seed=0, num_hidden_layers=2)
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"), seed=0, num_hidden_layers=3)
 
 
 @pytest.fixture(scope="session")

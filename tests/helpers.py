@@ -10,7 +10,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from dllava.utils.resolvers import register_resolvers
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
+register_resolvers()
 
 
 def compose(name: str, overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:

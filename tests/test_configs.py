@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from tests.helpers import CONF, compose
 
-GROUPS = ["model", "data", "trainer", "logger", "callbacks", "experiment", "debug"]
+GROUPS = ["model", "data", "sparsity", "stage", "trainer", "logger", "callbacks", "experiment", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 

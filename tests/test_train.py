@@ -90,3 +90,37 @@ def test_multirun_sweep_gives_each_job_its_own_dir_and_summary(tiny_model_dir, s
     for path, lr in zip(summaries, ("optim.lr=0.0001", "optim.lr=0.001")):
         assert lr in (path.parent / ".hydra" / "overrides.yaml").read_text()
         assert "val/loss" in json.loads(path.read_text())["metrics"]
+
+
+@pytest.mark.slow
+def test_sparse_run_logs_tau_keep_ratios_and_exports_predictors(tiny_model_dir, synthetic_dir, tmp_path):
+    import csv
+
+    from dllava.sparse.model import DynamicLlava
+
+    overrides = _overrides(
+        tiny_model_dir, synthetic_dir, "logger=csv", "trainer.max_steps=8", "data.epoch_samples=64",
+        "trainer.log_every_n_steps=1", "test=false", "export=true", "sparsity.text_min_len=8",
+        "+callbacks.gumbel_tau._target_=dllava.training.callbacks.GumbelTauSchedule",
+    )
+    metrics = _train(tmp_path, overrides)
+    for key in ("val/vision_keep", "val/text_keep", "val/budget_loss_vision", "val/budget_loss_text", "val/lm_loss"):
+        assert key in metrics, key
+    assert 0.0 <= float(metrics["val/vision_keep"]) <= 1.0
+    rows = list(csv.DictReader(next(tmp_path.glob("csv/*/metrics.csv")).open()))
+    taus = [float(r["train/gumbel_tau"]) for r in rows if r.get("train/gumbel_tau")]
+    assert taus[0] == pytest.approx(1.0) and all(a > b for a, b in zip(taus, taus[1:]))
+    assert any(r.get("train/budget_loss_vision") for r in rows) and any(r.get("train/lm_loss") for r in rows)
+    reloaded = DynamicLlava.from_pretrained(tmp_path / "hf")  # the export reloads with its predictors
+    assert reloaded.sparsity.text_min_len == 8 and reloaded.image_predictor is not None
+
+
+@pytest.mark.parametrize(
+    "override, key", [("sparsity.keep=1.5", "sparsity.keep"), ("sparsity.layer=3", "sparsity.layer"),
+                      ("module.trainable=[vision,decoder]", "module.trainable")],
+)
+def test_bad_sparsity_config_fails_at_start_naming_the_key(tiny_model_dir, synthetic_dir, tmp_path, override, key):
+    from hydra.errors import InstantiationException
+
+    with pytest.raises((ValueError, InstantiationException), match=key):  # hydra wraps constructor errors
+        _train(tmp_path, _overrides(tiny_model_dir, synthetic_dir, "debug=fdr", override))

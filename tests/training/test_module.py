@@ -30,7 +30,7 @@ def test_groups_by_name_with_own_lrs_and_frozen_vision_tower(tiny_model_dir):
 
 def test_unfrozen_vision_tower_gets_its_own_group(tiny_model_dir):
     module = LlavaLitModule(model={"pretrained": str(tiny_model_dir)}, optim={"vision_lr": 5e-5},
-                            freeze_vision_tower=False)
+                            trainable=["vision", "projector", "llm"])
     module.configure_model()
     groups = {g["name"]: g["lr"] for g in module.parameter_groups()}
     assert groups == {"vision": 5e-5, "projector": 1e-4, "llm": 1e-4}
@@ -55,3 +55,20 @@ def test_question_only_baseline_uses_majority_answer_per_question():
     train = [rec("q1", "red"), rec("q1", "red"), rec("q1", "blue"), rec("q2", "two", "count"), rec("q3", "x", "describe")]
     evals = [rec("q1", "red"), rec("q1", "blue"), rec("q2", "three", "count"), rec("q4", "red")]
     assert question_only_baseline(train, evals, kinds=["color"]) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize(
+    "trainable, expected", [(["projector", "llm", "predictors"], {"projector", "llm", "predictors"}),
+                            (["predictors"], {"predictors"})],
+)
+def test_stages_train_the_named_parts_with_a_predictor_lr(tiny_model_dir, trainable, expected):
+    module = LlavaLitModule(
+        model={"pretrained": str(tiny_model_dir), "predictor": {"d_model": 32, "heads": 4, "ff": 64, "layers": 1}},
+        optim={"lr": 1e-4, "predictor_lr": 2e-4}, sparsity={"layer": 2}, trainable=trainable,
+    )
+    module.configure_model()
+    groups = {g["name"]: g for g in module.parameter_groups()}
+    assert set(groups) == expected
+    assert groups["predictors"]["lr"] == 2e-4
+    if trainable == ["predictors"]:
+        assert not any(p.requires_grad for p in module.llava.parameters())

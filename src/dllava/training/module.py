@@ -1,7 +1,10 @@
-"""The training recipe: an HF LLaVA, its LM loss, optimizer groups, and generation-based validation.
+"""The training recipe: a (Dynamic-)LLaVA, its losses, optimizer groups, and generation-based validation.
 
-Dense fine-tuning only; sparsification plugs in on top of this module. The model is created in
-``configure_model`` (not ``__init__``) so sharded strategies can build it under their init context.
+``sparsity`` switches between dense fine-tuning (``stage=dense``: the plain HF forward and ``generate``)
+and Dynamic-LLaVA (:class:`dllava.sparse.model.DynamicLlava`: LM loss + lambda x budget losses, Gumbel
+decisions at the temperature set by :class:`dllava.training.callbacks.GumbelTauSchedule`). ``trainable``
+names the parts that learn (``stage=`` presets). The model is created in ``configure_model`` (not
+``__init__``) so sharded strategies can build it under their init context.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -19,10 +23,24 @@ from torchmetrics import MaxMetric, MeanMetric
 
 from dllava.metrics.answers import exact_match
 from dllava.model.loading import ModelSource, load_llava, load_processor
+from dllava.sparse.config import SparsityConfig
+from dllava.sparse.model import PREDICTORS_FILE, DynamicLlava
 
 log = logging.getLogger(__name__)
 
-PARAM_GROUPS = (("vision", "model.vision_tower."), ("projector", "model.multi_modal_projector."))
+# Parameter-name prefixes (inside DynamicLlava) of each trainable part; the rest is the LLM.
+PARTS = (
+    ("vision", "llava.model.vision_tower."),
+    ("projector", "llava.model.multi_modal_projector."),
+    ("predictors", "image_predictor."),
+    ("predictors", "text_predictor."),
+)
+PART_NAMES = ("vision", "projector", "llm", "predictors")
+
+
+def part_of(name: str) -> str:
+    """Which trainable part a DynamicLlava parameter belongs to."""
+    return next((part for part, prefix in PARTS if name.startswith(prefix)), "llm")
 
 
 @dataclass
@@ -32,6 +50,7 @@ class OptimConfig:
     lr: float = 1e-4
     projector_lr: float | None = None
     vision_lr: float | None = None
+    predictor_lr: float | None = None
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -40,7 +59,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        for key in ("lr", "projector_lr", "vision_lr"):
+        for key in ("lr", "projector_lr", "vision_lr", "predictor_lr"):
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ValueError(f"optim.{key} must be > 0, got {value}")
@@ -52,7 +71,7 @@ class OptimConfig:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
 
     def group_lr(self, group: str) -> float:
-        specific = {"projector": self.projector_lr, "vision": self.vision_lr}.get(group)
+        specific = {"projector": self.projector_lr, "vision": self.vision_lr, "predictors": self.predictor_lr}.get(group)
         return self.lr if specific is None else specific
 
 
@@ -64,33 +83,50 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+SPARSE_METRICS = ("lm_loss", "budget_loss_vision", "budget_loss_text", "vision_keep", "text_keep")
+
+
 class LlavaLitModule(L.LightningModule):
-    """Fine-tunes an HF ``LlavaForConditionalGeneration`` and scores its greedy answers."""
+    """Fine-tunes a (Dynamic-)LLaVA and scores its greedy answers."""
 
     def __init__(
         self,
         model: dict[str, Any],
         optim: dict[str, Any] | None = None,
-        freeze_vision_tower: bool = True,
+        sparsity: dict[str, Any] | None = None,
+        trainable: Sequence[str] = ("projector", "llm", "predictors"),
         max_new_tokens: int = 4,
         answer_kinds: Sequence[str] | None = ("color", "shape", "count", "exist"),
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        model = dict(model)
+        self.predictor_sizes = model.pop("predictor", None)
         self.source = ModelSource(**model)
         self.optim = OptimConfig(**(optim or {}))
+        self.sparsity = SparsityConfig(**(sparsity or {"vision": False, "text": False}))
+        unknown = sorted(set(trainable) - set(PART_NAMES))
+        if unknown:
+            raise ValueError(f"module.trainable: unknown parts {unknown}; choose from {list(PART_NAMES)}")
+        self.trainable = tuple(trainable)
         if max_new_tokens < 1:
             raise ValueError(f"module.max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.freeze_vision_tower = freeze_vision_tower
         self.max_new_tokens = max_new_tokens
         self.answer_kinds = list(answer_kinds) if answer_kinds is not None else None
-        self.llava: nn.Module | None = None
+        self.model: DynamicLlava | None = None
         self.tokenizer: Any = None
+        self.gumbel_tau = self.sparsity.tau_start
         kinds = self.answer_kinds or []
+        sparse = list(SPARSE_METRICS) if self.sparsity.enabled else []
         self.eval_metrics = nn.ModuleDict(
             {
                 split: nn.ModuleDict(
-                    {"loss": MeanMetric(), "answer_acc": MeanMetric(), **{f"acc_{k}": MeanMetric() for k in kinds}}
+                    {
+                        "loss": MeanMetric(),
+                        "answer_acc": MeanMetric(),
+                        **{f"acc_{k}": MeanMetric() for k in kinds},
+                        **{name: MeanMetric() for name in sparse},
+                    }
                 )
                 for split in ("val", "test")
             }
@@ -99,25 +135,64 @@ class LlavaLitModule(L.LightningModule):
         self._step_started = 0.0
 
     # -- model -----------------------------------------------------------------------------------
+    @property
+    def llava(self) -> nn.Module | None:
+        """The HF ``LlavaForConditionalGeneration`` inside (None before ``configure_model``)."""
+        return None if self.model is None else self.model.llava
+
     def configure_model(self) -> None:
-        if self.llava is not None:
+        if self.model is not None:
             return
-        self.llava = load_llava(self.source).train()  # from_pretrained returns eval mode
-        if self.freeze_vision_tower:
-            self.llava.model.vision_tower.requires_grad_(False).eval()
+        llava = load_llava(self.source).train()  # from_pretrained returns eval mode
+        self.model = DynamicLlava(llava, self.sparsity, self.predictor_sizes)
+        pretrained = Path(self.source.pretrained) if self.source.pretrained else None
+        if self.sparsity.enabled and pretrained is not None and (pretrained / PREDICTORS_FILE).is_file():
+            self.model.load_predictors(pretrained)
+            log.info("loaded trained predictors from %s", pretrained)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(part_of(name) in self.trainable)
+        if "vision" not in self.trainable:
+            llava.model.vision_tower.eval()
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(f"module.trainable={list(self.trainable)} leaves nothing to train in this model")
         if self.source.pretrained is not None:
             try:  # decodes generated answers; without a tokenizer only the loss is scored
                 self.tokenizer = load_processor(self.source.pretrained).tokenizer
             except OSError as err:
                 log.warning("no tokenizer for %s (%s): answer accuracy is not computed", self.source.pretrained, err)
 
-    def forward(self, batch: dict[str, Any]) -> Any:
-        return self.llava(
+    def forward(self, batch: dict[str, Any], mode: str = "train") -> Any:
+        return self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             pixel_values=batch["pixel_values"].to(self.dtype_of_model),
             labels=batch["labels"],
+            answer_span=batch.get("answer_span"),
+            mode=mode,
+            tau=self.gumbel_tau,
         )
+
+    def total_loss(self, out: Any) -> torch.Tensor:
+        """LM loss + lambda x (vision budget + text budget)."""
+        loss = out.lm_loss
+        for budget in (out.budget_loss_vision, out.budget_loss_text):
+            if budget is not None:
+                loss = loss + self.sparsity.loss_weight * budget
+        return loss
+
+    def sparse_metrics(self, out: Any) -> dict[str, torch.Tensor]:
+        """Batch means of the sparsity metrics present in ``out`` (text_keep over eligible samples)."""
+        if not self.sparsity.enabled:
+            return {}
+        found = {"lm_loss": out.lm_loss}
+        for name in ("budget_loss_vision", "budget_loss_text"):
+            if getattr(out, name) is not None:
+                found[name] = getattr(out, name)
+        if out.vision_keep is not None:
+            found["vision_keep"] = out.vision_keep.mean()
+        if out.text_keep is not None and out.text_eligible is not None and bool(out.text_eligible.any()):
+            found["text_keep"] = out.text_keep[out.text_eligible].mean()
+        return {k: v.detach().float() for k, v in found.items()}
 
     @property
     def dtype_of_model(self) -> torch.dtype:
@@ -128,9 +203,12 @@ class LlavaLitModule(L.LightningModule):
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
+        out = self(batch, mode="train")
+        loss = self.total_loss(out)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, value in self.sparse_metrics(out).items():
+            self.log(f"train/{name}", value, prog_bar=name == "vision_keep", batch_size=batch_size)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
@@ -143,11 +221,9 @@ class LlavaLitModule(L.LightningModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters grouped by part of the model (name prefix), each with its own lr."""
         groups: dict[str, list[nn.Parameter]] = {}
-        for name, param in self.llava.named_parameters():
-            if not param.requires_grad:
-                continue
-            group = next((g for g, prefix in PARAM_GROUPS if name.startswith(prefix)), "llm")
-            groups.setdefault(group, []).append(param)
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                groups.setdefault(part_of(name), []).append(param)
         return [
             {"name": g, "params": ps, "lr": self.optim.group_lr(g), "weight_decay": self.optim.weight_decay}
             for g, ps in groups.items()
@@ -177,7 +253,10 @@ class LlavaLitModule(L.LightningModule):
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> None:
         metrics = self.eval_metrics[split]
-        metrics["loss"].update(self(batch).loss)
+        out = self(batch, mode="eval")
+        metrics["loss"].update(out.lm_loss)
+        for name, value in self.sparse_metrics(out).items():
+            metrics[name].update(value)
         if self.tokenizer is None:
             return
         selected = [i for i, k in enumerate(batch["kinds"]) if self.answer_kinds is None or k in self.answer_kinds]
@@ -196,16 +275,18 @@ class LlavaLitModule(L.LightningModule):
         """Greedy answers for the selected rows of ``batch`` (left-padded generation prompts)."""
         index = torch.tensor(list(rows), device=batch["prompt_ids"].device)
         prompt_ids = batch["prompt_ids"].index_select(0, index)
-        output = self.llava.generate(
-            input_ids=prompt_ids,
-            attention_mask=batch["prompt_mask"].index_select(0, index),
-            pixel_values=batch["pixel_values"].index_select(0, index).to(self.dtype_of_model),
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
-        return self.tokenizer.batch_decode(output[:, prompt_ids.shape[1] :], skip_special_tokens=True)
+        prompt_mask = batch["prompt_mask"].index_select(0, index)
+        pixel_values = batch["pixel_values"].index_select(0, index).to(self.dtype_of_model)
+        ids = {"pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
+        if self.sparsity.enabled:  # top-k image tokens, thresholded generated tokens (no KV cache)
+            new_tokens, _ = self.model.generate_greedy(prompt_ids, prompt_mask, pixel_values, self.max_new_tokens, **ids)
+        else:
+            output = self.llava.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, pixel_values=pixel_values,
+                max_new_tokens=self.max_new_tokens, do_sample=False, **ids,
+            )
+            new_tokens = output[:, prompt_ids.shape[1] :]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
     def _log_eval(self, split: str) -> None:
         for name, metric in self.eval_metrics[split].items():
@@ -224,4 +305,4 @@ class LlavaLitModule(L.LightningModule):
         self._log_eval("test")
 
     def hparams_dict(self) -> dict[str, Any]:
-        return {"model": self.source.to_dict(), "optim": asdict(self.optim)}
+        return {"model": self.source.to_dict(), "optim": asdict(self.optim), "sparsity": self.sparsity.to_dict()}
