@@ -113,6 +113,10 @@ def test_sparse_run_logs_tau_keep_ratios_and_exports_predictors(tiny_model_dir, 
     assert any(r.get("train/budget_loss_vision") for r in rows) and any(r.get("train/lm_loss") for r in rows)
     reloaded = DynamicLlava.from_pretrained(tmp_path / "hf")  # the export reloads with its predictors
     assert reloaded.sparsity.text_min_len == 8 and reloaded.image_predictor is not None
+    ckpt = torch.load(json.loads((tmp_path / "summary.json").read_text())["ckpt_path"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["sparsity"]["text_min_len"] == 8
+    assert any(k.startswith("model.image_predictor.") for k in ckpt["state_dict"])
+    assert any(k.startswith("model.text_predictor.") for k in ckpt["state_dict"])
 
 
 @pytest.mark.parametrize(

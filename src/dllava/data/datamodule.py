@@ -233,7 +233,7 @@ class LlavaDataModule(L.LightningDataModule):
         from dllava.model.loading import load_processor
 
         self.processor = load_processor(self.processor_path)
-        num_image_tokens = _num_image_tokens(self.processor)
+        num_image_tokens = count_image_tokens(self.processor)
         self.preprocess = SamplePreprocessor(self.processor, num_image_tokens, self.max_length)
 
     @property
@@ -309,7 +309,7 @@ def ensure_synthetic(out: str, **spec: Any) -> dict[str, Any]:
     return info
 
 
-def _num_image_tokens(processor: Any) -> int:
+def count_image_tokens(processor: Any) -> int:
     """Image tokens per image as HF's LlavaProcessor expands them (patches, plus CLS unless dropped)."""
     crop = getattr(processor.image_processor, "crop_size", None) or {}
     size = crop.get("height") if isinstance(crop, dict) else None

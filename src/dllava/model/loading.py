@@ -57,8 +57,9 @@ def _check_pretrained(source: ModelSource) -> None:
         return
     if path.startswith(("/", ".", "~")):
         raise FileNotFoundError(
-            f"model.pretrained={path!r} does not exist. For the tiny default, train it with "
-            "`python train.py experiment=tiny_base` or restore data/tiny_base from git."
+            f"model.pretrained={path!r} does not exist. data/tiny_base is committed (restore it from git); "
+            "the inputs of its recipe come from `python -m dllava.model.tiny` and "
+            "`python -m dllava.model.vision_pretrain` (see conf/experiment/tiny_base.yaml)."
         )
 
 
