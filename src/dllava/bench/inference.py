@@ -1,0 +1,347 @@
+"""Prefill and decoding efficiency of Dynamic-LLaVA against dense, FastV and random keep, side by side.
+
+Every arm runs through the same :class:`~dllava.inference.engine.SparseEngine` (same decoder layers,
+same SDPA kernel with explicit masks), on the same prompt, interleaved round by round so drift hits
+all arms alike; warm-up rounds are not timed. Reported per arm:
+
+* prefill FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` on a meta-device copy of the
+  model (on CPU tensors torch's fused SDPA kernel counts 0): on the image tokens plus the one
+  predicting token (the paper's "image tokens only" convention, measured) and on the whole bench
+  prompt; the paper's analytic limit for comparison; the vision tower separately;
+* prefill latency of the decoder (image features precomputed: the vision tower is the same in every
+  arm and timed on its own);
+* decoding: ``new_tokens`` greedy tokens with the sparse KV cache, tokens/s (decode steps only), KV
+  bytes over all layers and valid tokens in a layer >= K, and peak memory on a GPU.
+
+A model too large for this machine's RAM runs on the meta device: FLOPs are counted on the real
+module graph (shapes only), the KV cache of the decode is accounted from token counts, timings are
+null. Random-weight predictors decide text by a fixed rate
+(``text_keep_rate``) since their threshold means nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dllava.inference import flops
+from dllava.inference.engine import SparseEngine
+from dllava.inference.selection import text_rate_keep
+from dllava.model.loading import ModelSource, load_llava
+from dllava.sparse.config import SparsityConfig
+from dllava.sparse.model import DynamicLlava
+
+log = logging.getLogger(__name__)
+BASELINES = ("fastv", "random")
+
+
+def choose_device(requested: str, parameters: int, bytes_per_param: int, cpu_max_gib: float) -> str:
+    """``auto``: cuda when present; else cpu when the weights fit in ``cpu_max_gib``; else meta."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if parameters * bytes_per_param <= cpu_max_gib * 2**30 else "meta"
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(
+    model_cfg: dict[str, Any], sparsity: dict[str, Any], predictors: str | None, device: str, cpu_max_gib: float
+) -> tuple[DynamicLlava, str]:
+    """The DynamicLlava to benchmark, on the chosen device (built on meta first to size it)."""
+    model_cfg = dict(model_cfg)
+    predictor = model_cfg.pop("predictor", None)
+    source = ModelSource(**model_cfg)
+    with torch.device("meta"):
+        probe = load_llava(ModelSource(**{**source.to_dict(), "random_init": True}))
+    size = parameter_count(probe)
+    chosen = choose_device(device, size, torch.empty(0, dtype=source.torch_dtype).element_size(), cpu_max_gib)
+    log.info("model %s: %.2f B parameters, running on %s", source.name, size / 1e9, chosen)
+    if chosen == "meta":
+        if not source.random_init:
+            raise ValueError("a pretrained model cannot run on the meta device: set model.random_init=true or bench.device=cpu")
+        llava = probe
+    else:
+        llava = load_llava(source).to(chosen)
+    model = DynamicLlava(llava, SparsityConfig(**sparsity), predictor).to(chosen).eval()
+    if predictors:
+        model.load_predictors(predictors)
+    return model, chosen
+
+
+def make_prompt(config: Any, batch: int, text_tokens: int, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` prompts: half the text tokens, the image block, the other half (at least one after)."""
+    g = torch.Generator().manual_seed(seed)
+    before = text_tokens // 2
+    after = max(1, text_tokens - before)
+    vocab = config.text_config.vocab_size
+    low, high = 3, min(vocab, config.image_token_id) - 1
+    text = torch.randint(low, high, (batch, before + after), generator=g)
+    image = torch.full((batch, config.image_seq_length), config.image_token_id)
+    ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)
+    return ids.to(device), torch.ones_like(ids).to(device)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_rounds(arms: dict[str, Callable[[], Any]], device: str, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per arm, the arms interleaved in each round."""
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for round_index in range(warmup + repeats):
+        for name, fn in arms.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def arm_engines(model: DynamicLlava, keep: float, text_rate: float | None, seed: int) -> dict[str, tuple[SparseEngine, SparseEngine]]:
+    """Per arm: (prefill engine with text off, decode engine with the arm's text policy)."""
+    dynamic_text: str | float = "learned" if text_rate is None else text_rate
+    arms = {"dense": ("dense", "off"), "dynamic": ("dynamic", dynamic_text), "fastv": ("fastv", "off"), "random": ("random", "off")}
+    return {
+        name: (
+            SparseEngine(model, method=method, keep=keep, text="off", seed=seed),
+            SparseEngine(model, method=method, keep=keep, text=text, seed=seed),
+        )
+        for name, (method, text) in arms.items()
+    }
+
+
+def run_bench(
+    model: DynamicLlava,
+    device: str,
+    keep: float,
+    batch_size: int = 1,
+    text_tokens: int = 32,
+    new_tokens: int = 256,
+    text_keep_rate: float | None = 0.5,
+    warmup: int = 1,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Measure every arm; returns the ``bench.json`` record (see the module docstring)."""
+    config = model.llava.config
+    shape = flops.DecoderShape.from_config(config.text_config)
+    n_image = config.image_seq_length
+    layer = model.sparsity.layer
+
+    # FLOPs, on a meta copy (shapes only, exact counts)
+    meta_model = model if device == "meta" else copy.deepcopy(model).to("meta")
+    meta_engines = arm_engines(meta_model, keep, text_keep_rate, seed)
+    features_meta = torch.empty(batch_size, n_image, shape.hidden, device="meta")
+    image_only = make_prompt(config, batch_size, 1, "meta", seed)
+    full_prompt = make_prompt(config, batch_size, text_tokens, "meta", seed)
+    prefill_flops = {}
+    for name, (engine, _) in meta_engines.items():
+        prefill_flops[name] = {
+            "image_tokens": count_flops(lambda: engine.start(*image_only, image_features=features_meta)),
+            "prompt": count_flops(lambda: engine.start(*full_prompt, image_features=features_meta)),
+        }
+    pixels_meta = torch.empty(batch_size, 3, config.vision_config.image_size, config.vision_config.image_size, device="meta")
+    vision = count_flops(lambda: meta_model.image_features(pixels_meta))
+
+    # Latency and decoding
+    engines = meta_engines if device == "meta" else arm_engines(model, keep, text_keep_rate, seed)
+    ids, mask = make_prompt(config, batch_size, text_tokens, device, seed)
+    dtype = next(model.parameters()).dtype
+    if device == "meta":
+        features = features_meta
+        latency = vision_s = None
+    else:
+        pixels = torch.randn(batch_size, 3, config.vision_config.image_size, config.vision_config.image_size, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+        with torch.no_grad():
+            features = model.image_features(pixels)
+        prefill_arms = {name: (lambda e=e: e.start(ids, mask, image_features=features)) for name, (e, _) in engines.items()}
+        latency = timed_rounds(prefill_arms, device, warmup, repeats)
+        vision_s = timed_rounds({"vision": lambda: model.image_features(pixels)}, device, warmup, repeats)["vision"]
+
+    if device != "meta":  # warm-up: the first decode of a process pays for allocations
+        for _, engine in engines.values():
+            decode_arm(engine, ids, mask, features, min(8, new_tokens), device)
+    if device == "meta":
+        decode = {name: decode_accounting(engine, ids, new_tokens, dtype) for name, (_, engine) in engines.items()}
+    else:
+        decode = {name: decode_arm(engine, ids, mask, features, new_tokens, device) for name, (_, engine) in engines.items()}
+
+    return report(
+        model, device, keep, text_keep_rate, shape, n_image, layer, prefill_flops, vision, latency, vision_s, decode,
+        batch_size, text_tokens, new_tokens,
+    )
+
+
+@torch.no_grad()
+def decode_arm(engine: SparseEngine, ids: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, new_tokens: int, device: str) -> dict[str, Any]:
+    """Prefill once, then ``new_tokens - 1`` cached decode steps (timed; no EOS: every step runs)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    logits, state = engine.start(ids, mask, image_features=features)
+    token = logits.argmax(-1)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        token = engine.step(state, token).argmax(-1)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    result = engine._result(state, token[:, None], [new_tokens] * ids.shape[0])
+    return {
+        "seconds": seconds,
+        "tokens_per_s": ids.shape[0] * (new_tokens - 1) / seconds,
+        "kv_bytes": sum(result.kv_bytes),
+        "kv_bytes_allocated": state.cache.allocated_bytes(),
+        "kv_tokens_sparse_layer": statistics.mean(result.kv_tokens_sparse_layer),
+        "kv_tokens_dense_layer": statistics.mean(result.kv_tokens_dense_layer),
+        "text_tokens_kept": statistics.mean(result.text_tokens_kept),
+        "text_tokens_fed": statistics.mean(result.text_tokens_fed),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+    }
+
+
+def decode_accounting(engine: SparseEngine, ids: torch.Tensor, new_tokens: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The cache a ``new_tokens`` decode would leave, from token counts (meta device: running 7B
+    layers on meta costs ~0.7 s per step in fake kernels). The same counts the cache is tested
+    against (tests/inference/test_engine.py); needs a fixed text rate or text off."""
+    if engine.text == "learned":
+        raise ValueError("on the meta device text decisions cannot be read: set bench.text_keep_rate")
+    config = engine.model.llava.config
+    shape = flops.DecoderShape.from_config(config.text_config)
+    n_image, prompt, fed = config.image_seq_length, ids.shape[1], new_tokens - 1
+    kept_images = n_image if engine.method == "dense" else max(1, int(n_image * engine.keep))
+    kept_text = fed if engine.text == "off" else sum(text_rate_keep(t, engine.text) for t in range(fed))
+    dense_tokens, sparse_tokens = prompt + fed, prompt - n_image + kept_images + kept_text
+    size = torch.empty(0, dtype=dtype).element_size()
+    return {
+        "seconds": None,
+        "tokens_per_s": None,
+        "kv_bytes": ids.shape[0] * flops.kv_bytes(shape, engine.layer, dense_tokens, sparse_tokens, size),
+        "kv_bytes_allocated": None,
+        "kv_tokens_sparse_layer": sparse_tokens,
+        "kv_tokens_dense_layer": dense_tokens,
+        "text_tokens_kept": kept_text,
+        "text_tokens_fed": fed,
+        "peak_memory_bytes": None,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b in (None, 0) else a / b
+
+
+def report(
+    model, device, keep, text_rate, shape, n_image, layer, prefill_flops, vision, latency, vision_s, decode,
+    batch_size, text_tokens, new_tokens,
+) -> dict[str, Any]:
+    """Assemble the ``bench.json`` record: the dynamic arm against dense, and each baseline likewise."""
+    dense_flops = prefill_flops["dense"]
+
+    def arm(name: str) -> dict[str, Any]:
+        return {
+            "prefill": {
+                "flops": prefill_flops[name]["image_tokens"],
+                "flops_ratio": _ratio(prefill_flops[name]["image_tokens"], dense_flops["image_tokens"]),
+                "flops_prompt": prefill_flops[name]["prompt"],
+                "flops_prompt_ratio": _ratio(prefill_flops[name]["prompt"], dense_flops["prompt"]),
+                "latency_s": None if latency is None else latency[name],
+                "latency_ratio": None if latency is None else _ratio(latency[name], latency["dense"]),
+            },
+            "decode": {
+                **decode[name],
+                "kv_ratio": _ratio(decode[name]["kv_tokens_sparse_layer"], decode["dense"]["kv_tokens_sparse_layer"]),
+                "kv_bytes_ratio": _ratio(decode[name]["kv_bytes"], decode["dense"]["kv_bytes"]),
+            },
+        }
+
+    dynamic = arm("dynamic")
+    return {
+        "model": getattr(model.llava.config, "_name_or_path", None) or "random-init",
+        "device": device,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "batch_size": batch_size,
+        "prompt": {"image_tokens": n_image, "text_tokens": text_tokens},
+        "layers": shape.layers,
+        "sparse_layer": layer,
+        "vision_keep": keep,
+        "text_keep": text_rate if text_rate is not None else "learned",
+        "prefill": {
+            "flops_dense": dense_flops["image_tokens"],
+            "flops_dynamic": dynamic["prefill"]["flops"],
+            "flops_ratio": dynamic["prefill"]["flops_ratio"],
+            "flops_ratio_limit": flops.paper_ratio_limit(shape.layers, layer, n_image, keep, shape.hidden),
+            "flops_paper_dense": flops.paper_prefill_flops([n_image] * shape.layers, shape.hidden, batch_size),
+            "flops_paper_dynamic": flops.paper_prefill_flops(
+                flops.image_tokens_per_layer(shape.layers, layer, n_image, max(1, int(n_image * keep))), shape.hidden, batch_size
+            ),
+            "flops_prompt_dense": dense_flops["prompt"],
+            "flops_prompt_dynamic": dynamic["prefill"]["flops_prompt"],
+            "flops_prompt_ratio": dynamic["prefill"]["flops_prompt_ratio"],
+            "flops_vision": vision,
+            "latency_dense_s": None if latency is None else latency["dense"],
+            "latency_dynamic_s": dynamic["prefill"]["latency_s"],
+            "latency_ratio": dynamic["prefill"]["latency_ratio"],
+            "latency_vision_s": vision_s,
+        },
+        "decode": {
+            "new_tokens": new_tokens,
+            "kv_bytes_dense": decode["dense"]["kv_bytes"],
+            "kv_bytes_dynamic": decode["dynamic"]["kv_bytes"],
+            "kv_ratio": dynamic["decode"]["kv_ratio"],
+            "kv_bytes_ratio": dynamic["decode"]["kv_bytes_ratio"],
+            "tokens_per_s_dense": decode["dense"]["tokens_per_s"],
+            "tokens_per_s_dynamic": decode["dynamic"]["tokens_per_s"],
+            "text_tokens_kept": decode["dynamic"]["text_tokens_kept"],
+            "text_tokens_fed": decode["dynamic"]["text_tokens_fed"],
+            "peak_memory_dense": decode["dense"]["peak_memory_bytes"],
+            "peak_memory_dynamic": decode["dynamic"]["peak_memory_bytes"],
+        },
+        "baselines": {name: arm(name) for name in BASELINES},
+    }
+
+
+def format_table(record: dict[str, Any]) -> str:
+    """A plain-text table of the arms (ratios against dense)."""
+    rows = [("arm", "prefill FLOPs ratio", "prompt FLOPs ratio", "latency ratio", "KV ratio (>=K)", "tokens/s")]
+    p, d = record["prefill"], record["decode"]
+
+    def fmt(x: Any, spec: str = ".3f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    rows.append(("dense", "1.000", "1.000", "1.000", "1.000", fmt(d["tokens_per_s_dense"], ".1f")))
+    rows.append(("dynamic", fmt(p["flops_ratio"]), fmt(p["flops_prompt_ratio"]), fmt(p["latency_ratio"]), fmt(d["kv_ratio"]), fmt(d["tokens_per_s_dynamic"], ".1f")))
+    for name, arm in record["baselines"].items():
+        rows.append((name, fmt(arm["prefill"]["flops_ratio"]), fmt(arm["prefill"]["flops_prompt_ratio"]), fmt(arm["prefill"]["latency_ratio"]), fmt(arm["decode"]["kv_ratio"]), fmt(arm["decode"]["tokens_per_s"], ".1f")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"paper-convention limit for keep {record['vision_keep']}: {p['flops_ratio_limit']:.4f}; "
+                 f"dense prefill {p['flops_dense'] / 1e12:.3f} TFLOPs (image tokens), vision tower {p['flops_vision'] / 1e12:.3f} TFLOPs")
+    return "\n".join(lines)
+
+
+def write_json(record: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path

@@ -1,0 +1,1 @@
+"""Physically sparse inference: pruned prefill, sparse KV cache, generate, FLOPs accounting."""

@@ -1,0 +1,161 @@
+"""A KV cache that stores per sample only the tokens the predictors keep (PAPER.md section 7.3).
+
+Layers < K ("dense group") store every token; layers >= K ("sparse group") store the pruned prompt and
+then only the generated tokens whose text decision says keep. All layers of a group hold the same token
+set, so bookkeeping (write pointers, key validity) is per group and per sample, and the K/V tensors are
+per layer.
+
+Batch > 1 with per-sample lengths: each sample writes at its own pointer; slots past a sample's pointer
+and left-padding slots are marked invalid and **masked** in attention (the reference code right-padded
+with unmasked zero keys). A new token is always written and always attends to itself in its own step;
+:meth:`commit` then decides whether it stays. A dropped token's slot is overwritten by the next one, so
+memory grows only with kept tokens (plus the batch's longest sample, as with any padded cache).
+
+Write pointers are host integers, so nothing here reads a device tensor back: the cache also runs on the
+meta device (shape-only benchmarks of 7B models) when decisions are given as host booleans.
+
+The object is duck-typed to what HF attention modules call: ``update(key, value, layer_idx)``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+DENSE, SPARSE = 0, 1
+
+
+class SparseKVCache:
+    """Per-layer K/V buffers (B, heads_kv, capacity, head_dim) with per-group validity and pointers."""
+
+    def __init__(self, num_layers: int, sparse_from: int, batch_size: int, grow: int = 64) -> None:
+        if not 0 < sparse_from <= num_layers:
+            raise ValueError(f"sparse_from must be in [1, {num_layers}], got {sparse_from}")
+        self.num_layers = num_layers
+        self.sparse_from = sparse_from
+        self.batch_size = batch_size
+        self.grow = grow
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.valid: list[torch.Tensor | None] = [None, None]  # per group: (B, capacity) bool
+        self.length: list[list[int]] = [[0] * batch_size, [0] * batch_size]  # per group and sample
+        self.stored: list[list[int]] = [[0] * batch_size, [0] * batch_size]  # valid kept tokens
+        self._slots: list[torch.Tensor | None] = [None, None]  # (B, n) slots of the open step
+        self._open_valid: list[list[list[bool]] | None] = [None, None]
+
+    def group(self, layer_idx: int) -> int:
+        return SPARSE if layer_idx >= self.sparse_from else DENSE
+
+    def seq_length(self, group: int = DENSE) -> int:
+        """Columns a query of ``group`` sees (the longest sample, including the open step)."""
+        extra = 0 if self._slots[group] is None else self._slots[group].shape[1]
+        return max(self.length[group]) + extra
+
+    # -- one step: open -> update (per layer) -> commit ------------------------------------------
+    def open(self, group: int, key_valid: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+        """Reserve slots for ``n`` new columns of every layer of ``group``; return their attention mask.
+
+        ``key_valid`` (B, n) bool marks which new columns are real keys (False: left padding or a filler
+        column); the host copy decides the stored counts. ``order`` (B, n) gives each new column's place
+        in the original sequence for causality among the new columns (default: column order). The mask
+        is (B, 1, n, T) bool, True = attend: every valid earlier key, the valid new keys at or before the
+        query, and always the query itself.
+        """
+        batch, n = key_valid.shape
+        device = key_valid.device
+        starts = torch.tensor(self.length[group], device=device)
+        slots = starts[:, None] + torch.arange(n, device=device)[None]
+        total = max(self.length[group]) + n
+        self._ensure_capacity(group, total, device)
+        valid = self.valid[group]
+        valid[torch.arange(batch, device=device)[:, None], slots] = key_valid
+        self._slots[group] = slots
+        self._open_valid[group] = None if device.type == "meta" else key_valid.tolist()
+        columns = torch.arange(total, device=device)
+        # Old columns (< start) always precede the new ones; among new ones use the original order.
+        if order is None:
+            order = torch.arange(n, device=device)[None].expand(batch, n)
+        column_order = torch.full((batch, total), -1, dtype=order.dtype, device=device)
+        column_order[torch.arange(batch, device=device)[:, None], slots] = order
+        is_new = columns[None] >= starts[:, None]
+        earlier_new = column_order[:, None, :] <= order[:, :, None]  # (B, n, T)
+        visible = valid[:, None, :total] & (~is_new[:, None, :] | (is_new[:, None, :] & earlier_new))
+        own = columns[None, None, :] == slots[:, :, None]
+        return (visible | own)[:, None]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the open step's K/V of ``layer_idx`` into its slots; return the layer's visible K/V."""
+        group = self.group(layer_idx)
+        slots = self._slots[group]
+        if slots is None:
+            raise RuntimeError(f"layer {layer_idx}: open() the step of its group before running the layer")
+        total = max(self.length[group]) + slots.shape[1]
+        for store in (self.keys, self.values):
+            buffer = store[layer_idx]
+            if buffer is None or buffer.shape[2] < self.valid[group].shape[1]:
+                buffer = self._grown(buffer, key, self.valid[group].shape[1])
+                store[layer_idx] = buffer
+        rows = torch.arange(key.shape[0], device=key.device)[:, None]
+        # (B, n) advanced indices around the head dim: buffer[b, :, slot] <- new[b, :, j]
+        self.keys[layer_idx][rows, :, slots] = key.transpose(1, 2).to(self.keys[layer_idx].dtype)
+        self.values[layer_idx][rows, :, slots] = value.transpose(1, 2).to(self.values[layer_idx].dtype)
+        return self.keys[layer_idx][:, :, :total], self.values[layer_idx][:, :, :total]
+
+    def commit(self, group: int, keep: Sequence[bool] | None = None) -> None:
+        """Close the open step. ``keep`` (B,) host booleans for a one-column step: False drops the token
+        (its slot is reused by the next step); None keeps every new column (prefill, dense layers)."""
+        slots = self._slots[group]
+        if slots is None:
+            raise RuntimeError("commit() without open()")
+        n = slots.shape[1]
+        opened = self._open_valid[group]
+        if keep is not None:
+            if n != 1:
+                raise ValueError("per-sample keep decisions are only supported for one-column steps")
+            keep = [bool(k) for k in keep]
+            if not all(keep):
+                rows = torch.tensor([b for b, k in enumerate(keep) if not k], device=slots.device)
+                self.valid[group][rows, slots[rows, 0]] = False
+        for b in range(self.batch_size):
+            kept = 1 if keep is None or n != 1 else int(keep[b])
+            added = n if keep is None else kept
+            self.length[group][b] += added
+            if opened is not None:
+                self.stored[group][b] += sum(opened[b]) if keep is None else kept * int(opened[b][0])
+            else:  # meta: assume every new column is a real key
+                self.stored[group][b] += added
+        self._slots[group] = None
+        self._open_valid[group] = None
+
+    # -- accounting ------------------------------------------------------------------------------
+    def token_counts(self) -> tuple[list[int], list[int]]:
+        """Valid stored tokens per sample in a dense layer and in a sparse layer."""
+        return list(self.stored[DENSE]), list(self.stored[SPARSE])
+
+    def element_size(self) -> int:
+        """Bytes per stored K/V element."""
+        return next(b for b in self.keys if b is not None).element_size()
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the K/V buffers as allocated (padded to the batch's longest sample, grown in chunks)."""
+        return sum(b.numel() * b.element_size() for b in self.keys + self.values if b is not None)
+
+    # -- storage ---------------------------------------------------------------------------------
+    def _ensure_capacity(self, group: int, needed: int, device: torch.device) -> None:
+        valid = self.valid[group]
+        if valid is not None and valid.shape[1] >= needed:
+            return
+        capacity = -(-needed // self.grow) * self.grow
+        grown = torch.zeros(self.batch_size, capacity, dtype=torch.bool, device=device)
+        if valid is not None:
+            grown[:, : valid.shape[1]] = valid
+        self.valid[group] = grown
+
+    @staticmethod
+    def _grown(buffer: torch.Tensor | None, like: torch.Tensor, capacity: int) -> torch.Tensor:
+        batch, heads, _, dim = like.shape
+        grown = like.new_zeros(batch, heads, capacity, dim)
+        if buffer is not None:
+            grown[:, :, : buffer.shape[2]] = buffer
+        return grown

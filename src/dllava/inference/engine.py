@@ -1,0 +1,407 @@
+"""Physically sparse inference for (Dynamic-)LLaVA: pruned prefill, decoding with or without KV cache.
+
+Training only masks; here the dropped tokens are gone (PAPER.md section 7). Layers 0..K-1 run on the
+whole prompt; at layer K the image tokens are cut to ``int(n_image * keep)`` per sample (learned,
+FastV, random or none, see :mod:`dllava.inference.selection`), and layers K..L-1 run on the shorter
+sequence with the kept tokens' original RoPE positions. While decoding, each new token attends to
+itself in its own step and is stored in the caches of layers >= K only when the text decision keeps it
+(:class:`~dllava.inference.cache.SparseKVCache`). Without a cache every step re-runs the whole
+sequence, pruned the same way (section 7.2).
+
+Everything a request needs between steps lives in a :class:`RequestState` that the caller holds; the
+engine and the model keep no per-request state (the reference code stored the answer start on the
+module and never reset it).
+
+All arms use the same HF decoder layers and the same attention kernel (SDPA with an explicit boolean
+mask), so latency and FLOPs differences come from the token counts alone. Left-padded batches are
+supported: padding is masked as keys everywhere, and a padded query attends only to itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dllava.inference.cache import DENSE, SPARSE, SparseKVCache
+from dllava.inference.flops import DecoderShape, kv_bytes
+from dllava.inference.selection import (
+    check_method,
+    check_text_policy,
+    last_token_attention,
+    num_kept,
+    random_indices,
+    text_rate_keep,
+    topk_sorted,
+)
+from dllava.sparse.model import DynamicLlava, positions_from_mask
+
+
+@dataclass
+class RequestState:
+    """One batch of requests in flight: the sequence so far and every decision made for it."""
+
+    input_ids: torch.Tensor  # (B, N) prompt + fed tokens (no-cache path re-reads it)
+    attention_mask: torch.Tensor  # (B, N)
+    prompt_len: int
+    image_features: torch.Tensor | None
+    next_positions: list[int]  # RoPE position of each sample's next token
+    cache: SparseKVCache | None = None
+    image_keep: torch.Tensor | None = None  # (B, n_image) bool, fixed after prefill
+    text_kept: list[list[bool]] = field(default_factory=list)  # per fed token: (B,) decisions
+    generator: torch.Generator | None = None
+    newest_decision: list[bool] | None = None  # no-cache path: the decision for the token just fed
+
+    @property
+    def fed(self) -> int:
+        """Generated tokens fed back into the model so far."""
+        return self.input_ids.shape[1] - self.prompt_len
+
+
+@dataclass
+class GenerationResult:
+    """New tokens plus what the sparsifier did, per sample."""
+
+    sequences: torch.Tensor  # (B, T) new tokens; finished samples continue with pad
+    lengths: list[int]  # new tokens up to and including EOS
+    image_tokens: int  # image tokens per sample in the prompt
+    image_tokens_kept: list[int]
+    text_tokens_fed: list[int]  # generated tokens that went back into the model (before EOS)
+    text_tokens_kept: list[int]  # of those, kept in the caches of layers >= K
+    kv_bytes: list[int] | None  # stored K/V bytes over all layers (cache path)
+    kv_bytes_dense: list[int] | None  # the same tokens without any pruning
+    kv_tokens_sparse_layer: list[int] | None  # valid tokens in a layer >= K
+    kv_tokens_dense_layer: list[int] | None  # valid tokens in a layer < K
+
+
+class SparseEngine:
+    """Prefill, decode and generate with physically removed tokens (one engine for every method)."""
+
+    def __init__(
+        self,
+        model: DynamicLlava,
+        method: str = "dynamic",
+        keep: float | None = None,
+        text: str | float = "learned",
+        layer: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.method = check_method(method)
+        self.keep = float(model.sparsity.keep if keep is None else keep)
+        num_kept(1, self.keep)  # validates the range
+        self.text = check_text_policy(text)
+        self.layer = int(model.sparsity.layer if layer is None else layer)
+        model.sparsity.check_layers(model.num_layers) if layer is None else None
+        if not 1 <= self.layer < model.num_layers:
+            raise ValueError(f"layer must be in [1, {model.num_layers - 1}], got {self.layer}")
+        if method == "dynamic" and model.image_predictor is None:
+            raise ValueError("method='dynamic' needs a model with an image predictor (sparsity.vision=true)")
+        if self.text == "learned" and model.text_predictor is None:
+            raise ValueError("text='learned' needs a model with a text predictor; use text='off' or a rate")
+        self.seed = seed
+        llava = model.llava
+        self.lm = llava.model.language_model
+        self.image_token_id = llava.config.image_token_id
+
+    # -- building blocks -------------------------------------------------------------------------
+    def _embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None, prompt_len: int):
+        """Token embeddings with the image features in place; also the (B, n_image) image columns.
+
+        Image columns are found with a stable sort rather than boolean indexing, so shapes never depend
+        on data and the same code runs on the meta device.
+        """
+        hidden = self.lm.embed_tokens(input_ids)
+        if image_features is None:
+            return hidden, None
+        image_mask = input_ids == self.image_token_id
+        image_mask[:, prompt_len:] = False  # a generated image-token id is text
+        columns = image_columns(image_mask, image_features.shape[1])
+        hidden = hidden.scatter(1, columns[..., None].expand(-1, -1, hidden.shape[-1]), image_features.to(hidden.dtype))
+        return hidden, columns
+
+    def _layers(self, first: int, last: int, hidden, mask, rotary, cache):
+        for layer in self.lm.layers[first:last]:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache)
+        return hidden
+
+    @staticmethod
+    def _mask(key_valid: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """(B, 1, N, N) bool: valid keys at or before the query in the original order, plus the query."""
+        earlier = order[:, None, :] <= order[:, :, None]
+        own = torch.eye(order.shape[1], dtype=torch.bool, device=order.device)[None]
+        return ((key_valid[:, None, :] & earlier) | own)[:, None]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.llava.lm_head(self.lm.norm(hidden)).float()
+
+    def _select_images(self, state: RequestState, image_hidden: torch.Tensor, fastv_score: torch.Tensor | None) -> torch.Tensor:
+        """(B, n_image) bool keep of the image tokens, made once per request."""
+        batch, n, _ = image_hidden.shape
+        keep = torch.zeros(batch, n, dtype=torch.bool, device=image_hidden.device)
+        if self.method == "dense":
+            return keep.fill_(True)
+        k = num_kept(n, self.keep)
+        if self.method == "dynamic":
+            score = F.log_softmax(self.model.image_predictor(image_hidden).float(), dim=-1)[..., 0]
+            index = topk_sorted(score, k)
+        elif self.method == "fastv":
+            index = topk_sorted(fastv_score, k)
+        else:
+            index = random_indices(batch, n, k, state.generator, image_hidden.device)
+        return keep.scatter(1, index, True)
+
+    def _text_decisions(self, hidden: torch.Tensor, first_step: int) -> torch.Tensor:
+        """(B, m) bool keep for fed generated tokens ``first_step .. first_step + m - 1``."""
+        batch, m, _ = hidden.shape
+        if self.text == "off":
+            return torch.ones(batch, m, dtype=torch.bool, device=hidden.device)
+        if self.text == "learned":
+            logits = self.model.text_predictor(hidden)
+            return logits[..., 0] > logits[..., 1]
+        row = torch.tensor([text_rate_keep(first_step + t, self.text) for t in range(m)], device=hidden.device)
+        return row[None].expand(batch, m)
+
+    # -- prefill and no-cache steps --------------------------------------------------------------
+    @torch.no_grad()
+    def start(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        use_cache: bool = True,
+    ) -> tuple[torch.Tensor, RequestState]:
+        """Prefill a left-padded batch: last-position logits (B, V) and the request state."""
+        if image_features is None and pixel_values is not None:
+            image_features = self.model.image_features(pixel_values)
+        if image_features is not None and input_ids.device.type != "meta":
+            counts = (input_ids == self.image_token_id).sum(-1)
+            if not bool((counts == image_features.shape[1]).all()):
+                raise ValueError(
+                    f"every prompt needs exactly {image_features.shape[1]} image tokens (one image), got {counts.tolist()}"
+                )
+            if bool((input_ids[:, -1] == self.image_token_id).any()):
+                raise ValueError("a prompt must end with text after its image (the last token is always kept)")
+        generator = torch.Generator().manual_seed(self.seed)
+        positions = attention_mask.sum(-1) if attention_mask.device.type != "meta" else None
+        state = RequestState(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            prompt_len=input_ids.shape[1],
+            image_features=image_features,
+            next_positions=[input_ids.shape[1]] * input_ids.shape[0] if positions is None else positions.tolist(),
+            cache=SparseKVCache(self.model.num_layers, self.layer, input_ids.shape[0]) if use_cache else None,
+            generator=generator,
+        )
+        return self._sequence_forward(state), state
+
+    def _sequence_forward(self, state: RequestState, every_position: bool = False) -> Any:
+        """Run the whole current sequence pruned (prefill, or one no-cache decoding step).
+
+        Returns the newest position's logits (B, V); with ``every_position`` the logits of every
+        computed column (B, n_keep, V), their original column index and whether each is a kept token.
+        """
+        input_ids, attention_mask, cache = state.input_ids, state.attention_mask, state.cache
+        batch, length = input_ids.shape
+        hidden, image_cols = self._embed(input_ids, state.image_features, state.prompt_len)
+        position_ids = positions_from_mask(attention_mask)
+        rotary = self.lm.rotary_emb(hidden, position_ids)
+        key_valid = attention_mask.bool()
+        order = torch.arange(length, device=hidden.device)[None].expand(batch, length)
+        mask = cache.open(DENSE, key_valid) if cache is not None else self._mask(key_valid, order)
+        hidden = self._layers(0, self.layer - 1, hidden, mask, rotary, cache)
+        fastv_score = None
+        if self.method == "fastv" and state.image_keep is None and image_cols is not None:
+            fastv_score = last_token_attention(
+                self.lm.layers[self.layer - 1], hidden, rotary, key_valid, query_index=state.prompt_len - 1
+            )
+            fastv_score = fastv_score.gather(1, image_cols)
+        hidden = self._layers(self.layer - 1, self.layer, hidden, mask, rotary, cache)
+        if cache is not None:
+            cache.commit(DENSE)
+
+        keep_cols = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+        n_image = 0 if image_cols is None else image_cols.shape[1]
+        kept_images = n_image
+        if n_image:
+            if state.image_keep is None:
+                image_hidden = hidden.gather(1, image_cols[..., None].expand(-1, -1, hidden.shape[-1]))
+                state.image_keep = self._select_images(state, image_hidden, fastv_score)
+            keep_cols = keep_cols.scatter(1, image_cols, state.image_keep)
+            kept_images = n_image if self.method == "dense" else num_kept(n_image, self.keep)
+        n_keep = length - n_image + kept_images
+        if state.fed:  # fed tokens face the text decision; the newest is kept for its own step
+            decided = self._text_decisions(hidden[:, state.prompt_len :], 0)
+            keep_cols[:, state.prompt_len : length - 1] = decided[:, :-1]
+            state.newest_decision = None if decided.device.type == "meta" else decided[:, -1].tolist()
+            n_keep = int(keep_cols.sum(-1).max())
+        # Kept columns first, in original order; rows with fewer kept columns are filled with dropped
+        # ones, which stay queries but are masked as keys.
+        index = torch.sort((~keep_cols).to(torch.uint8), dim=-1, stable=True).indices[:, :n_keep]
+        hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        key_valid = (key_valid & keep_cols).gather(1, index)
+        position_ids = position_ids.gather(1, index)
+        rotary = self.lm.rotary_emb(hidden, position_ids)
+        mask = cache.open(SPARSE, key_valid, order=index) if cache is not None else self._mask(key_valid, index)
+        hidden = self._layers(self.layer, len(self.lm.layers), hidden, mask, rotary, cache)
+        if cache is not None:
+            cache.commit(SPARSE)
+        if every_position:
+            return self._logits(hidden), index, key_valid
+        last = (index == length - 1).to(torch.uint8).argmax(-1)  # where the newest column went
+        return self._logits(hidden[torch.arange(batch, device=hidden.device), last])
+
+    @torch.no_grad()
+    def step(self, state: RequestState, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sample (B,) and return the next logits (B, V), with or without cache."""
+        step = state.fed
+        state.input_ids = torch.cat([state.input_ids, tokens[:, None]], dim=1)
+        state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(tokens.shape[0], 1)], 1)
+        if state.cache is None:
+            logits = self._sequence_forward(state)
+            decided = state.newest_decision
+        else:
+            logits, decided = self._cached_step(state, tokens, step)
+        state.next_positions = [p + 1 for p in state.next_positions]
+        if decided is not None:
+            state.text_kept.append(decided)
+        return logits
+
+    def _cached_step(self, state: RequestState, tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, list[bool] | None]:
+        cache = state.cache
+        batch = tokens.shape[0]
+        hidden = self.lm.embed_tokens(tokens[:, None])
+        position_ids = torch.tensor(state.next_positions, device=hidden.device)[:, None]
+        rotary = self.lm.rotary_emb(hidden, position_ids)
+        ones = torch.ones(batch, 1, dtype=torch.bool, device=hidden.device)
+        mask = cache.open(DENSE, ones)
+        hidden = self._layers(0, self.layer, hidden, mask, rotary, cache)
+        cache.commit(DENSE)
+        decided = self._text_decisions_for_newest(state, hidden, step)
+        mask = cache.open(SPARSE, ones)
+        hidden = self._layers(self.layer, len(self.lm.layers), hidden, mask, rotary, cache)
+        cache.commit(SPARSE, decided)
+        return self._logits(hidden[:, -1]), decided
+
+    def _text_decisions_for_newest(self, state: RequestState, hidden: torch.Tensor, step: int) -> list[bool] | None:
+        """Host decisions for the token fed at ``step`` (None when it cannot be read: meta + learned)."""
+        batch = state.input_ids.shape[0]
+        if self.text == "off":
+            return [True] * batch
+        if not isinstance(self.text, str):
+            return [text_rate_keep(step, self.text)] * batch
+        decided = self._text_decisions(hidden, step)[:, 0]
+        return None if decided.device.type == "meta" else decided.tolist()
+
+    # -- generate --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        use_cache: bool = True,
+        seed: int | None = None,
+    ) -> GenerationResult:
+        """Greedy or sampled decoding of a left-padded batch; stops when every sample hit EOS."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        logits, state = self.start(input_ids, attention_mask, pixel_values, image_features, use_cache)
+        sampler = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        batch = input_ids.shape[0]
+        meta = logits.device.type == "meta"
+        done = [False] * batch
+        lengths = [0] * batch
+        tokens: list[torch.Tensor] = []
+        for t in range(max_new_tokens):
+            if t > 0:
+                logits = self.step(state, tokens[-1])
+            token = pick_token(logits, do_sample, temperature, top_k, top_p, sampler)
+            if not meta:
+                token = torch.where(torch.tensor(done, device=token.device), torch.full_like(token, pad_token_id), token)
+                values = token.tolist()
+                for b in range(batch):
+                    if not done[b]:
+                        lengths[b] += 1
+                        done[b] = eos_token_id is not None and values[b] == eos_token_id
+            else:
+                lengths = [n + 1 for n in lengths]
+            tokens.append(token)
+            if all(done):
+                break
+        return self._result(state, torch.stack(tokens, 1), lengths)
+
+    def _result(self, state: RequestState, sequences: torch.Tensor, lengths: list[int]) -> GenerationResult:
+        """Per-sample statistics as a single-sample run would give them: a sample's own tokens fed
+        before its EOS count, the pad tokens a finished sample keeps feeding in a batch do not."""
+        batch = sequences.shape[0]
+        n_image = 0 if state.image_keep is None else state.image_keep.shape[1]
+        kept_images = n_image if self.method == "dense" or not n_image else num_kept(n_image, self.keep)
+        mask = state.attention_mask[:, : state.prompt_len]
+        prompt = [state.prompt_len] * batch if mask.device.type == "meta" else mask.sum(-1).tolist()
+        fed = [max(0, n - 1) for n in lengths]
+        decisions = state.text_kept
+        known = len(decisions) >= max(fed, default=0)
+        kept = [sum(int(decisions[t][b]) for t in range(fed[b])) for b in range(batch)] if known else fed
+        kv = kv_dense = None
+        dense_tokens = [p + f for p, f in zip(prompt, fed)]
+        sparse_tokens = [p - n_image + kept_images + k for p, k in zip(prompt, kept)]
+        if state.cache is not None:
+            shape = DecoderShape.from_config(self.model.llava.config.text_config)
+            size = state.cache.element_size()
+            kv = [kv_bytes(shape, self.layer, d, s, size) for d, s in zip(dense_tokens, sparse_tokens)]
+            kv_dense = [kv_bytes(shape, self.layer, d, d, size) for d in dense_tokens]
+        return GenerationResult(
+            sequences=sequences,
+            lengths=lengths,
+            image_tokens=n_image,
+            image_tokens_kept=[kept_images] * batch,
+            text_tokens_fed=fed,
+            text_tokens_kept=kept,
+            kv_bytes=kv,
+            kv_bytes_dense=kv_dense,
+            kv_tokens_sparse_layer=sparse_tokens,
+            kv_tokens_dense_layer=dense_tokens,
+        )
+
+
+def image_columns(image_mask: torch.Tensor, n_image: int) -> torch.Tensor:
+    """(B, n_image) column indices of the image tokens, in order; every row must hold ``n_image``."""
+    return torch.sort((~image_mask).to(torch.uint8), dim=-1, stable=True).indices[:, :n_image]
+
+
+def pick_token(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Greedy argmax, or a sample after temperature, top-k and top-p (nucleus) filtering: (B, V) -> (B,)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits / temperature
+    if top_k > 0:
+        threshold = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+
+
+def build_engine(model: DynamicLlava, **kwargs: Any) -> SparseEngine:
+    """Convenience for Hydra (``_target_``) and scripts."""
+    return SparseEngine(model, **kwargs)

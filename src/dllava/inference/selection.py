@@ -1,0 +1,96 @@
+"""Which image tokens survive prefill, and which generated tokens stay in the cache.
+
+Image selection methods, all keeping exactly ``int(n_image * keep)`` tokens per sample in their
+original order (PAPER.md section 7.1), so every method runs through the same pruned engine:
+
+* ``dynamic``: top-k of the image predictor's keep log-probability (the learned method);
+* ``fastv``: top-k of the attention the last prompt token pays to each image token in layer K-1,
+  averaged over heads (FastV, training-free);
+* ``random``: a uniformly random subset (seeded per request);
+* ``dense``: keep everything.
+
+Text decisions for generated tokens: ``learned`` thresholds the text predictor (section 7.3), ``off``
+keeps every token, a float ``r`` keeps a fixed fraction ``r`` in a fixed pattern (token t is kept when
+``floor((t+1) r) > floor(t r)``), the stand-in for a trained predictor on random weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+IMAGE_METHODS = ("dynamic", "dense", "fastv", "random")
+
+
+def check_method(method: str) -> str:
+    if method not in IMAGE_METHODS:
+        raise ValueError(f"method must be one of {IMAGE_METHODS}, got {method!r}")
+    return method
+
+
+def check_text_policy(text: str | float) -> str | float:
+    """``learned``, ``off`` or a keep rate in (0, 1]."""
+    if isinstance(text, str) and text in ("learned", "off"):
+        return text
+    try:
+        rate = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"text policy must be 'learned', 'off' or a keep rate in (0, 1], got {text!r}") from None
+    if not 0 < rate <= 1:
+        raise ValueError(f"text keep rate must be in (0, 1], got {rate}")
+    return rate
+
+
+def num_kept(n_image: int, keep: float) -> int:
+    """``int(n * keep)`` (at least one), the inference-time image budget of every method."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    return max(1, int(n_image * keep))
+
+
+def topk_sorted(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores per row, in ascending (original) order: (B, n) -> (B, k)."""
+    return score.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def random_indices(batch: int, n: int, k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """A uniformly random ``k``-subset of ``range(n)`` per row, in original order."""
+    score = torch.rand(batch, n, generator=generator)
+    return topk_sorted(score, k).to(device)
+
+
+def last_token_attention(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    key_valid: torch.Tensor,
+    query_index: int = -1,
+) -> torch.Tensor:
+    """FastV's score: softmax attention of one query (default: the last column) over all keys in
+    ``layer`` (a Llama decoder layer, given the hidden states entering it), mean over heads: (B, N).
+
+    Recomputes q/k from the layer's own projections; it reads nothing from the forward pass, so any
+    attention kernel can run the layer itself.
+    """
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    batch, n, _ = normed.shape
+    head_dim = attn.head_dim
+    query = attn.q_proj(normed[:, query_index:][:, :1]).view(batch, 1, -1, head_dim).transpose(1, 2)
+    key = attn.k_proj(normed).view(batch, n, -1, head_dim).transpose(1, 2)
+    cos, sin = position_embeddings
+    q_pos = n + query_index if query_index < 0 else query_index
+    query, _ = apply_rotary_pos_emb(query, query, cos[:, q_pos : q_pos + 1], sin[:, q_pos : q_pos + 1])
+    _, key = apply_rotary_pos_emb(key, key, cos, sin)
+    key = repeat_kv(key, attn.num_key_value_groups)
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scaling  # (B, h, 1, N)
+    allowed = key_valid[:, None, None, :] & (torch.arange(n, device=hidden.device) <= q_pos)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1).mean(1)[:, 0]
+
+
+def text_rate_keep(step: int, rate: float) -> bool:
+    """The fixed-rate pattern: generated token ``step`` (0-based) is kept iff floor((t+1)r) > floor(t r)."""
+    return math.floor((step + 1) * rate + 1e-9) > math.floor(step * rate + 1e-9)
