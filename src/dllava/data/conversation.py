@@ -29,6 +29,10 @@ IGNORE_INDEX = -100
 _ROLES = {"human": USER_ROLE, "gpt": ASSISTANT_ROLE}
 
 
+class ImageSpanTruncated(ValueError):
+    """Truncation to ``max_length`` would cut the image span: the sample must be dropped, not cut."""
+
+
 @dataclass(frozen=True)
 class EncodedConversation:
     """Token ids of one sample plus where its parts sit.
@@ -107,8 +111,8 @@ def encode_conversation(
     ``<image>`` is expanded into ``num_image_tokens`` copies of the tokenizer's image token, as HF's
     ``LlavaProcessor`` does, so the model splices the projected patches in place. With
     ``for_generation`` the final assistant turn (if present) is removed and the prompt ends with
-    ``ASSISTANT:``. Raises ``ValueError`` when truncation to ``max_length`` would cut the image span
-    (the caller drops and counts such samples).
+    ``ASSISTANT:``. Raises :class:`ImageSpanTruncated` (a ``ValueError``) when truncation to
+    ``max_length`` would cut the image span (the caller drops and counts such samples).
     """
     turns = normalize_conversations(conversations)
     if for_generation and turns[-1][0] == ASSISTANT_ROLE:
@@ -137,7 +141,9 @@ def encode_conversation(
     image_span = _image_span(ids, tokenizer, num_image_tokens)
     if max_length is not None and len(ids) > max_length:
         if image_span[1] > max_length:
-            raise ValueError(f"sample of {len(ids)} tokens cannot be truncated to {max_length} without cutting the image")
+            raise ImageSpanTruncated(
+                f"sample of {len(ids)} tokens cannot be truncated to {max_length} without cutting the image"
+            )
         ids, labels = ids[:max_length], labels[:max_length]
         answer_span = (min(answer_span[0], max_length), min(answer_span[1], max_length))
     return EncodedConversation(ids, labels, image_span, answer_span)

@@ -2,7 +2,8 @@
 
 Training reads a resampled, endless stream split by node and worker and cut into epochs of a fixed
 number of samples, so every rank sees the same number of batches (unequal shard counts otherwise hang
-DDP). Validation and test read every sample exactly once, in order. Samples are decoded by our own
+DDP). Validation and test read every sample exactly once, in order. The streams and how dropped data is
+counted (``batch["data_counts"]``) are in :mod:`dllava.data.reader`. Samples are decoded by our own
 ``decode_sample`` (image bytes through PIL, ``json`` through ``json.loads``): webdataset's default
 decoders also unpickle ``.pyd``/``.pickle`` members, and nothing read from a shard may execute code.
 
@@ -17,6 +18,7 @@ import io
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -27,8 +29,8 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from dllava.data.conversation import IGNORE_INDEX, encode_conversation, final_exchange
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+from dllava.data.reader import TextOnlySample, exact_stream, resampled_stream, shards_per_rank_warning
+from dllava.data.records import IMAGE_KEYS
 
 
 def resolve_urls(spec: str | Sequence[str], key: str = "data.urls") -> list[str]:
@@ -92,9 +94,13 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
 
 
 class SamplePreprocessor:
-    """Turns a decoded sample into tensors for training and for generation-based evaluation.
+    """Turns a decoded sample into tensors for training and for generation-based evaluation (LLaVA-1.5).
 
-    Picklable (it holds only the processor), so dataloader workers can run it.
+    The image is padded to a square of the processor's mean colour, then CLIP-preprocessed; the
+    conversation is rendered with the vicuna_v1 template, ``<image>`` at the front of its turn, and
+    truncated at ``max_length`` unless that would cut the image span (then it raises
+    ``ImageSpanTruncated``, and the reader drops and counts the sample). Picklable (it holds only the
+    processor), so dataloader workers can run it.
     """
 
     def __init__(self, processor: Any, num_image_tokens: int, max_length: int) -> None:
@@ -112,7 +118,7 @@ class SamplePreprocessor:
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         record = sample["record"]
         if sample["image"] is None:
-            raise ValueError(f"sample {sample['key']!r} has no image member (jpg/png/webp)")
+            raise TextOnlySample(f"sample {sample['key']!r} has no image member ({'/'.join(IMAGE_KEYS)})")
         conv = record["conversations"]
         train = encode_conversation(conv, self.tokenizer, self.num_image_tokens, max_length=self.max_length)
         prompt = encode_conversation(
@@ -179,7 +185,8 @@ class _Collate:
 
 def iter_records(urls: Sequence[str]) -> Iterator[dict[str, Any]]:
     """Every record's JSON from ``urls`` in order, without decoding images (for baselines and stats)."""
-    dataset = wds.WebDataset(list(urls), shardshuffle=False, empty_check=False)
+    # nodesplitter=None: every shard on whichever rank calls this (the default refuses under DDP/FSDP)
+    dataset = wds.WebDataset(list(urls), shardshuffle=False, empty_check=False, nodesplitter=None)
     for sample in dataset:
         if "json" in sample:
             yield json.loads(sample["json"])
@@ -199,16 +206,22 @@ class LlavaDataModule(L.LightningDataModule):
         num_workers: int = 2,
         epoch_samples: int = 3200,
         shuffle_buffer: int = 1000,
-        max_length: int = 512,
+        max_length: int | None = 512,
         seed: int = 0,
         synthetic: dict[str, Any] | None = None,
+        answer_kinds: Sequence[str] | None = None,
     ) -> None:
+        """``answer_kinds``: the record ``kinds`` whose final answers are scored by exact match (the
+        synthetic task's short answers); None for free-form data. ``module.answer_kinds`` reads it."""
         super().__init__()
+        self.answer_kinds = None if answer_kinds is None else list(answer_kinds)
         for name, value in (("data.batch_size", batch_size), ("data.epoch_samples", epoch_samples)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"data.max_length must be >= 1 or null (the tokenizer's model_max_length), got {max_length}")
         self.train_urls, self.val_urls, self.test_urls = train_urls, val_urls, test_urls
         self.processor_path = processor
         self.batch_size = batch_size
@@ -234,7 +247,16 @@ class LlavaDataModule(L.LightningDataModule):
 
         self.processor = load_processor(self.processor_path)
         num_image_tokens = count_image_tokens(self.processor)
-        self.preprocess = SamplePreprocessor(self.processor, num_image_tokens, self.max_length)
+        max_length = self.max_length or self.processor.tokenizer.model_max_length  # null: the tokenizer's
+        # The image ends no earlier than after the system prompt; below that every sample is dropped.
+        shortest = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": ""}]
+        image_end = encode_conversation(shortest, self.processor.tokenizer, num_image_tokens).image_span[1]
+        if max_length <= image_end:
+            raise ValueError(
+                f"data.max_length must exceed {image_end} (system prompt + {num_image_tokens} image tokens of "
+                f"{self.processor_path}), got {max_length}"
+            )
+        self.preprocess = SamplePreprocessor(self.processor, num_image_tokens, max_length)
 
     @property
     def world_size(self) -> int:
@@ -247,29 +269,23 @@ class LlavaDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> wds.WebLoader:
         urls = resolve_urls(self.train_urls, "data.train_urls")
-        dataset = (
-            wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node,
-                           handler=wds.warn_and_continue, seed=self.seed)
-            .shuffle(self.shuffle_buffer)
-            .map(decode_sample, handler=wds.warn_and_continue)
-            .map(self.preprocess, handler=wds.warn_and_continue)
-            .batched(self.batch_size, collation_fn=_Collate(self.processor.tokenizer.pad_token_id), partial=False)
-            .with_epoch(self.train_batches_per_worker())
+        dataset = resampled_stream(
+            urls, decode_sample, self.preprocess, _Collate(self.processor.tokenizer.pad_token_id),
+            self.batch_size, self.train_batches_per_worker(), self.shuffle_buffer, self.seed,
         )
         return wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers,
                              persistent_workers=self.num_workers > 0)
 
     def _exact_loader(self, spec: str | Sequence[str], key: str) -> wds.WebLoader:
         urls = resolve_urls(spec, key)
+        uneven = shards_per_rank_warning(len(urls), self.world_size, key)
+        if uneven:
+            warnings.warn(uneven, stacklevel=2)
         per_rank = max(1, len(urls) // self.world_size)
-        workers = min(self.num_workers, per_rank)
-        dataset = (
-            wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node,
-                           workersplitter=wds.split_by_worker, handler=wds.warn_and_continue, empty_check=False)
-            .map(decode_sample, handler=wds.warn_and_continue)
-            .map(self.preprocess, handler=wds.warn_and_continue)
-            .batched(self.eval_batch_size, collation_fn=_Collate(self.processor.tokenizer.pad_token_id),
-                     partial=True)
+        workers = min(self.num_workers, per_rank)  # a worker without a shard would yield nothing
+        dataset = exact_stream(
+            urls, decode_sample, self.preprocess, _Collate(self.processor.tokenizer.pad_token_id),
+            self.eval_batch_size,
         )
         return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
 

@@ -1,0 +1,243 @@
+"""Reading converted LLaVA shards: rank/worker splits, equal epochs, bad data skipped and counted."""
+
+import io
+import json
+import shutil
+from types import SimpleNamespace
+
+import hydra
+import pytest
+
+from dllava.data.conversation import IGNORE_INDEX, encode_conversation
+from dllava.data.datamodule import LlavaDataModule, count_image_tokens
+from dllava.data.reader import COUNT_KEYS
+from dllava.data.shards import convert
+from tests.data.llava_set import Q, jpeg_bytes, multi_turn, turn, write_bad_cases, write_good_set
+from tests.helpers import compose
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """16 valid records (JPEG and PNG, a third multi-turn) in 4 shards of 4."""
+    root = tmp_path_factory.mktemp("llava")
+    path, images, records = write_good_set(root, 16)
+    convert(path, images, root / "shards", samples_per_shard=4, progress=False)
+    return root / "shards", records
+
+
+def _dm(tiny_model_dir, train, val=None, world_size=1, **kw):
+    dm = LlavaDataModule(
+        train_urls=train, val_urls=val or train, processor=str(tiny_model_dir),
+        batch_size=kw.pop("batch_size", 2), num_workers=kw.pop("num_workers", 0),
+        epoch_samples=kw.pop("epoch_samples", 8), **kw,
+    )
+    dm.trainer = SimpleNamespace(world_size=world_size)  # what Lightning sets; ranks come from RANK below
+    dm.setup("fit")
+    return dm
+
+
+def _as_rank(monkeypatch, rank, world_size=2):
+    """webdataset reads the rank from RANK/WORLD_SIZE when both are set (forked workers inherit them)."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+
+
+def _total_counts(batches):
+    return {k: sum(b["data_counts"][k] for b in batches) for k in COUNT_KEYS}
+
+
+def test_exact_mode_two_ranks_two_workers_read_disjoint_sets_covering_the_split(shards, tiny_model_dir, monkeypatch):
+    out, records = shards
+    dm = _dm(tiny_model_dir, f"{out}/shard-{{000000..000003}}.tar", num_workers=2, eval_batch_size=3,
+             world_size=2)
+    seen = {}
+    for rank in (0, 1):
+        _as_rank(monkeypatch, rank)
+        seen[rank] = [i for batch in dm.val_dataloader() for i in batch["ids"]]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(r["id"] for r in records)  # each exactly once
+    assert len(seen[0]) == len(seen[1]) == 8
+    _as_rank(monkeypatch, 0)
+    assert [i for batch in dm.val_dataloader() for i in batch["ids"]] == seen[0]  # deterministic order
+
+
+def test_resampled_mode_gives_every_rank_the_same_number_of_full_batches(tmp_path, tiny_model_dir, monkeypatch):
+    path, images, _ = write_good_set(tmp_path, 9)
+    convert(path, images, tmp_path / "out", samples_per_shard=4, progress=False)  # shards of 4, 4 and 1
+    dm = _dm(tiny_model_dir, f"{tmp_path}/out/shard-*.tar", num_workers=2, batch_size=2, epoch_samples=24,
+             world_size=2)
+    assert dm.train_batches_per_worker() == 3  # ceil(ceil(24 / (2 x 2)) / 2)
+    ids = {}
+    for rank in (0, 1):
+        _as_rank(monkeypatch, rank)
+        batches = list(dm.train_dataloader())
+        assert len(batches) == 6 and all(len(b["ids"]) == 2 for b in batches)
+        ids[rank] = [i for b in batches for i in b["ids"]]
+    assert ids[0] != ids[1]  # each rank draws its own shards
+
+
+def test_resampled_stream_is_reproducible_from_its_seed(shards, tiny_model_dir):
+    out, _ = shards
+    first = [i for b in _dm(tiny_model_dir, f"{out}/shard-*.tar", seed=3).train_dataloader() for i in b["ids"]]
+    again = [i for b in _dm(tiny_model_dir, f"{out}/shard-*.tar", seed=3).train_dataloader() for i in b["ids"]]
+    other = [i for b in _dm(tiny_model_dir, f"{out}/shard-*.tar", seed=4).train_dataloader() for i in b["ids"]]
+    assert first == again and first != other
+
+
+def _truncate(src_dir, dst_dir, name):
+    shutil.copytree(src_dir, dst_dir)
+    data = (dst_dir / name).read_bytes()
+    (dst_dir / name).write_bytes(data[: len(data) // 2 + 100])  # in the middle of a member
+
+
+def test_shard_truncated_in_the_middle_is_skipped_with_a_count(shards, tiny_model_dir, tmp_path):
+    out, records = shards
+    _truncate(out, tmp_path / "cut", "shard-000001.tar")
+    dm = _dm(tiny_model_dir, f"{tmp_path}/cut/shard-*.tar", eval_batch_size=3)
+    with pytest.warns(UserWarning, match=r"skipped the rest of shard .*shard-000001.tar"):
+        batches = list(dm.val_dataloader())
+    ids = [i for b in batches for i in b["ids"]]
+    intact = [r["id"] for n, r in enumerate(records) if n // 4 != 1]
+    assert set(intact) <= set(ids) and 12 <= len(ids) < 16  # shard 1 gives only what precedes the cut
+    assert _total_counts(batches) == {"skipped": 1, "too_long": 0, "text_only": 0}
+
+
+def test_training_continues_past_a_truncated_shard(shards, tiny_model_dir, tmp_path):
+    out, _ = shards
+    _truncate(out, tmp_path / "cut", "shard-000001.tar")
+    dm = _dm(tiny_model_dir, f"{tmp_path}/cut/shard-*.tar", batch_size=2, epoch_samples=40, shuffle_buffer=4)
+    with pytest.warns(UserWarning, match="skipped the rest of shard"):
+        batches = list(dm.train_dataloader())
+    assert len(batches) == 20 and all(len(b["ids"]) == 2 for b in batches)
+    assert _total_counts(batches)["skipped"] >= 1
+
+
+def test_corrupt_samples_are_counted_across_worker_processes(shards, tiny_model_dir, tmp_path):
+    """Each of two workers meets one unreadable image; the batches' counts add up to both."""
+    import tarfile
+
+    out, _ = shards
+    (tmp_path / "bad").mkdir()
+    for name in ("shard-000000.tar", "shard-000002.tar"):
+        with tarfile.open(out / name) as src, tarfile.open(tmp_path / "bad" / name, "w") as dst:
+            for n, member in enumerate(src.getmembers()):
+                data = src.extractfile(member).read()
+                if n == 0:  # the first sample's image (members are sorted: .jpg/.png before .json)
+                    data = b"not an image"
+                member.size = len(data)
+                dst.addfile(member, io.BytesIO(data))
+    dm = _dm(tiny_model_dir, f"{tmp_path}/bad/shard-*.tar", num_workers=2, eval_batch_size=2)
+    batches = list(dm.val_dataloader())
+    assert len([i for b in batches for i in b["ids"]]) == 6
+    assert _total_counts(batches) == {"skipped": 2, "too_long": 0, "text_only": 0}
+
+
+def test_sample_whose_image_span_would_be_truncated_is_dropped_and_counted(tmp_path, tiny_model_dir, tiny_processor):
+    """Truncation may cut text, never the image: a late image past max_length drops its sample."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(jpeg_bytes(96, 64, 0))
+    late = {
+        "id": "late-image", "image": "a.jpg",
+        "conversations": [turn("human", "how many shapes are there ?"), turn("gpt", "two"),
+                          turn("human", "describe the image in detail ."), turn("gpt", "there are two shapes ."),
+                          turn("human", f"{Q} <image>"), turn("gpt", "red")],
+    }
+    early = multi_turn("early-image", "a.jpg")
+    (tmp_path / "mix.json").write_text(json.dumps([early, late]))
+    convert(tmp_path / "mix.json", images, tmp_path / "out", progress=False)
+    tokens = count_image_tokens(tiny_processor)
+    early_end = encode_conversation(early["conversations"], tiny_processor.tokenizer, tokens).image_span[1]
+    late_end = encode_conversation(late["conversations"], tiny_processor.tokenizer, tokens).image_span[1]
+    assert early_end + 4 < late_end
+    dm = _dm(tiny_model_dir, f"{tmp_path}/out/shard-000000.tar", max_length=early_end + 4)
+    with pytest.warns(UserWarning, match="too_long"):
+        batches = list(dm.val_dataloader())
+    assert [i for b in batches for i in b["ids"]] == ["early-image"]
+    assert batches[0]["input_ids"].shape[1] == early_end + 4  # truncated, image intact
+    assert _total_counts(batches) == {"skipped": 0, "too_long": 1, "text_only": 0}
+
+
+def test_text_only_samples_are_counted_apart_from_corrupt_ones(tmp_path, tiny_model_dir):
+    path, images, _, _ = write_bad_cases(tmp_path)
+    convert(path, images, tmp_path / "out", progress=False)  # keeps the text-only record
+    dm = _dm(tiny_model_dir, f"{tmp_path}/out/shard-*.tar")
+    with pytest.warns(UserWarning, match=r"dropped a sample \(text_only\)"):
+        batches = list(dm.val_dataloader())
+    assert [i for b in batches for i in b["ids"]] == ["ok-jpg", "multi-png"]
+    assert _total_counts(batches) == {"skipped": 0, "too_long": 0, "text_only": 1}
+
+
+def test_multi_turn_record_is_preprocessed_as_llava_1_5(shards, tiny_model_dir):
+    """Image first in its turn, every answer supervised, pixels square at the processor's size."""
+    out, records = shards
+    dm = _dm(tiny_model_dir, f"{out}/shard-000000.tar", eval_batch_size=4)
+    batch = next(iter(dm.val_dataloader()))
+    row = batch["ids"].index(records[0]["id"])  # record 0 is multi-turn, <image> after its question
+    tok = dm.processor.tokenizer
+    start, end = batch["image_span"][row].tolist()
+    ids = batch["input_ids"][row].tolist()
+    assert tok.convert_ids_to_tokens(ids[start - 2 : start]) == ["USER", ":"]
+    assert tok.convert_ids_to_tokens(ids[end : end + 3]) == ["what", "color", "is"]
+    labels = batch["labels"][row].tolist()
+    supervised = tok.convert_ids_to_tokens([i for i, l in zip(ids, labels) if l != IGNORE_INDEX])
+    assert supervised == ["red", "</s>", "two", "</s>", "there", "are", "two", "shapes", ".", "</s>"]
+    assert batch["pixel_values"].shape[1:] == (3, 96, 96)
+
+
+def test_a_stream_of_nothing_but_errors_fails_instead_of_spinning(tmp_path, tiny_model_dir):
+    (tmp_path / "shard-000000.tar").write_bytes(b"this is not a tar file" * 100)
+    dm = _dm(tiny_model_dir, f"{tmp_path}/shard-000000.tar")
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="in a row gave nothing"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_llava_shards_config_streams_converted_shards(shards, tiny_model_dir, tmp_path):
+    out, _ = shards
+    cfg = compose("train", [
+        "data=llava_shards", f"model.pretrained={tiny_model_dir}",
+        f"data.train_urls='{out}/shard-{{000000..000002}}.tar'",  # Hydra needs braces quoted
+        f"data.val_urls={out}/shard-000003.tar",
+        "data.num_workers=0", "data.batch_size=2", "data.eval_batch_size=4",
+    ], output_dir=tmp_path)
+    assert cfg.data.test_urls == cfg.data.val_urls and cfg.data.max_length == 2048
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 2 and set(batch["data_counts"]) == set(COUNT_KEYS)
+    assert sum(len(b["ids"]) for b in dm.test_dataloader()) == 4
+
+
+def test_training_stream_pickles_for_spawned_workers_and_keeps_one_counter(shards, tiny_model_dir):
+    import pickle
+
+    from dllava.data.reader import BatchWithCounts, ReadShards
+
+    out, _ = shards
+    dataset = _dm(tiny_model_dir, f"{out}/shard-*.tar").train_dataloader().pipeline[0].dataset
+    restored = pickle.loads(pickle.dumps(dataset))
+    stages = {type(s): s for s in restored.pipeline}
+    assert stages[ReadShards].counts is stages[BatchWithCounts].counts
+    assert len(next(iter(restored))["ids"]) == 2
+
+
+def test_warnings_stop_after_a_few_per_kind_but_counting_goes_on():
+    import warnings
+
+    from dllava.data.reader import WARNINGS_PER_KIND, DataCounts, TextOnlySample
+
+    counts = DataCounts()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in range(WARNINGS_PER_KIND + 5):
+            counts(TextOnlySample(f"sample {n}"))
+            counts.good()
+    assert len(caught) == WARNINGS_PER_KIND and "only counted" in str(caught[-1].message)
+    assert counts.take() == {"skipped": 0, "too_long": 0, "text_only": WARNINGS_PER_KIND + 5}
+    assert counts.take() == {"skipped": 0, "too_long": 0, "text_only": 0}
+
+
+def test_max_length_that_leaves_no_room_past_the_image_fails_at_setup(shards, tiny_model_dir):
+    out, _ = shards
+    with pytest.raises(ValueError, match=r"data.max_length must exceed \d+ \(system prompt \+ 64 image tokens"):
+        _dm(tiny_model_dir, f"{out}/shard-*.tar", max_length=64)
