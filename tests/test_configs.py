@@ -4,11 +4,12 @@ from pathlib import Path
 
 import hydra
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from tests.helpers import CONF, compose
 
-GROUPS = ["model", "data", "sparsity", "stage", "trainer", "logger", "callbacks", "experiment", "debug"]
+GROUPS = ["model", "data", "sparsity", "stage", "trainer", "logger", "callbacks", "experiment", "debug", "hparams_search"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -20,11 +21,79 @@ def test_every_group_option_composes_and_resolves(group, option, tmp_path):
     assert container["module"]["model"] == container["model"]
 
 
-@pytest.mark.parametrize("option", [p.stem for p in sorted((CONF / "trainer").glob("*.yaml"))])
+GPU_ONLY_TRAINERS = {"fsdp"}  # Lightning refuses FSDPStrategy on CPU
+
+
+@pytest.mark.parametrize("option", [p.stem for p in sorted((CONF / "trainer").glob("*.yaml")) if p.stem not in GPU_ONLY_TRAINERS])
 def test_trainer_options_instantiate(option, tmp_path):
     cfg = compose("train", [f"trainer={option}", "trainer.accelerator=cpu"], output_dir=tmp_path)
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
     assert trainer.max_steps == cfg.trainer.max_steps
+    assert type(trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
+
+
+def test_fsdp_trainer_composes_and_its_strategy_instantiates_on_cpu(tmp_path):
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from dllava.training.strategies import FSDPStrategy
+
+    cfg = compose("train", ["experiment=paper_7b", "trainer=fsdp", "trainer.devices=4", "trainer.num_nodes=2"], output_dir=tmp_path)
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.num_nodes == 2
+    assert cfg.trainer.accumulate_grad_batches == 1  # the paper's global batch 64 = 8 x 4 GPUs x 2 nodes
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert isinstance(strategy.kwargs["auto_wrap_policy"], ModuleWrapPolicy)
+    assert set(strategy.kwargs["auto_wrap_policy"]._module_classes) == {LlamaDecoderLayer, CLIPEncoderLayer}
+    assert set(strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes) == {LlamaDecoderLayer}
+    assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD and strategy._state_dict_type == "sharded"
+    assert strategy.kwargs["use_orig_params"] is True  # per-part learning rates by parameter name
+    from dllava.training.sharding import materialize_empty
+
+    assert strategy.kwargs["sync_module_states"] and strategy.kwargs["param_init_fn"] is materialize_empty
+    # the whole trainer instantiates too (GPU-less here, so on the CPU accelerator; fit needs GPUs)
+    trainer = hydra.utils.instantiate(cfg.trainer, accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert trainer.strategy is not strategy and isinstance(trainer.strategy, FSDPStrategy)
+    assert isinstance(trainer.precision_plugin, FSDPPrecision)
+    assert trainer.precision_plugin.mixed_precision_config.param_dtype == torch.bfloat16  # compute in bf16
+    assert trainer.num_nodes == 2
+
+
+def test_fsdp2_trainer_instantiates_on_two_cpu_processes(tmp_path):
+    from dllava.training.strategies import FSDP2Strategy
+
+    cfg = compose("train", ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2"], output_dir=tmp_path)
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+    assert isinstance(trainer.strategy, FSDP2Strategy) and trainer.num_devices == 2
+
+
+def test_slurm_launcher_takes_its_size_from_the_trainer(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    overrides = ["hydra/launcher=slurm", "trainer=fsdp", "trainer.devices=8", "trainer.num_nodes=2"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 8, 8)
+    assert launcher["max_num_timeout"] >= 1  # preempted or timed-out jobs are requeued
+
+
+def test_keep_sweep_is_a_multirun_over_keep_ratios(tmp_path):
+    cfg = compose("train", ["hparams_search=keep_sweep"], output_dir=tmp_path)
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    assert str(hc.mode) == "RunMode.MULTIRUN" and "keep_sweep_" in hc.sweep.dir
+    assert hc.sweeper.params["sparsity.keep"] == "0.2,0.35,0.5"
+    assert "sweep_summary" in hc.callbacks
 
 
 @pytest.mark.parametrize("option", ["wandb", "csv"])
@@ -44,6 +113,8 @@ def test_default_callbacks_instantiate(tmp_path):
     callbacks = instantiate_group(cfg.callbacks)
     names = {type(c).__name__ for c in callbacks}
     assert {"ModelCheckpoint", "TQDMProgressBar", "ModelSummary"} <= names
+    last = [c for c in callbacks if type(c).__name__ == "ModelCheckpoint" and c.monitor is None]
+    assert len(last) == 1 and last[0].filename == "last"  # what ckpt_path=last resumes from
 
 
 def test_root_dir_points_at_the_checkout(tmp_path):

@@ -1,6 +1,9 @@
 """End-to-end runs of train.py's train(): fast_dev_run, a short run that learns, summary.json, W&B."""
 
+import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -74,22 +77,138 @@ def test_wandb_offline_run_files_hold_logged_metrics(tiny_model_dir, synthetic_d
     assert logged and logged[-1] == pytest.approx(float(metrics["val/loss"]), rel=1e-6)
 
 
-@pytest.mark.slow
-def test_multirun_sweep_gives_each_job_its_own_dir_and_summary(tiny_model_dir, synthetic_dir, tmp_path):
+def _wandb_run_record(run_file: Path):
+    """The run record (id, group) of an offline ``run-<id>.wandb`` file (see helpers.read_wandb_history)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, chunks = Path(run_file).read_bytes(), 7, 32768, []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunks.append(data[pos + 7 : pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            if record.WhichOneof("record_type") == "run":
+                return record.run
+    raise AssertionError(f"no run record in {run_file}")
+
+
+def _end_processes_tagged(tag: str, timeout: float = 30.0) -> None:
+    """SIGKILL the leftovers of a crashed test subprocess: processes whose environment carries ``tag``
+    (only descendants of that subprocess inherit it), then wait until they are gone."""
+    import time
+
+    def tagged() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if f"DLLAVA_TEST_CRASH={tag}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                        found.append(int(entry.name))
+                except OSError:
+                    continue
+        return found
+
+    deadline = time.monotonic() + timeout
+    while (pids := tagged()) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+
+
+def _sweep(tmp_path, values, *extra, env=None):
     sweep_dir = tmp_path / "sweep"
     cmd = [
-        sys.executable, str(ROOT / "train.py"), "-m", "optim.lr=1e-4,1e-3",
-        *_overrides(tiny_model_dir, synthetic_dir, "logger=csv", "trainer.max_steps=2", "data.epoch_samples=16",
-                    "test=false", "trainer.enable_progress_bar=false"),
-        f"hydra.sweep.dir={sweep_dir}",
+        sys.executable, str(ROOT / "train.py"), "-m", f"sparsity.keep={values}",
+        *extra, f"hydra.sweep.dir={sweep_dir}",
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, **(env or {})})
+    rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open())) if (sweep_dir / "sweep_summary.csv").exists() else None
+    return result, sweep_dir, rows
+
+
+@pytest.mark.slow
+def test_keep_ratio_sweep_gives_each_job_a_dir_a_wandb_run_in_one_group_and_a_summary_row(tiny_model_dir, synthetic_dir, tmp_path):
+    result, sweep_dir, rows = _sweep(
+        tmp_path, "0.25,0.5",
+        *_overrides(tiny_model_dir, synthetic_dir, "logger=wandb", "trainer.max_steps=2", "data.epoch_samples=16",
+                    "test=false", "trainer.enable_progress_bar=false", "module.max_new_tokens=1",
+                    "+trainer.limit_val_batches=1"),
+        env={"WANDB_MODE": "offline"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = sorted(sweep_dir.glob("*/summary.json"))
     assert [p.parent.name for p in summaries] == ["0", "1"]
-    for path, lr in zip(summaries, ("optim.lr=0.0001", "optim.lr=0.001")):
-        assert lr in (path.parent / ".hydra" / "overrides.yaml").read_text()
+    runs = []
+    for path, keep in zip(summaries, ("sparsity.keep=0.25", "sparsity.keep=0.5")):
+        assert keep in (path.parent / ".hydra" / "overrides.yaml").read_text()
         assert "val/loss" in json.loads(path.read_text())["metrics"]
+        (run_file,) = path.parent.glob("wandb/offline-run-*/run-*.wandb")
+        runs.append(_wandb_run_record(run_file))
+    assert runs[0].run_id != runs[1].run_id  # one W&B run per job ...
+    assert runs[0].run_group == runs[1].run_group == "train-sweep"  # ... grouped by the sweep
+    assert [r["job"] for r in rows] == ["0", "1"] and [r["status"] for r in rows] == ["completed"] * 2
+    assert "sparsity.keep=0.25" in rows[0]["overrides"] and "sparsity.keep=0.5" in rows[1]["overrides"]
+    assert all(float(r["val/loss"]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_a_failing_sweep_job_does_not_stop_the_others_and_its_row_says_failed(tiny_model_dir, synthetic_dir, tmp_path):
+    result, sweep_dir, rows = _sweep(tmp_path, "1.5,0.5", *_overrides(tiny_model_dir, synthetic_dir, "debug=fdr"))
+    assert result.returncode != 0  # the sweep reports the failure ...
+    assert "1 of 2 sweep jobs failed" in result.stderr
+    assert [r["status"] for r in rows] == ["failed", "completed"]  # ... after running every job
+    assert "sparsity.keep" in rows[0]["error"] and rows[1]["error"] == ""
+    assert json.loads((sweep_dir / "0" / "summary.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tiny_model_dir, synthetic_dir, tmp_path):
+    """The second write of last.ckpt (end of epoch 2) dies halfway; epoch 1's last.ckpt still loads,
+    and ckpt_path=last in the same run dir resumes from it into the same W&B run."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        *(o for o in _overrides(tiny_model_dir, synthetic_dir) if o != "callbacks=none"),  # default callbacks
+        "callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_progress_bar=false",
+        "trainer.max_steps=4", "data.epoch_samples=16", "test=false", "logger=wandb", "module.max_new_tokens=1",
+        "+trainer.limit_val_batches=1",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    tag = f"{os.getpid()}-{id(tmp_path)}"
+    killed = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *overrides,
+         "trainer.plugins=[{_target_: tests.training.probes.KilledDuringSecondLastWrite}]"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**env, "DLLAVA_TEST_CRASH": tag},
+    )
+    _, stderr = killed.communicate(timeout=300)
+    _end_processes_tagged(tag)  # the crashed job's W&B service (its own session) would hold the run id
+    assert killed.returncode == -9, stderr[-3000:]
+    ckpts = run_dir / "checkpoints"
+    assert any(p.name.startswith(".last.ckpt.") for p in ckpts.iterdir())  # the half-written file
+    previous = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert previous["global_step"] == 2
+    wandb_id = previous["dllava_run"]["wandb_id"]
+    assert wandb_id
+
+    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, "ckpt_path=last"],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert final["global_step"] == 4 and final["dllava_run"]["wandb_id"] == wandb_id
+    run_dirs = sorted(run_dir.glob("wandb/offline-run-*"))  # offline-run-<time>-<run id>
+    assert len(run_dirs) == 2 and {d.name.rsplit("-", 1)[1] for d in run_dirs} == {wandb_id}
+    assert _wandb_run_record(next(run_dirs[1].glob("run-*.wandb"))).run_id == wandb_id
 
 
 @pytest.mark.slow

@@ -47,7 +47,9 @@ class DynamicOutput:
     logits: torch.Tensor
     lm_loss: torch.Tensor | None = None
     image_keep: torch.Tensor | None = None  # (B, n_image) 0/1 decisions
-    vision_keep: torch.Tensor | None = None  # (B,)
+    vision_keep: torch.Tensor | None = None  # (B,) realised by the decisions this mode applies
+    vision_keep_threshold: torch.Tensor | None = None  # (B,) share whose keep logit wins
+    vision_keep_expected: torch.Tensor | None = None  # (B,) mean keep probability
     text_keep: torch.Tensor | None = None  # (B,)
     text_eligible: torch.Tensor | None = None  # (B,) bool
     budget_loss_vision: torch.Tensor | None = None
@@ -148,8 +150,8 @@ class DynamicLlava(nn.Module):
         """Gated forward over the whole sequence.
 
         ``mode``: ``train`` samples Gumbel decisions for image tokens and for final answers of at least
-        ``text_min_len`` tokens (``answer_span`` (B, 2)); ``eval`` thresholds the same logits;
-        ``generate`` keeps the top ``int(n_image * keep)`` image tokens and thresholds every token from
+        ``text_min_len`` tokens (``answer_span`` (B, 2)); ``eval`` applies the inference policy to the
+        same tokens: top ``int(n_image * keep)`` image tokens, thresholded text; ``generate`` keeps the top ``int(n_image * keep)`` image tokens and thresholds every token from
         ``generated_from`` on; ``all`` keeps everything (the gated path with G = 1). Without sparsity
         this is the plain HF forward.
         """
@@ -214,19 +216,22 @@ class DynamicLlava(nn.Module):
             logits = self.image_predictor(hidden[image_mask].view(batch, per_sample, -1))
             if mode == "train":
                 kept = gumbel_keep(logits, tau)
-            elif mode == "eval":
-                kept = threshold_keep(logits)
-            elif mode == "generate":
+            elif mode in ("eval", "generate"):
                 kept = topk_keep(logits, self.sparsity.keep if keep is None else keep)
             else:
                 kept = torch.ones_like(logits[..., 0])
             policy = policy.masked_scatter(image_mask, kept.float())
             out.image_keep = kept
             out.vision_keep = keep_ratio(kept)
+            with torch.no_grad():
+                out.vision_keep_threshold = keep_ratio(threshold_keep(logits))
+                out.vision_keep_expected = logits.float().softmax(-1)[..., 0].mean(-1)
             out.budget_loss_vision = budget_loss(out.vision_keep, self.sparsity.keep)
         if self.text_predictor is not None:
             text_mask, eligible = self._text_positions(attention_mask, answer_span, mode, generated_from)
-            if text_mask is not None and text_mask.any():
+            # In training the predictor also runs when no answer is eligible (its budget term is then 0):
+            # FSDP reduce-scatters only gradients that exist, so every rank must reach the same parameters.
+            if text_mask is not None and (mode == "train" or text_mask.any()):
                 logits = self.text_predictor(hidden)
                 kept = gumbel_keep(logits, tau) if mode == "train" else threshold_keep(logits)
                 if mode == "all":

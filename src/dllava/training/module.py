@@ -4,7 +4,12 @@
 and Dynamic-LLaVA (:class:`dllava.sparse.model.DynamicLlava`: LM loss + lambda x budget losses, Gumbel
 decisions at the temperature set by :class:`dllava.training.callbacks.GumbelTauSchedule`). ``trainable``
 names the parts that learn (``stage=`` presets). The model is created in ``configure_model`` (not
-``__init__``) so sharded strategies can build it under their init context.
+``__init__``) so sharded strategies can build it under their init context; under ``trainer=fsdp2`` it
+is then sharded with FSDP2 (:mod:`dllava.training.sharding`) before the optimizer is built.
+
+Resumability: a step's randomness (the Gumbel noise) is seeded from (seed, optimizer step, micro-batch,
+rank), the temperature follows the global step, and checkpoints carry the W&B run id, so a run
+resumed from a checkpoint continues the uninterrupted run's trajectory and its W&B run.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from dllava.metrics.answers import exact_match
 from dllava.model.loading import ModelSource, load_llava, load_processor
 from dllava.sparse.config import SparsityConfig
 from dllava.sparse.model import PREDICTORS_FILE, DynamicLlava
+from dllava.training.sharding import empty_llava, is_sharded, shard_fsdp2
+from dllava.utils.run import RUN_KEY
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +90,21 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-SPARSE_METRICS = ("lm_loss", "budget_loss_vision", "budget_loss_text", "vision_keep", "text_keep")
+# vision_keep is realised by the decisions applied (Gumbel samples in training, the inference top-k in
+# val/test); vision_keep_threshold is the share the predictor itself keeps (keep logit wins) and
+# vision_keep_expected its mean keep probability, which the budget loss trains in expectation.
+def step_seed(base: int, step: int, micro_batch: int, rank: int) -> int:
+    """The RNG seed of one training micro-batch: a pure function of its position in the run."""
+    seed = base % (2**61 - 1)
+    for part in (step, micro_batch, rank):
+        seed = (seed * 1_000_003 + part + 1) % (2**61 - 1)
+    return seed
+
+
+SPARSE_METRICS = (
+    "lm_loss", "budget_loss_vision", "budget_loss_text", "vision_keep", "vision_keep_threshold",
+    "vision_keep_expected", "text_keep",
+)
 
 
 class LlavaLitModule(L.LightningModule):
@@ -133,6 +154,8 @@ class LlavaLitModule(L.LightningModule):
         )
         self.val_acc_best = MaxMetric()
         self._step_started = 0.0
+        self._base_seed = 0
+        self._sharded: bool | None = None
 
     # -- model -----------------------------------------------------------------------------------
     @property
@@ -143,10 +166,16 @@ class LlavaLitModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        llava = load_llava(self.source).train()  # from_pretrained returns eval mode
+        # trainer=fsdp (sync_module_states): only rank 0 loads the weights; the others build an empty
+        # (meta) model that FSDP materialises and fills from rank 0's while sharding it
+        receives_weights = self._trainer is not None and self.global_rank != 0 and bool(
+            getattr(self.trainer.strategy, "kwargs", {}).get("sync_module_states")
+        )
+        llava = (empty_llava(self.source) if receives_weights else load_llava(self.source)).train()
         self.model = DynamicLlava(llava, self.sparsity, self.predictor_sizes)
         pretrained = Path(self.source.pretrained) if self.source.pretrained else None
-        if self.sparsity.enabled and pretrained is not None and (pretrained / PREDICTORS_FILE).is_file():
+        saved_predictors = pretrained is not None and (pretrained / PREDICTORS_FILE).is_file()
+        if self.sparsity.enabled and saved_predictors and not receives_weights:
             self.model.load_predictors(pretrained)
             log.info("loaded trained predictors from %s", pretrained)
         for name, param in self.model.named_parameters():
@@ -155,6 +184,11 @@ class LlavaLitModule(L.LightningModule):
             llava.model.vision_tower.eval()
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(f"module.trainable={list(self.trainable)} leaves nothing to train in this model")
+        mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy (trainer=fsdp2)
+        if mesh is not None:
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            checkpointing = bool(getattr(strategy, "activation_checkpointing", False))
+            shard_fsdp2(self.model, mesh["data_parallel"], activation_checkpointing=checkpointing)
         if self.source.pretrained is not None:
             try:  # decodes generated answers; without a tokenizer only the loss is scored
                 self.tokenizer = load_processor(self.source.pretrained).tokenizer
@@ -188,8 +222,9 @@ class LlavaLitModule(L.LightningModule):
         for name in ("budget_loss_vision", "budget_loss_text"):
             if getattr(out, name) is not None:
                 found[name] = getattr(out, name)
-        if out.vision_keep is not None:
-            found["vision_keep"] = out.vision_keep.mean()
+        for name in ("vision_keep", "vision_keep_threshold", "vision_keep_expected"):
+            if getattr(out, name) is not None:
+                found[name] = getattr(out, name).mean()
         if out.text_keep is not None and out.text_eligible is not None and bool(out.text_eligible.any()):
             found["text_keep"] = out.text_keep[out.text_eligible].mean()
         return {k: v.detach().float() for k, v in found.items()}
@@ -199,8 +234,14 @@ class LlavaLitModule(L.LightningModule):
         return next(self.llava.parameters()).dtype
 
     # -- training --------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        # seed_everything (train.py) and the strategies' reset_seed set this identically on every
+        # process and again on resume; without cfg.seed it is random and runs are not reproducible
+        self._base_seed = torch.initial_seed()
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
+        torch.manual_seed(step_seed(self._base_seed, self.trainer.global_step, batch_idx, self.global_rank))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self(batch, mode="train")
@@ -209,6 +250,10 @@ class LlavaLitModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in self.sparse_metrics(out).items():
             self.log(f"train/{name}", value, prog_bar=name == "vision_keep", batch_size=batch_size)
+        # Samples the loader dropped since its previous batch (corrupt, too long, text-only), summed
+        # over batches, workers and ranks into per-epoch totals (dllava.data.reader).
+        for name, value in batch.get("data_counts", {}).items():
+            self.log(f"data/{name}", float(value), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
@@ -230,7 +275,15 @@ class LlavaLitModule(L.LightningModule):
         ]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.parameter_groups(), betas=self.optim.betas, eps=self.optim.eps)
+        groups = self.parameter_groups()
+        low = sorted({str(p.dtype) for g in groups for p in g["params"] if p.dtype != torch.float32})
+        if low and "mixed" in str(self.trainer.precision):
+            log.warning(
+                "trainable weights are %s under trainer.precision=%s: the optimizer then updates low-precision "
+                "weights, and small steps (lr 5e-6) are rounded away. Set model.dtype=float32 (fp32 master "
+                "weights; bf16-mixed still computes in bf16).", ", ".join(low), self.trainer.precision,
+            )
+        optimizer = torch.optim.AdamW(groups, betas=self.optim.betas, eps=self.optim.eps)
         total = int(self.trainer.estimated_stepping_batches)
         if not 0 < total < 10**9:
             raise ValueError("trainer.max_steps must be set: the cosine schedule needs the number of steps")
@@ -270,6 +323,13 @@ class LlavaLitModule(L.LightningModule):
             if kind_metric in metrics:
                 metrics[kind_metric].update(hit)
 
+    @property
+    def sharded(self) -> bool:
+        """Parameters are sharded over several processes (FSDP): every rank must run the same forwards."""
+        if self._sharded is None:
+            self._sharded = self._trainer is not None and self.trainer.world_size > 1 and is_sharded(self.model)
+        return self._sharded
+
     @torch.no_grad()
     def generate_answers(self, batch: dict[str, Any], rows: Sequence[int]) -> list[str]:
         """Greedy answers for the selected rows of ``batch`` (left-padded generation prompts)."""
@@ -277,32 +337,63 @@ class LlavaLitModule(L.LightningModule):
         prompt_ids = batch["prompt_ids"].index_select(0, index)
         prompt_mask = batch["prompt_mask"].index_select(0, index)
         pixel_values = batch["pixel_values"].index_select(0, index).to(self.dtype_of_model)
-        ids = {"pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         if self.sparsity.enabled:  # top-k image tokens, thresholded generated tokens (no KV cache)
-            new_tokens, _ = self.model.generate_greedy(prompt_ids, prompt_mask, pixel_values, self.max_new_tokens, **ids)
+            # Sharded: a rank that stopped early at EOS would leave the others waiting in an all-gather,
+            # so every rank decodes max_new_tokens (EOS id -1 never matches) and cuts at EOS afterwards.
+            new_tokens, _ = self.model.generate_greedy(
+                prompt_ids, prompt_mask, pixel_values, self.max_new_tokens,
+                eos_token_id=-1 if self.sharded else eos, pad_token_id=pad,
+            )
+            if self.sharded:
+                new_tokens = cut_after_eos(new_tokens, eos, pad)
         else:
             output = self.llava.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, pixel_values=pixel_values,
-                max_new_tokens=self.max_new_tokens, do_sample=False, **ids,
+                max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos,
+                synced_gpus=self.sharded,
             )
             new_tokens = output[:, prompt_ids.shape[1] :]
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
-    def _log_eval(self, split: str) -> None:
+    def _updated_on_any_rank(self, split: str) -> dict[str, bool]:
+        """Which metrics some rank updated. ``compute`` syncs across ranks, so every rank must call it
+        for the same metrics, including one whose answer kind never reached this rank's batches."""
+        metrics = self.eval_metrics[split]
+        flags = torch.tensor([float(m.update_called) for m in metrics.values()], device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flags = self.trainer.strategy.reduce(flags, reduce_op="max")
+        return {name: bool(flag) for name, flag in zip(metrics.keys(), flags.tolist())}
+
+    def _log_eval(self, split: str, updated: dict[str, bool] | None = None) -> None:
+        updated = self._updated_on_any_rank(split) if updated is None else updated
         for name, metric in self.eval_metrics[split].items():
-            if metric.update_called:
+            if updated[name]:
                 self.log(f"{split}/{name}", metric.compute(), sync_dist=False)
             metric.reset()
 
     def on_validation_epoch_end(self) -> None:
-        acc = self.eval_metrics["val"]["answer_acc"]
-        if acc.update_called:
-            self.val_acc_best(acc.compute())
+        updated = self._updated_on_any_rank("val")
+        if updated["answer_acc"]:
+            self.val_acc_best(self.eval_metrics["val"]["answer_acc"].compute())
             self.log("val/answer_acc_best", self.val_acc_best.compute())
-        self._log_eval("val")
+        self._log_eval("val", updated)
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        wandb_ids = [logger.version for logger in self.loggers if isinstance(logger, WandbLogger)]
+        checkpoint[RUN_KEY] = {"wandb_id": wandb_ids[0] if wandb_ids and wandb_ids[0] else None}
+
     def hparams_dict(self) -> dict[str, Any]:
         return {"model": self.source.to_dict(), "optim": asdict(self.optim), "sparsity": self.sparsity.to_dict()}
+
+
+def cut_after_eos(tokens: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Replace every token after a row's first EOS with padding (what early stopping would produce)."""
+    is_eos = (tokens == eos_token_id).long()
+    after = (is_eos.cumsum(-1) - is_eos) > 0
+    return tokens.masked_fill(after, pad_token_id)

@@ -26,6 +26,24 @@ def grad_accum(global_batch: int, per_device: int, devices: Any, num_nodes: int 
     return int(global_batch) // replicas
 
 
+def sweep_group(task_name: str) -> str | None:
+    """W&B group of a multirun job: ``<task_name>-<sweep dir name>``, shared by all jobs of the sweep;
+    None (no group) in a single run. Used as ``group: ${sweep_group:${task_name}}``."""
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return f"{task_name}-{Path(hc.sweep.dir).name}"
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("grad_accum"):
         OmegaConf.register_new_resolver("grad_accum", grad_accum)
+    if not OmegaConf.has_resolver("sweep_group"):
+        OmegaConf.register_new_resolver("sweep_group", sweep_group)

@@ -1,0 +1,119 @@
+"""FSDP2 (``fully_shard``) for a DynamicLlava, and the helpers sharded training needs around it.
+
+Units: every CLIP encoder layer and every Llama decoder layer is its own FSDP unit (all-gathered just
+before its forward, freed after); everything else (embeddings, projector, final norm, LM head and the
+predictors) is the root unit. Parameters become ``DTensor`` s sharded over the data-parallel mesh, and
+the optimizer built afterwards (``configure_optimizers`` runs after ``configure_model``) holds shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The Llama decoder layers of a DynamicLlava (``llava.model.language_model.layers``)."""
+    return model.llava.model.language_model.layers
+
+
+def vision_layers(model: nn.Module) -> nn.ModuleList:
+    """The CLIP encoder layers of a DynamicLlava's vision tower."""
+    tower = model.llava.model.vision_tower
+    return getattr(tower, "vision_model", tower).encoder.layers
+
+
+def empty_llava(source: Any) -> nn.Module:
+    """The LLaVA of ``source`` (a ``ModelSource``) on the meta device: shapes and dtype, no memory.
+
+    Under ``trainer=fsdp`` every rank but 0 builds this; FSDP (``sync_module_states``) materialises it
+    on the rank's GPU (:func:`materialize_empty`) and broadcasts rank 0's weights, so only rank 0 holds
+    a full copy in host memory while the model is set up.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    from dllava.model.loading import load_config
+
+    config = load_config(source)
+    config._attn_implementation = source.attn_implementation
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(source.torch_dtype)
+    try:
+        with torch.device("meta"):
+            return LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def materialize_empty(module: nn.Module) -> None:
+    """FSDP ``param_init_fn``: allocate a meta module's own tensors on this rank's GPU (values follow
+    from rank 0 through ``sync_module_states``)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    module.to_empty(device=device, recurse=False)
+
+
+def shard_fsdp2(model: nn.Module, mesh: Any, activation_checkpointing: bool = False) -> nn.Module:
+    """Apply ``fully_shard`` in place: one unit per vision/decoder layer, then the root.
+
+    ``activation_checkpointing`` uses HF's own layer checkpointing on the decoder layers (non-reentrant;
+    it checkpoints ``forward`` so FSDP2's hooks stay outside the recomputation). Methods other than
+    ``forward`` that read root parameters (``generate_greedy``) are registered so FSDP2 gathers them.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if activation_checkpointing:
+        lm = model.llava.model.language_model
+        # transformers >= 5.23 names it activation_checkpointing_enable (the old name is deprecated)
+        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    for layer in list(vision_layers(model)) + list(decoder_layers(model)):
+        fully_shard(layer, mesh=mesh)
+    if getattr(model, "sparsity", None) is not None and model.sparsity.enabled:
+        fully_shard(model, mesh=mesh)
+        register_fsdp_forward_method(model, "generate_greedy")
+    else:  # dense: DynamicLlava.forward is the plain HF forward, and HF generate is called on llava
+        fully_shard(model.llava, mesh=mesh)
+        register_fsdp_forward_method(model.llava, "generate")
+    return model
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True when any parameter is a DTensor (FSDP2) or the module sits in an FSDP1 wrapper."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters()) or any(
+        type(m).__name__ == "FullyShardedDataParallel" for m in module.modules()
+    )
+
+
+def parameter_types(module: nn.Module) -> dict[str, str]:
+    """``{parameter name: "DTensor" or "Tensor"}``, for checks and reports."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: "DTensor" if isinstance(p, DTensor) else "Tensor" for name, p in module.named_parameters()}
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on CPU (a collective: every rank must call it; rank 0 gets the tensors)."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain (unsharded, CPU) DynamicLlava with ``state`` (from :func:`full_state_dict`), for export."""
+    import copy
+
+    from transformers import LlavaForConditionalGeneration
+
+    from dllava.sparse.model import DynamicLlava
+
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(copy.deepcopy(model.llava.config))
+        plain = DynamicLlava(llava, model.sparsity, model.predictor_config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain

@@ -1,0 +1,170 @@
+"""Distributed strategies as config (``trainer=ddp|fsdp|fsdp2``) with crash-safe checkpoint writes.
+
+A checkpoint is written beside its final path under a hidden temporary name and renamed into place only
+once it is complete, so a run killed mid-write leaves the previous checkpoint at that path loadable:
+
+* files (one process, DDP, full-state FSDP) go through :class:`AtomicCheckpointIO`, plugged into every
+  trainer by ``conf/trainer/default.yaml``. Lightning's own ``TorchCheckpointIO`` serialises the whole
+  checkpoint into memory and moves it from the system temp dir, which is a copy (not a rename) when
+  that is another filesystem, as on most clusters;
+* sharded checkpoints (a directory written by every rank) go through :class:`FSDPStrategy` and
+  :class:`FSDP2Strategy`, which write ``.<name>.tmp/`` and swap it in with :func:`swap_directory`.
+
+Temporary names start with a dot, so ``ckpt_path=last`` (which matches ``last*.ckpt``) never picks one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Optional
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDPStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename: the directory entry itself must reach the disk, not only the file."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a temp file in the checkpoint's own directory, fsync, then ``os.replace``.
+
+    Local paths only (a URL, e.g. ``s3://``, falls back to Lightning's writer). Loading is Lightning's,
+    with ``weights_only`` as the trainer passes it (train.py passes True).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            with open(tmp, "wb") as handle:
+                self.write(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    def write(self, checkpoint: dict[str, Any], handle: IO[bytes]) -> None:
+        """Serialise ``checkpoint`` into the open temp file ``handle.name`` (a seam for crash tests)."""
+        torch.save(checkpoint, handle)
+
+
+def temporary_sibling(path: str | Path) -> Path:
+    """Where a checkpoint directory is written before :func:`swap_directory` moves it to ``path``."""
+    path = Path(path)
+    return path.parent / f".{path.name}.tmp"
+
+
+def swap_directory(tmp: Path, path: Path) -> None:
+    """Move the complete checkpoint ``tmp`` to ``path``, replacing what was there.
+
+    A directory cannot be renamed over a non-empty one, so the previous checkpoint is first renamed to
+    ``.<name>.old``; between the two renames (microseconds, no data written) ``path`` is briefly absent
+    and the previous checkpoint sits at ``.<name>.old``, which :func:`recover_directory` restores.
+    """
+    path = Path(path)
+    old = path.parent / f".{path.name}.old"
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if path.is_dir():
+        os.replace(path, old)
+    elif path.exists():
+        path.unlink()
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover_directory(path: str | Path) -> None:
+    """Undo a swap interrupted between its two renames; drop an unfinished temp dir."""
+    path = Path(path)
+    old = path.parent / f".{path.name}.old"
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+    tmp = temporary_sibling(path)
+    if tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _AtomicShardedSave:
+    """Mixin for Lightning strategies that write a directory from every rank (``save_checkpoint``).
+
+    All ranks write into the same temp directory (the parent's ``save_checkpoint`` broadcasts rank 0's
+    path), wait for each other, and rank 0 swaps it into place; then everyone waits again so no rank
+    reads or removes a checkpoint that is still moving.
+    """
+
+    def _writes_directory(self) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        if not self._writes_directory():
+            return super().save_checkpoint(checkpoint, filepath, storage_options)  # a file: AtomicCheckpointIO
+        path = Path(self.broadcast(str(filepath)))
+        tmp = temporary_sibling(path)
+        if self.global_rank == 0:
+            recover_directory(path)
+        self.barrier("dllava_ckpt_tmp_ready")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("dllava_ckpt_written")
+        if self.global_rank == 0:
+            swap_directory(tmp, path)
+        self.barrier("dllava_ckpt_swapped")
+
+
+class FSDPStrategy(_AtomicShardedSave, _LightningFSDPStrategy):
+    """Lightning's ``FSDPStrategy`` (GPU only) whose sharded checkpoints are written atomically."""
+
+    def _writes_directory(self) -> bool:
+        return self._state_dict_type == "sharded"
+
+
+class FSDP2Strategy(_AtomicShardedSave, ModelParallelStrategy):
+    """FSDP2 (``fully_shard``) over all processes: Lightning's ``ModelParallelStrategy`` with pure data
+    parallelism (``data_parallel_size = world size``, no tensor parallelism) and atomic sharded saves.
+
+    Runs on GPUs (NCCL) and on CPU (gloo). The LightningModule shards itself in ``configure_model``
+    (:func:`dllava.training.sharding.shard_fsdp2`) with the options held here:
+    ``activation_checkpointing`` recomputes every decoder layer in backward.
+    """
+
+    def __init__(self, activation_checkpointing: bool = False, save_distributed_checkpoint: bool = True, **kwargs: Any) -> None:
+        for key in ("data_parallel_size", "tensor_parallel_size"):
+            if key in kwargs:
+                raise TypeError(f"{type(self).__name__} shards over all processes; {key} is not configurable")
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.activation_checkpointing = activation_checkpointing
+
+    def setup_environment(self) -> None:
+        # world size is known only now (devices x num_nodes); 'auto' would mean one DP group per node
+        self._data_parallel_size = self.num_processes * self.num_nodes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def _writes_directory(self) -> bool:
+        return self._save_distributed_checkpoint

@@ -1,0 +1,96 @@
+"""FSDP2 sharding of a DynamicLlava, and the training pieces that must hold under sharding."""
+
+import pytest
+import torch
+
+from dllava.training.module import PARTS, cut_after_eos, part_of, step_seed
+
+
+@pytest.mark.parametrize(
+    "name, part",
+    [
+        # FSDP1 (use_orig_params) and activation checkpointing insert wrapper names mid-path
+        ("llava.model.language_model.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.mlp.up_proj.weight", "llm"),
+        ("llava.model.vision_tower.vision_model.encoder.layers.1._fsdp_wrapped_module.mlp.fc1.weight", "vision"),
+        ("llava.model.multi_modal_projector.linear_1.weight", "projector"),
+        ("image_predictor.blocks.0.mlp.0.weight", "predictors"),
+        ("text_predictor.head.0.bias", "predictors"),
+        ("llava.lm_head.weight", "llm"),
+    ],
+)
+def test_learning_rate_groups_follow_parameter_names_under_fsdp_wrappers(name, part):
+    assert part_of(name) == part
+    assert all(not prefix.startswith("_fsdp") for _, prefix in PARTS)
+
+
+def test_step_seed_depends_only_on_the_position_in_the_run():
+    seeds = {step_seed(1234, step, micro, rank) for step in range(4) for micro in range(2) for rank in range(2)}
+    assert len(seeds) == 16  # every micro-batch on every rank draws its own noise
+    assert step_seed(1234, 3, 1, 0) == step_seed(1234, 3, 1, 0)
+    assert step_seed(1234, 3, 1, 0) != step_seed(1235, 3, 1, 0)
+
+
+def test_cut_after_eos_pads_what_early_stopping_would_not_have_generated():
+    tokens = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
+    assert cut_after_eos(tokens, eos_token_id=2, pad_token_id=0).tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
+
+
+@pytest.fixture
+def gloo_world_of_one(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["dynamic", "dense"])
+def test_shard_fsdp2_makes_every_parameter_a_dtensor_and_keeps_training_and_generation(tiny_model_dir, gloo_world_of_one, sparse):
+    from dllava.model.loading import load_llava
+    from dllava.sparse.model import DynamicLlava
+    from dllava.training.sharding import is_sharded, parameter_types, shard_fsdp2
+
+    torch.manual_seed(0)
+    llava = load_llava({"pretrained": str(tiny_model_dir)}).train()
+    sparsity = {"vision": sparse, "text": sparse, "text_min_len": 2}
+    model = DynamicLlava(llava, sparsity, {"d_model": 16, "heads": 2, "ff": 32, "layers": 1} if sparse else None)
+    for name, param in model.named_parameters():  # as stage=sparsify: CLIP frozen
+        param.requires_grad_(part_of(name) != "vision")
+    config = llava.config
+    n_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    ids = torch.randint(3, 60, (2, n_image + 12))
+    ids[:, 1 : 1 + n_image] = config.image_token_id
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids,
+                 pixel_values=torch.randn(2, 3, config.vision_config.image_size, config.vision_config.image_size))
+    span = torch.tensor([[n_image + 4, n_image + 12]] * 2)
+    reference = model(**batch, answer_span=span, mode="eval").lm_loss.item()
+
+    shard_fsdp2(model, gloo_world_of_one, activation_checkpointing=True)
+    assert is_sharded(model) and set(parameter_types(model).values()) == {"DTensor"}
+    assert model(**batch, answer_span=span, mode="eval").lm_loss.item() == pytest.approx(reference, abs=1e-5)
+
+    out = model(**batch, answer_span=span, mode="train", tau=1.0)
+    out.lm_loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    if sparse:
+        assert any(n.startswith("text_predictor.") for n in grads)  # used even if no answer is eligible
+        new, _ = model.generate_greedy(ids[:, : n_image + 4], torch.ones_like(ids[:, : n_image + 4]),
+                                       batch["pixel_values"], 2, eos_token_id=-1, pad_token_id=0)
+    else:
+        new = model.llava.generate(input_ids=ids[:, : n_image + 4], pixel_values=batch["pixel_values"],
+                                   max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert new.shape[0] == 2 and new.shape[-1] >= 2
+
+
+def test_ranks_receiving_fsdp_weights_build_an_empty_model_of_the_same_shape(tiny_model_dir):
+    from dllava.model.loading import ModelSource, load_llava
+    from dllava.training.sharding import empty_llava
+
+    source = ModelSource(pretrained=str(tiny_model_dir))
+    loaded, empty = load_llava(source).state_dict(), empty_llava(source).state_dict()
+    assert loaded.keys() == empty.keys()
+    assert all(empty[k].is_meta and empty[k].shape == loaded[k].shape and empty[k].dtype == loaded[k].dtype for k in loaded)

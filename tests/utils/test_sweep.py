@@ -1,0 +1,51 @@
+"""sweep_summary.csv: one row per job, failed jobs included."""
+
+import csv
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from dllava.utils.sweep import SweepFailed, SweepSummary, main, write_sweep_summary
+
+
+def _job(sweep, num, overrides, summary=None):
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
+    if summary is not None:
+        (job / "summary.json").write_text(json.dumps({"overrides": overrides, **summary}))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    _job(tmp_path, 0, ["sparsity.keep=0.25"], {"status": "completed", "metrics": {"val/loss": 1.5}, "ckpt_path": "a"})
+    _job(tmp_path, 1, ["sparsity.keep=1.5"], {"status": "failed", "metrics": {}, "error": "ValueError: sparsity.keep"})
+    _job(tmp_path, 2, ["sparsity.keep=0.5"])  # died without a summary
+    _job(tmp_path, 10, ["sparsity.keep=0.75"], {"status": "completed", "metrics": {"val/loss": 1.2, "val/answer_acc": 0.5}})
+    return tmp_path
+
+
+def test_summary_has_one_row_per_job_in_job_order(sweep):
+    path, _ = write_sweep_summary(sweep)
+    rows = list(csv.DictReader(path.open()))
+    assert [r["job"] for r in rows] == ["0", "1", "2", "10"]
+    assert [r["status"] for r in rows] == ["completed", "failed", "failed", "completed"]
+    assert rows[0]["overrides"] == "sparsity.keep=0.25" and float(rows[0]["val/loss"]) == 1.5
+    assert rows[1]["error"] == "ValueError: sparsity.keep" and rows[1]["val/loss"] == ""
+    assert "no summary.json" in rows[2]["error"] and rows[2]["overrides"] == "sparsity.keep=0.5"
+    assert float(rows[3]["val/answer_acc"]) == 0.5
+
+
+def test_callback_writes_the_table_then_fails_the_sweep(sweep):
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    with pytest.raises(SweepFailed, match="2 of 4 sweep jobs failed"):
+        SweepSummary().on_multirun_end(config)
+    assert (sweep / "sweep_summary.csv").is_file()
+    SweepSummary(filename="table.csv", fail_on_job_failure=False).on_multirun_end(config)
+    assert (sweep / "table.csv").is_file()
+
+
+def test_cli_rebuilds_the_table(sweep, capsys):
+    main([str(sweep)])
+    assert "4 jobs, 2 failed" in capsys.readouterr().out
