@@ -75,6 +75,10 @@ def test_wandb_offline_run_files_hold_logged_metrics(tiny_model_dir, synthetic_d
     rows = read_wandb_history(run_files[0])
     logged = [r["val/loss"] for r in rows if "val/loss" in r]
     assert logged and logged[-1] == pytest.approx(float(metrics["val/loss"]), rel=1e-6)
+    # the kept-patch overlays of the first validation batch are logged as images
+    images = [r for r in rows if "val/kept_patches/filenames" in r]
+    assert images and images[0]["val/kept_patches/count"] == 1
+    assert list(run_files[0].parent.glob("files/media/images/val/kept_patches_*.png"))
 
 
 def _wandb_run_record(run_file: Path):

@@ -299,22 +299,45 @@ class LlavaLitModule(L.LightningModule):
         self.val_acc_best.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        out = self._eval_step(batch, "val")
+        if batch_idx == 0:
+            self.log_kept_patches(batch, out)
+
+    def log_kept_patches(self, batch: dict[str, Any], out: Any, count: int = 8) -> None:
+        """Kept (outlined) vs dropped (greyed) patches of the first validation batch, as the W&B image
+        ``val/kept_patches`` (PAPER.md's inference top-k, the decisions val metrics use)."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        from dllava.eval.overlay import kept_patch_panel
+
+        loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
+        if out.image_keep is None or not loggers or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        processor = getattr(getattr(self.trainer, "datamodule", None), "processor", None)
+        image_processor = getattr(processor, "image_processor", None)
+        stats = {}
+        if image_processor is not None and getattr(image_processor, "image_mean", None) is not None:
+            stats = {"mean": image_processor.image_mean, "std": image_processor.image_std}
+        panel = kept_patch_panel(
+            batch["pixel_values"][:count].float().cpu(), out.image_keep[:count].detach().cpu(),
+            captions=batch["questions"][:count], **stats,
+        )
+        loggers[0].log_image("val/kept_patches", [panel], step=self.global_step)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def _eval_step(self, batch: dict[str, Any], split: str) -> None:
+    def _eval_step(self, batch: dict[str, Any], split: str) -> Any:
         metrics = self.eval_metrics[split]
         out = self(batch, mode="eval")
         metrics["loss"].update(out.lm_loss)
         for name, value in self.sparse_metrics(out).items():
             metrics[name].update(value)
         if self.tokenizer is None:
-            return
+            return out
         selected = [i for i, k in enumerate(batch["kinds"]) if self.answer_kinds is None or k in self.answer_kinds]
         if not selected:
-            return
+            return out
         predictions = self.generate_answers(batch, selected)
         for i, prediction in zip(selected, predictions):
             hit = float(exact_match(prediction, batch["answers"][i]))
@@ -322,6 +345,7 @@ class LlavaLitModule(L.LightningModule):
             kind_metric = f"acc_{batch['kinds'][i]}"
             if kind_metric in metrics:
                 metrics[kind_metric].update(hit)
+        return out
 
     @property
     def sharded(self) -> bool:

@@ -1,0 +1,127 @@
+"""Evaluate a (Dynamic-)LLaVA checkpoint: `python eval.py ckpt_path=... [method=...] [sparsity.keep=...]`.
+
+Compose config -> load the checkpoint -> read the questions -> answer them with the sparse engine ->
+answers.jsonl (LLaVA's answer-file format), eval.json, kept-patch overlays and summary.json in the run
+dir. ``compare.enabled=true`` runs the equal-budget comparison (dynamic vs FastV vs random at every
+``compare.keeps``, plus dense) in one process instead. Everything else lives in src/dllava/eval.
+
+Examples:
+    python eval.py ckpt_path=logs/train/runs/<run>/hf                            # learned, trained keep
+    python eval.py ckpt_path=<run>/checkpoints/last.ckpt method=fastv sparsity.keep=0.2
+    python eval.py -m ckpt_path=<run>/hf method=dynamic,fastv,random sparsity.keep=0.1,0.2   # sweep_summary.csv
+    python eval.py ckpt_path=<run>/hf compare.enabled=true compare.dense_ckpt_path=<dense run>/checkpoints/last.ckpt
+    python eval.py ckpt_path=<llava dir> data.questions=llava_vqav2_mscoco_test-dev2015.jsonl \\
+        data.image_folder=<coco test2015> generation.max_new_tokens=128
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("DLLAVA_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from dllava.eval.answers import write_answer_file
+from dllava.eval.compare import plan_arms, run_comparison
+from dllava.eval.loading import load_for_eval
+from dllava.eval.overlay import kept_patch_overlay, pixels_to_image, tile
+from dllava.eval.questions import question_source
+from dllava.eval.runner import Arm, evaluate_arm, flat_metrics
+from dllava.utils.resolvers import register_resolvers
+from dllava.utils.run import task_wrapper, write_json_atomic, write_summary
+
+register_resolvers()
+
+log = logging.getLogger("eval")
+
+
+@task_wrapper
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the evaluation ``cfg`` describes; returns the flat metrics written to summary.json."""
+    out = Path(cfg.paths.output_dir)
+    loaded = load_for_eval(cfg.ckpt_path, cfg.device, cfg.dtype)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    questions = question_source(data, loaded.processor)
+    settings = dict(batch_size=data["batch_size"], max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.seed, progress=cfg.progress)
+    if cfg.compare.enabled:
+        metrics = compare(cfg, loaded, list(questions), out, settings)
+    else:
+        metrics = single(cfg, loaded, questions, out, settings)
+    write_summary(out, metrics, str(cfg.ckpt_path))
+    return metrics
+
+
+def single(cfg: DictConfig, loaded: Any, questions: Any, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    method = cfg.method.name
+    text = cfg.method.text
+    text = "off" if text is False else text  # YAML's bare `off`
+    keep = 1.0 if method == "dense" else float(cfg.sparsity.keep if cfg.sparsity.keep is not None else loaded.model.sparsity.keep)
+    arm = Arm(method, keep, text)
+    result = evaluate_arm(loaded, questions, arm, examples=cfg.overlays, model_id=cfg.model_id, **settings)
+    answers = write_answer_file(out / "answers.jsonl", result.records)
+    write_json_atomic(out / "eval.json", result.summary)
+    if result.examples:
+        write_overlays(result, out / "overlays")
+    s = result.summary
+    print(f"{loaded.name} {arm.label}: accuracy {s['accuracy']}, VQA accuracy {s['vqa_accuracy']} over {s['scored']} "
+          f"questions; kept {s['image_tokens_kept']:.1f}/{s['image_tokens']} image tokens; prefill "
+          f"{s['prefill_flops']:.4g} FLOPs ({s['prefill_flops_ratio']:.3f} of dense); "
+          f"{1e3 * s['latency_s']:.2f} ms/question")
+    log.info("wrote %s and %s", answers, out / "eval.json")
+    return flat_metrics(result.summary)
+
+
+def write_overlays(result: Any, folder: Path) -> Path:
+    """One PNG per drawn question plus ``overlays.png``, all of them in a grid."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tiles = []
+    for index, (question, keep, answer) in enumerate(result.examples):
+        reference = question.reference if not isinstance(question.reference, list) else "/".join(question.reference)
+        caption = (f"{question.prompt}\nanswer: {answer} | ref: {reference}\n"
+                   f"{result.arm.label}: kept {int(keep.sum())}/{keep.numel()} patches")
+        picture = kept_patch_overlay(pixels_to_image(question.pixel_values), keep, caption=caption)
+        picture.save(folder / f"{index:03d}_{_slug(question.question_id)}.png")
+        tiles.append(picture)
+    panel = tile(tiles, columns=4)
+    panel.save(folder.parent / "overlays.png")
+    return folder
+
+
+def compare(cfg: DictConfig, loaded: Any, questions: list, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    c = cfg.compare
+    keeps = [float(k) for k in c.keeps]
+    runs = [(loaded, plan_arms(loaded, list(c.methods), keeps))]
+    if c.dense_ckpt_path:
+        dense = load_for_eval(c.dense_ckpt_path, cfg.device, cfg.dtype)
+        runs.append((dense, plan_arms(dense, list(c.dense_ckpt_methods), keeps)))
+    # the budget drawn side by side: overlay_keep, or the closest keep evaluated
+    overlay_keep = None if c.overlay_keep is None else min(keeps, key=lambda k: abs(k - c.overlay_keep))
+    report = run_comparison(runs, questions, out, overlay_keep=overlay_keep, overlays=cfg.overlays, **settings)
+    print(Path(report["paths"]["markdown"]).read_text())
+    write_json_atomic(out / "compare.json", report)
+    log.info("wrote %s", ", ".join(report["paths"].values()))
+    metrics: dict[str, Any] = {"compare/reference_accuracy": report["reference_accuracy"]}
+    for row in report["rows"]:
+        name = f"compare/{_slug(row['model'])}/{row['method']}@{row['keep']:g}"
+        metrics.update({f"{name}/accuracy": row["accuracy"], f"{name}/prefill_flops": row["prefill_flops"]})
+    return metrics
+
+
+def _slug(value: Any) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in str(value))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    metrics = evaluate(cfg)
+    value = metrics.get("eval/accuracy")
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Evaluate one arm (a method at a keep ratio) of a model: answers, accuracy and what each answer cost.
+
+Every arm runs through :class:`~dllava.inference.engine.SparseEngine` (physically pruned prefill, sparse
+KV cache), greedy, batched over left-padded prompts. Per question it records the answer and the
+engine's counts; per arm (``eval.json``):
+
+* ``accuracy`` (exact match after light normalisation, what validation logs as ``val/answer_acc``)
+  and ``vqa_accuracy`` (:func:`dllava.eval.scoring.vqa_accuracy`), overall and per kind, over the
+  questions that have a reference;
+* realised keep ratios: ``vision_keep`` (kept / image tokens), ``text_keep`` (generated tokens kept in
+  the caches of layers >= K / generated tokens fed back), and ``object_recall``, the share of the
+  patches that show an object which survive (questions whose record has a ``scene``, the synthetic
+  task; None otherwise);
+* ``prefill_flops``: mean decoder prefill FLOPs per question by the full count of
+  :mod:`dllava.inference.flops` with the realised token counts (the question's own unpadded prompt
+  length in layers < K, the kept tokens after; predictor or FastV scoring included; vision tower
+  apart in ``vision_flops``), and ``prefill_flops_paper``, the paper's image-tokens-only convention;
+* ``kv_bytes``: mean K/V bytes a question leaves in the cache (prompt + fed answer tokens);
+* ``latency_s``: wall-clock of the batched ``generate`` calls (vision tower, prefill and decoding)
+  divided by the number of questions; one untimed warm-up batch first (``warmup``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from dllava.eval.answers import answer_record
+from dllava.eval.loading import LoadedModel
+from dllava.eval.questions import Question, batches, collate_prompts
+from dllava.eval.scoring import exact_match_any, vqa_accuracy
+from dllava.inference import flops
+from dllava.inference.engine import SparseEngine
+from dllava.inference.selection import check_method, check_text_policy, num_kept
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One evaluation setting: image-token method, keep ratio (1.0 for dense), generated-token policy."""
+
+    method: str
+    keep: float = 1.0
+    text: str | float = "off"
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        num_kept(1, self.keep)  # validates the range
+        check_text_policy(self.text)
+        if self.method == "dense" and self.keep != 1.0:
+            raise ValueError(f"method=dense keeps every image token: sparsity.keep must be 1.0 (or null), got {self.keep}")
+
+    @property
+    def label(self) -> str:
+        return "dense" if self.method == "dense" else f"{self.method}@{self.keep:g}"
+
+
+def default_text(model: Any, method: str) -> str:
+    """The learned method decodes with its text predictor when it has one; the baselines keep every token."""
+    return "learned" if method == "dynamic" and getattr(model, "text_predictor", None) is not None else "off"
+
+
+@dataclass
+class ArmResult:
+    """What one arm produced: answer-file records, the ``eval.json`` summary, and keep masks of the
+    first questions (for overlays)."""
+
+    arm: Arm
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    examples: list[tuple[Question, torch.Tensor, str]] = field(default_factory=list)  # (question, keep, answer)
+
+
+class CostModel:
+    """Prefill FLOPs of one question from its prompt length and kept image tokens (see module docstring)."""
+
+    def __init__(self, loaded: LoadedModel, arm: Arm, layer: int) -> None:
+        config = loaded.model.llava.config
+        self.shape = flops.DecoderShape.from_config(config.text_config)
+        self.layer = layer
+        self.arm = arm
+        self.n_image = config.image_seq_length
+        predictor = loaded.model.predictor_config
+        self.predictor_flops = (
+            flops.image_predictor_flops(self.shape.hidden, predictor, self.n_image)
+            if arm.method == "dynamic" and predictor is not None else 0
+        )
+        self.vision = flops.vision_flops(config.vision_config, self.shape.hidden)
+
+    def extra(self, prompt_len: int) -> int:
+        if self.arm.method == "dynamic":
+            return self.predictor_flops
+        if self.arm.method == "fastv":
+            return flops.fastv_score_flops(self.shape, prompt_len)
+        return 0
+
+    def prefill(self, prompt_len: int, kept: int) -> int:
+        return flops.prefill_flops(self.shape, self.layer, prompt_len, prompt_len - self.n_image + kept, extra=self.extra(prompt_len))
+
+    def prefill_dense(self, prompt_len: int) -> int:
+        return flops.prefill_flops(self.shape, self.layer, prompt_len, prompt_len)
+
+    def paper(self, kept: int) -> int:
+        return flops.paper_prefill_flops(
+            flops.image_tokens_per_layer(self.shape.layers, self.layer, self.n_image, kept), self.shape.hidden
+        )
+
+
+class _RecordingEngine(SparseEngine):
+    """The engine, keeping the request state of its latest ``generate`` so the runner can read which
+    image tokens that very call kept (``state.image_keep``) without a second prefill."""
+
+    last_state = None
+
+    def start(self, *args: Any, **kwargs: Any):
+        logits, state = super().start(*args, **kwargs)
+        self.last_state = state
+        return logits, state
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def evaluate_arm(
+    loaded: LoadedModel,
+    questions: Iterable[Question],
+    arm: Arm,
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+    examples: int = 0,
+    model_id: str | None = None,
+    seed: int = 0,
+    warmup: bool = True,
+    progress: bool = True,
+) -> ArmResult:
+    """Answer every question with ``arm``; ``examples``: keep masks of the first questions to draw."""
+    model, tokenizer, device = loaded.model, loaded.processor.tokenizer, loaded.device
+    engine = _RecordingEngine(model, method=arm.method, keep=arm.keep, text=arm.text, seed=seed)
+    cost = CostModel(loaded, arm, engine.layer)
+    dtype = next(model.parameters()).dtype
+    model_id = model_id or f"{loaded.name}:{arm.label}"
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    records: list[dict[str, Any]] = []
+    drawn: list[tuple[Question, torch.Tensor, str]] = []
+    stats: dict[str, list[float]] = defaultdict(list)
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    seconds = 0.0
+    total = len(questions) if hasattr(questions, "__len__") else None
+    bar = tqdm(total=total, desc=f"eval {arm.label}", unit="q", disable=not progress)
+    for batch in batches(questions, batch_size):
+        ids, mask, pixels = collate_prompts(batch, pad)
+        ids, mask, pixels = ids.to(device), mask.to(device), pixels.to(device, dtype)
+        if warmup:  # the first call of a process pays for allocations and kernel selection
+            engine.generate(ids, mask, pixels, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+            warmup = False
+        _sync(device)
+        start = time.perf_counter()
+        result = engine.generate(ids, mask, pixels, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        _sync(device)
+        seconds += time.perf_counter() - start
+        texts = tokenizer.batch_decode(
+            [row[:n].tolist() for row, n in zip(result.sequences, result.lengths)], skip_special_tokens=True
+        )
+        image_keep = engine.last_state.image_keep.cpu()  # (B, n_image) bool: what this generate kept
+        for i in range(min(len(batch), examples - len(drawn))):
+            drawn.append((batch[i], image_keep[i], texts[i].strip()))
+        prompt_lens = mask.sum(-1).tolist()
+        for i, question in enumerate(batch):
+            kept = result.image_tokens_kept[i]
+            evidence_kept = int(image_keep[i, question.evidence].sum()) if question.evidence else None
+            row = {
+                "image_tokens_kept": kept,
+                "vision_keep": kept / result.image_tokens if result.image_tokens else 1.0,
+                "text_tokens_fed": result.text_tokens_fed[i],
+                "text_tokens_kept": result.text_tokens_kept[i],
+                "prefill_flops": cost.prefill(prompt_lens[i], kept),
+                "prefill_flops_dense": cost.prefill_dense(prompt_lens[i]),
+                "prefill_flops_paper": cost.paper(kept),
+                "kv_bytes": result.kv_bytes[i] if result.kv_bytes else None,
+                "kv_bytes_dense": result.kv_bytes_dense[i] if result.kv_bytes_dense else None,
+                "object_recall": None if evidence_kept is None else evidence_kept / len(question.evidence),
+            }
+            for key, value in row.items():
+                if value is not None:
+                    stats[key].append(value)
+            metadata = {
+                "method": arm.method,
+                "keep": arm.keep,
+                "text": arm.text,
+                "image_tokens": result.image_tokens,
+                **{k: row[k] for k in ("image_tokens_kept", "text_tokens_fed", "text_tokens_kept", "kv_bytes", "prefill_flops")},
+                "kind": question.kind,
+            }
+            if evidence_kept is not None:
+                metadata.update(object_patches=len(question.evidence), object_patches_kept=evidence_kept)
+            if question.reference is not None:
+                hit = exact_match_any(texts[i], question.reference)
+                soft = vqa_accuracy(texts[i], question.reference)
+                stats["accuracy"].append(hit)
+                stats["vqa_accuracy"].append(soft)
+                by_kind[question.kind].append(hit)
+                metadata.update(reference=question.reference, correct=bool(hit))
+            records.append(answer_record(question.question_id, question.prompt, texts[i], model_id, metadata))
+        bar.update(len(batch))
+    bar.close()
+    if not records:
+        raise ValueError("no questions to evaluate (check data.shards / data.questions, data.answer_kinds, data.limit)")
+
+    fed, kept_text = sum(stats["text_tokens_fed"]), sum(stats["text_tokens_kept"])
+    prefill, prefill_dense = _mean(stats["prefill_flops"]), _mean(stats["prefill_flops_dense"])
+    kv, kv_dense = _mean(stats["kv_bytes"]), _mean(stats["kv_bytes_dense"])
+    summary = {
+        "model": loaded.name,
+        "ckpt_path": loaded.path,
+        "model_id": model_id,
+        **asdict(arm),
+        "arm": arm.label,
+        "samples": len(records),
+        "scored": len(stats["accuracy"]),
+        "accuracy": _mean(stats["accuracy"]),
+        "vqa_accuracy": _mean(stats["vqa_accuracy"]),
+        "accuracy_by_kind": {k: statistics.fmean(v) for k, v in sorted(by_kind.items())},
+        "image_tokens": cost.n_image,
+        "image_tokens_kept": _mean(stats["image_tokens_kept"]),
+        "vision_keep": _mean(stats["vision_keep"]),
+        "object_recall": _mean(stats["object_recall"]),
+        "text_tokens_fed": _mean(stats["text_tokens_fed"]),
+        "text_tokens_kept": _mean(stats["text_tokens_kept"]),
+        "text_keep": kept_text / fed if fed else None,
+        "prefill_flops": prefill,
+        "prefill_flops_dense": prefill_dense,
+        "prefill_flops_ratio": prefill / prefill_dense if prefill_dense else None,
+        "prefill_flops_paper": _mean(stats["prefill_flops_paper"]),
+        "vision_flops": cost.vision,
+        "kv_bytes": kv,
+        "kv_bytes_dense": kv_dense,
+        "kv_ratio": kv / kv_dense if kv and kv_dense else None,
+        "latency_s": seconds / len(records),
+        "seconds": seconds,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "sparse_layer": engine.layer,
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    return ArmResult(arm=arm, records=records, summary=summary, examples=drawn)
+
+
+def flat_metrics(summary: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
+    """The numeric entries of an ``eval.json`` summary as flat metric names (for ``summary.json``)."""
+    out: dict[str, float] = {}
+    for key, value in summary.items():
+        if key == "accuracy_by_kind":
+            out.update({f"{prefix}acc_{k}": v for k, v in value.items()})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,102 @@
+"""One arm of an evaluation: answers from the sparse engine, realised budgets, FLOPs and KV accounting."""
+
+import numpy as np
+import pytest
+import torch
+
+from dllava.eval.loading import load_for_eval
+from dllava.eval.questions import ShardQuestions, collate_prompts, object_patches
+from dllava.eval.runner import Arm, evaluate_arm
+from dllava.inference import flops
+from dllava.inference.engine import SparseEngine
+
+
+@pytest.fixture(scope="module")
+def loaded(dynamic_dir):
+    return load_for_eval(dynamic_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def questions(loaded, synthetic_dir):
+    return list(ShardQuestions(str(synthetic_dir / "test-*.tar"), loaded.processor, ["color", "shape", "count", "exist"], limit=12))
+
+
+def test_shard_questions_are_the_final_short_questions_with_their_answers(questions):
+    assert len(questions) == 12
+    assert all(q.kind in {"color", "shape", "count", "exist"} for q in questions)
+    assert all(q.reference and q.prompt.endswith("?") for q in questions)
+    assert all(q.pixel_values.shape == (3, 96, 96) for q in questions)
+    assert all(2 <= len(q.evidence) <= 4 for q in questions)  # the scene's objects, one patch each
+
+
+def test_object_patches_are_the_coloured_patches(questions):
+    from dllava.eval.overlay import pixels_to_image
+
+    for q in questions:
+        image = np.asarray(pixels_to_image(q.pixel_values)).astype(int)
+        patches = image.reshape(8, 12, 8, 12, 3).transpose(0, 2, 1, 3, 4).reshape(64, 144, 3)
+        colourful = (patches.max(-1) - patches.min(-1) > 60).sum(-1) > 10  # grey background vs coloured shapes
+        assert sorted(np.flatnonzero(colourful).tolist()) == q.evidence
+
+
+def test_object_patches_follow_the_padding_to_a_square():
+    # a 40 x 20 image is padded to 40 x 40 (10 px above): a box centred at (30, 5) lands in row 1, column 3 of 4
+    assert object_patches([{"box": [25, 0, 35, 10]}], (40, 20), grid=4) == [1 * 4 + 3]
+
+
+@pytest.mark.parametrize("method,keep", [("dynamic", 0.25), ("fastv", 0.25), ("random", 0.1), ("dense", 1.0)])
+def test_arm_keeps_exactly_its_budget_and_counts_its_cost(loaded, questions, method, keep):
+    result = evaluate_arm(loaded, questions, Arm(method, keep), batch_size=5, max_new_tokens=3, progress=False, warmup=False)
+    s = result.summary
+    kept = 64 if method == "dense" else int(64 * keep)
+    assert s["samples"] == s["scored"] == 12
+    assert s["image_tokens_kept"] == kept and s["vision_keep"] == pytest.approx(kept / 64)
+    assert all(r["metadata"]["image_tokens_kept"] == kept for r in result.records)
+    assert 0 <= s["accuracy"] <= 1 and 0 <= s["vqa_accuracy"] <= 1
+    assert s["accuracy"] == pytest.approx(sum(r["metadata"]["correct"] for r in result.records) / 12)
+    if method == "dense":
+        assert s["prefill_flops"] == s["prefill_flops_dense"] and s["kv_ratio"] == 1.0
+        assert s["object_recall"] == 1.0
+    else:
+        assert s["prefill_flops"] < s["prefill_flops_dense"] and s["kv_bytes"] < s["kv_bytes_dense"]
+    assert s["latency_s"] > 0 and s["prefill_flops_paper"] > 0
+
+
+def test_answers_are_the_engines_greedy_tokens(loaded, questions):
+    result = evaluate_arm(loaded, questions, Arm("fastv", 0.25), batch_size=4, max_new_tokens=3, progress=False, warmup=False)
+    tokenizer = loaded.processor.tokenizer
+    ids, mask, pixels = collate_prompts(questions[:4], tokenizer.pad_token_id)
+    out = SparseEngine(loaded.model, method="fastv", keep=0.25, text="off").generate(
+        ids, mask, pixels, max_new_tokens=3, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    expected = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True).strip() for row, n in zip(out.sequences, out.lengths)]
+    assert [r["text"] for r in result.records[:4]] == expected
+
+
+def test_prefill_flops_follow_the_full_count_with_realised_tokens(loaded, questions):
+    result = evaluate_arm(loaded, questions[:1], Arm("random", 0.25), max_new_tokens=1, progress=False, warmup=False)
+    shape = flops.DecoderShape.from_config(loaded.model.llava.config.text_config)
+    n = len(questions[0].prompt_ids)
+    assert result.records[0]["metadata"]["prefill_flops"] == flops.prefill_flops(shape, 2, n, n - 64 + 16)
+
+
+def test_examples_hold_the_keep_masks_generation_used(loaded, questions):
+    result = evaluate_arm(loaded, questions, Arm("random", 0.25), batch_size=5, max_new_tokens=1, examples=7, progress=False, warmup=False)
+    assert len(result.examples) == 7
+    ids, mask, pixels = collate_prompts(questions[5:10], loaded.processor.tokenizer.pad_token_id)
+    state = SparseEngine(loaded.model, method="random", keep=0.25, text="off").start(ids, mask, pixels)[1]
+    assert torch.equal(result.examples[5][1], state.image_keep[0])  # second batch, first row
+    assert all(int(keep.sum()) == 16 for _, keep, _ in result.examples)
+
+
+def test_arm_rejects_a_dense_budget_and_bad_methods():
+    with pytest.raises(ValueError, match="keep"):
+        Arm("dense", 0.2)
+    with pytest.raises(ValueError, match="method"):
+        Arm("h2o", 0.2)
+
+
+def test_dynamic_on_a_dense_model_says_what_is_missing(tiny_model_dir, questions):
+    dense = load_for_eval(tiny_model_dir, device="cpu")
+    with pytest.raises(ValueError, match="image predictor"):
+        evaluate_arm(dense, questions, Arm("dynamic", 0.2), progress=False)
