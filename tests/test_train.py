@@ -188,7 +188,9 @@ def test_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tin
         "+trainer.limit_val_batches=1",
         f"hydra.run.dir={run_dir}",
     ]
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    # Not WANDB_SERVICE: an in-process W&B run earlier in this pytest session exports its service to
+    # children, and a service shared with the killed job would still hold the run id.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_MODE": "offline"}
     tag = f"{os.getpid()}-{id(tmp_path)}"
     killed = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *overrides,

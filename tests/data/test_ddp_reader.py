@@ -1,7 +1,7 @@
 """A real 2-process CPU DDP fit (gloo, the tiny LLaVA) on converted shards with truncated ones among them.
 
 Resampled training gives both ranks the same number of batches, so the run finishes instead of
-hanging; dropped data is counted on both ranks and, logged the way the LightningModule should log it,
+hanging; dropped data is counted on both ranks and, logged by the LightningModule,
 sums across ranks.
 """
 
@@ -40,19 +40,11 @@ SCRIPT = textwrap.dedent(
             with open(f"{out}/rank{trainer.global_rank}.json", "w") as sink:
                 json.dump(result, sink)
 
-    class Module(LlavaLitModule):
-        def training_step(self, batch, batch_idx):
-            loss = super().training_step(batch, batch_idx)
-            for name, value in batch["data_counts"].items():  # the line suggested for training/module.py
-                self.log(f"data/{name}", float(value), reduce_fx="sum", on_step=False, on_epoch=True,
-                         sync_dist=True, batch_size=1)
-            return loss
-
     if __name__ == "__main__":
         data = LlavaDataModule(train_urls=train.split(","), val_urls=val.split(","), processor=model_dir,
                                batch_size=2, eval_batch_size=4, num_workers=2, epoch_samples=16,
                                shuffle_buffer=4, seed=0)
-        module = Module(model={"name": "tiny", "pretrained": model_dir}, trainable=["projector", "llm"],
+        module = LlavaLitModule(model={"name": "tiny", "pretrained": model_dir}, trainable=["projector", "llm"],
                         answer_kinds=None, max_new_tokens=2)
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, max_epochs=-1,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
