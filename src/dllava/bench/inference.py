@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dllava.inference import flops
 from dllava.inference.engine import SparseEngine
-from dllava.inference.selection import text_rate_keep
+from dllava.inference.selection import image_budget, text_rate_keep
 from dllava.model.loading import ModelSource, load_llava
 from dllava.sparse.config import SparsityConfig
 from dllava.sparse.model import DynamicLlava
@@ -100,8 +100,9 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
+def sync_device(device: str) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it (no-op elsewhere)."""
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
@@ -110,26 +111,20 @@ def timed_rounds(arms: dict[str, Callable[[], Any]], device: str, warmup: int, r
     times: dict[str, list[float]] = {name: [] for name in arms}
     for round_index in range(warmup + repeats):
         for name, fn in arms.items():
-            _sync(device)
+            sync_device(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync_device(device)
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def arm_engines(model: DynamicLlava, keep: float, text_rate: float | None, seed: int) -> dict[str, tuple[SparseEngine, SparseEngine]]:
-    """Per arm: (prefill engine with text off, decode engine with the arm's text policy)."""
+def arm_engines(model: DynamicLlava, keep: float, text_rate: float | None, seed: int) -> dict[str, SparseEngine]:
+    """One engine per arm; the text policy only matters once decoding starts (prefill drops image tokens only)."""
     dynamic_text: str | float = "learned" if text_rate is None else text_rate
     arms = {"dense": ("dense", "off"), "dynamic": ("dynamic", dynamic_text), "fastv": ("fastv", "off"), "random": ("random", "off")}
-    return {
-        name: (
-            SparseEngine(model, method=method, keep=keep, text="off", seed=seed),
-            SparseEngine(model, method=method, keep=keep, text=text, seed=seed),
-        )
-        for name, (method, text) in arms.items()
-    }
+    return {name: SparseEngine(model, method=method, keep=keep, text=text, seed=seed) for name, (method, text) in arms.items()}
 
 
 def run_bench(
@@ -157,7 +152,7 @@ def run_bench(
     image_only = make_prompt(config, batch_size, 1, "meta", seed)
     full_prompt = make_prompt(config, batch_size, text_tokens, "meta", seed)
     prefill_flops = {}
-    for name, (engine, _) in meta_engines.items():
+    for name, engine in meta_engines.items():
         prefill_flops[name] = {
             "image_tokens": count_flops(lambda: engine.start(*image_only, image_features=features_meta)),
             "prompt": count_flops(lambda: engine.start(*full_prompt, image_features=features_meta)),
@@ -176,17 +171,16 @@ def run_bench(
         pixels = torch.randn(batch_size, 3, config.vision_config.image_size, config.vision_config.image_size, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
         with torch.no_grad():
             features = model.image_features(pixels)
-        prefill_arms = {name: (lambda e=e: e.start(ids, mask, image_features=features)) for name, (e, _) in engines.items()}
+        prefill_arms = {name: (lambda e=e: e.start(ids, mask, image_features=features)) for name, e in engines.items()}
         latency = timed_rounds(prefill_arms, device, warmup, repeats)
         vision_s = timed_rounds({"vision": lambda: model.image_features(pixels)}, device, warmup, repeats)["vision"]
 
-    if device != "meta":  # warm-up: the first decode of a process pays for allocations
-        for _, engine in engines.values():
-            decode_arm(engine, ids, mask, features, min(8, new_tokens), device)
     if device == "meta":
-        decode = {name: decode_accounting(engine, ids, new_tokens, dtype) for name, (_, engine) in engines.items()}
+        decode = {name: decode_accounting(engine, ids, new_tokens, dtype) for name, engine in engines.items()}
     else:
-        decode = {name: decode_arm(engine, ids, mask, features, new_tokens, device) for name, (_, engine) in engines.items()}
+        for engine in engines.values():  # warm-up: the first decode of a process pays for allocations
+            decode_arm(engine, ids, mask, features, min(8, new_tokens), device)
+        decode = {name: decode_arm(engine, ids, mask, features, new_tokens, device) for name, engine in engines.items()}
 
     return report(
         model, device, keep, text_keep_rate, shape, n_image, layer, prefill_flops, vision, latency, vision_s, decode,
@@ -197,17 +191,17 @@ def run_bench(
 @torch.no_grad()
 def decode_arm(engine: SparseEngine, ids: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, new_tokens: int, device: str) -> dict[str, Any]:
     """Prefill once, then ``new_tokens - 1`` cached decode steps (timed; no EOS: every step runs)."""
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     logits, state = engine.start(ids, mask, image_features=features)
     token = logits.argmax(-1)
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
         token = engine.step(state, token).argmax(-1)
-    _sync(device)
+    sync_device(device)
     seconds = time.perf_counter() - start
-    result = engine._result(state, token[:, None], [new_tokens] * ids.shape[0])
+    result = engine.summarize(state, token[:, None], [new_tokens] * ids.shape[0])
     return {
         "seconds": seconds,
         "tokens_per_s": ids.shape[0] * (new_tokens - 1) / seconds,
@@ -217,7 +211,7 @@ def decode_arm(engine: SparseEngine, ids: torch.Tensor, mask: torch.Tensor, feat
         "kv_tokens_dense_layer": statistics.mean(result.kv_tokens_dense_layer),
         "text_tokens_kept": statistics.mean(result.text_tokens_kept),
         "text_tokens_fed": statistics.mean(result.text_tokens_fed),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
     }
 
 
@@ -230,9 +224,9 @@ def decode_accounting(engine: SparseEngine, ids: torch.Tensor, new_tokens: int, 
     config = engine.model.llava.config
     shape = flops.DecoderShape.from_config(config.text_config)
     n_image, prompt, fed = config.image_seq_length, ids.shape[1], new_tokens - 1
-    kept_images = n_image if engine.method == "dense" else max(1, int(n_image * engine.keep))
+    kept_images = image_budget(engine.method, n_image, engine.keep)
     kept_text = fed if engine.text == "off" else sum(text_rate_keep(t, engine.text) for t in range(fed))
-    dense_tokens, sparse_tokens = prompt + fed, prompt - n_image + kept_images + kept_text
+    dense_tokens, sparse_tokens = flops.cache_tokens(prompt, n_image, kept_images, fed, kept_text)
     size = torch.empty(0, dtype=dtype).element_size()
     return {
         "seconds": None,
@@ -293,7 +287,8 @@ def report(
             "flops_ratio_limit": flops.paper_ratio_limit(shape.layers, layer, n_image, keep, shape.hidden),
             "flops_paper_dense": flops.paper_prefill_flops([n_image] * shape.layers, shape.hidden, batch_size),
             "flops_paper_dynamic": flops.paper_prefill_flops(
-                flops.image_tokens_per_layer(shape.layers, layer, n_image, max(1, int(n_image * keep))), shape.hidden, batch_size
+                flops.image_tokens_per_layer(shape.layers, layer, n_image, image_budget("dynamic", n_image, keep)),
+                shape.hidden, batch_size,
             ),
             "flops_prompt_dense": dense_flops["prompt"],
             "flops_prompt_dynamic": dynamic["prefill"]["flops_prompt"],

@@ -36,6 +36,7 @@ from dllava.eval.loading import LoadedModel
 from dllava.eval.questions import Question, batches, collate_prompts
 from dllava.eval.scoring import exact_match_any, vqa_accuracy
 from dllava.inference import flops
+from dllava.bench.inference import sync_device
 from dllava.inference.engine import SparseEngine
 from dllava.inference.selection import check_method, check_text_policy, num_kept
 
@@ -111,23 +112,6 @@ class CostModel:
         )
 
 
-class _RecordingEngine(SparseEngine):
-    """The engine, keeping the request state of its latest ``generate`` so the runner can read which
-    image tokens that very call kept (``state.image_keep``) without a second prefill."""
-
-    last_state = None
-
-    def start(self, *args: Any, **kwargs: Any):
-        logits, state = super().start(*args, **kwargs)
-        self.last_state = state
-        return logits, state
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _mean(values: Sequence[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
@@ -146,7 +130,7 @@ def evaluate_arm(
 ) -> ArmResult:
     """Answer every question with ``arm``; ``examples``: keep masks of the first questions to draw."""
     model, tokenizer, device = loaded.model, loaded.processor.tokenizer, loaded.device
-    engine = _RecordingEngine(model, method=arm.method, keep=arm.keep, text=arm.text, seed=seed)
+    engine = SparseEngine(model, method=arm.method, keep=arm.keep, text=arm.text, seed=seed)
     cost = CostModel(loaded, arm, engine.layer)
     dtype = next(model.parameters()).dtype
     model_id = model_id or f"{loaded.name}:{arm.label}"
@@ -165,15 +149,15 @@ def evaluate_arm(
         if warmup:  # the first call of a process pays for allocations and kernel selection
             engine.generate(ids, mask, pixels, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
             warmup = False
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         result = engine.generate(ids, mask, pixels, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-        _sync(device)
+        sync_device(device)
         seconds += time.perf_counter() - start
         texts = tokenizer.batch_decode(
             [row[:n].tolist() for row, n in zip(result.sequences, result.lengths)], skip_special_tokens=True
         )
-        image_keep = engine.last_state.image_keep.cpu()  # (B, n_image) bool: what this generate kept
+        image_keep = result.image_keep.cpu()  # (B, n_image) bool: what this generate kept
         for i in range(min(len(batch), examples - len(drawn))):
             drawn.append((batch[i], image_keep[i], texts[i].strip()))
         prompt_lens = mask.sum(-1).tolist()

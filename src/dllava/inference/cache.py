@@ -11,7 +11,7 @@ with unmasked zero keys). A new token is always written and always attends to it
 :meth:`commit` then decides whether it stays. A dropped token's slot is overwritten by the next one, so
 memory grows only with kept tokens (plus the batch's longest sample, as with any padded cache).
 
-Write pointers are host integers, so nothing here reads a device tensor back: the cache also runs on the
+Write pointers are host integers, so no step reads a device tensor back: a step also runs on the
 meta device (shape-only benchmarks of 7B models) when decisions are given as host booleans.
 
 The object is duck-typed to what HF attention modules call: ``update(key, value, layer_idx)``.
@@ -39,25 +39,18 @@ class SparseKVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.valid: list[torch.Tensor | None] = [None, None]  # per group: (B, capacity) bool
-        self.length: list[list[int]] = [[0] * batch_size, [0] * batch_size]  # per group and sample
-        self.stored: list[list[int]] = [[0] * batch_size, [0] * batch_size]  # valid kept tokens
+        self.length: list[list[int]] = [[0] * batch_size, [0] * batch_size]  # write pointers, per group and sample
         self._slots: list[torch.Tensor | None] = [None, None]  # (B, n) slots of the open step
-        self._open_valid: list[list[list[bool]] | None] = [None, None]
 
     def group(self, layer_idx: int) -> int:
         return SPARSE if layer_idx >= self.sparse_from else DENSE
-
-    def seq_length(self, group: int = DENSE) -> int:
-        """Columns a query of ``group`` sees (the longest sample, including the open step)."""
-        extra = 0 if self._slots[group] is None else self._slots[group].shape[1]
-        return max(self.length[group]) + extra
 
     # -- one step: open -> update (per layer) -> commit ------------------------------------------
     def open(self, group: int, key_valid: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
         """Reserve slots for ``n`` new columns of every layer of ``group``; return their attention mask.
 
         ``key_valid`` (B, n) bool marks which new columns are real keys (False: left padding or a filler
-        column); the host copy decides the stored counts. ``order`` (B, n) gives each new column's place
+        column). ``order`` (B, n) gives each new column's place
         in the original sequence for causality among the new columns (default: column order). The mask
         is (B, 1, n, T) bool, True = attend: every valid earlier key, the valid new keys at or before the
         query, and always the query itself.
@@ -71,7 +64,6 @@ class SparseKVCache:
         valid = self.valid[group]
         valid[torch.arange(batch, device=device)[:, None], slots] = key_valid
         self._slots[group] = slots
-        self._open_valid[group] = None if device.type == "meta" else key_valid.tolist()
         columns = torch.arange(total, device=device)
         # Old columns (< start) always precede the new ones; among new ones use the original order.
         if order is None:
@@ -109,7 +101,6 @@ class SparseKVCache:
         if slots is None:
             raise RuntimeError("commit() without open()")
         n = slots.shape[1]
-        opened = self._open_valid[group]
         if keep is not None:
             if n != 1:
                 raise ValueError("per-sample keep decisions are only supported for one-column steps")
@@ -118,20 +109,13 @@ class SparseKVCache:
                 rows = torch.tensor([b for b, k in enumerate(keep) if not k], device=slots.device)
                 self.valid[group][rows, slots[rows, 0]] = False
         for b in range(self.batch_size):
-            kept = 1 if keep is None or n != 1 else int(keep[b])
-            added = n if keep is None else kept
-            self.length[group][b] += added
-            if opened is not None:
-                self.stored[group][b] += sum(opened[b]) if keep is None else kept * int(opened[b][0])
-            else:  # meta: assume every new column is a real key
-                self.stored[group][b] += added
+            self.length[group][b] += n if keep is None else int(keep[b])
         self._slots[group] = None
-        self._open_valid[group] = None
 
     # -- accounting ------------------------------------------------------------------------------
     def token_counts(self) -> tuple[list[int], list[int]]:
-        """Valid stored tokens per sample in a dense layer and in a sparse layer."""
-        return list(self.stored[DENSE]), list(self.stored[SPARSE])
+        """Valid stored tokens per sample in a dense layer and in a sparse layer (reads the device)."""
+        return self.valid[DENSE].sum(-1).tolist(), self.valid[SPARSE].sum(-1).tolist()
 
     def element_size(self) -> int:
         """Bytes per stored K/V element."""

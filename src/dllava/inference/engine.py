@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from dllava.inference.cache import DENSE, SPARSE, SparseKVCache
-from dllava.inference.flops import DecoderShape, kv_bytes
+from dllava.inference.flops import DecoderShape, cache_tokens, kv_bytes
 from dllava.inference.selection import (
     check_method,
     check_text_policy,
+    image_budget,
     last_token_attention,
     num_kept,
     random_indices,
@@ -47,7 +48,6 @@ class RequestState:
     attention_mask: torch.Tensor  # (B, N)
     prompt_len: int
     image_features: torch.Tensor | None
-    next_positions: list[int]  # RoPE position of each sample's next token
     cache: SparseKVCache | None = None
     image_keep: torch.Tensor | None = None  # (B, n_image) bool, fixed after prefill
     text_kept: list[list[bool]] = field(default_factory=list)  # per fed token: (B,) decisions
@@ -68,6 +68,7 @@ class GenerationResult:
     lengths: list[int]  # new tokens up to and including EOS
     image_tokens: int  # image tokens per sample in the prompt
     image_tokens_kept: list[int]
+    image_keep: torch.Tensor | None  # (B, n_image) bool: which image tokens survived prefill
     text_tokens_fed: list[int]  # generated tokens that went back into the model (before EOS)
     text_tokens_kept: list[int]  # of those, kept in the caches of layers >= K
     kv_bytes: list[int] | None  # stored K/V bytes over all layers (cache path)
@@ -94,7 +95,6 @@ class SparseEngine:
         num_kept(1, self.keep)  # validates the range
         self.text = check_text_policy(text)
         self.layer = int(model.sparsity.layer if layer is None else layer)
-        model.sparsity.check_layers(model.num_layers) if layer is None else None
         if not 1 <= self.layer < model.num_layers:
             raise ValueError(f"layer must be in [1, {model.num_layers - 1}], got {self.layer}")
         if method == "dynamic" and model.image_predictor is None:
@@ -186,13 +186,11 @@ class SparseEngine:
             if bool((input_ids[:, -1] == self.image_token_id).any()):
                 raise ValueError("a prompt must end with text after its image (the last token is always kept)")
         generator = torch.Generator().manual_seed(self.seed)
-        positions = attention_mask.sum(-1) if attention_mask.device.type != "meta" else None
         state = RequestState(
             input_ids=input_ids,
             attention_mask=attention_mask,
             prompt_len=input_ids.shape[1],
             image_features=image_features,
-            next_positions=[input_ids.shape[1]] * input_ids.shape[0] if positions is None else positions.tolist(),
             cache=SparseKVCache(self.model.num_layers, self.layer, input_ids.shape[0]) if use_cache else None,
             generator=generator,
         )
@@ -231,12 +229,12 @@ class SparseEngine:
                 image_hidden = hidden.gather(1, image_cols[..., None].expand(-1, -1, hidden.shape[-1]))
                 state.image_keep = self._select_images(state, image_hidden, fastv_score)
             keep_cols = keep_cols.scatter(1, image_cols, state.image_keep)
-            kept_images = n_image if self.method == "dense" else num_kept(n_image, self.keep)
+            kept_images = image_budget(self.method, n_image, self.keep)
         n_keep = length - n_image + kept_images
         if state.fed:  # fed tokens face the text decision; the newest is kept for its own step
             decided = self._text_decisions(hidden[:, state.prompt_len :], 0)
             keep_cols[:, state.prompt_len : length - 1] = decided[:, :-1]
-            state.newest_decision = None if decided.device.type == "meta" else decided[:, -1].tolist()
+            state.newest_decision = decided[:, -1].tolist()
             n_keep = int(keep_cols.sum(-1).max())
         # Kept columns first, in original order; rows with fewer kept columns are filled with dropped
         # ones, which stay queries but are masked as keys.
@@ -265,36 +263,24 @@ class SparseEngine:
             decided = state.newest_decision
         else:
             logits, decided = self._cached_step(state, tokens, step)
-        state.next_positions = [p + 1 for p in state.next_positions]
-        if decided is not None:
-            state.text_kept.append(decided)
+        state.text_kept.append(decided)
         return logits
 
-    def _cached_step(self, state: RequestState, tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, list[bool] | None]:
+    def _cached_step(self, state: RequestState, tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, list[bool]]:
         cache = state.cache
         batch = tokens.shape[0]
         hidden = self.lm.embed_tokens(tokens[:, None])
-        position_ids = torch.tensor(state.next_positions, device=hidden.device)[:, None]
+        position_ids = positions_from_mask(state.attention_mask)[:, -1:]  # the new token's true position
         rotary = self.lm.rotary_emb(hidden, position_ids)
         ones = torch.ones(batch, 1, dtype=torch.bool, device=hidden.device)
         mask = cache.open(DENSE, ones)
         hidden = self._layers(0, self.layer, hidden, mask, rotary, cache)
         cache.commit(DENSE)
-        decided = self._text_decisions_for_newest(state, hidden, step)
+        decided = self._text_decisions(hidden, step)[:, 0].tolist()
         mask = cache.open(SPARSE, ones)
         hidden = self._layers(self.layer, len(self.lm.layers), hidden, mask, rotary, cache)
         cache.commit(SPARSE, decided)
         return self._logits(hidden[:, -1]), decided
-
-    def _text_decisions_for_newest(self, state: RequestState, hidden: torch.Tensor, step: int) -> list[bool] | None:
-        """Host decisions for the token fed at ``step`` (None when it cannot be read: meta + learned)."""
-        batch = state.input_ids.shape[0]
-        if self.text == "off":
-            return [True] * batch
-        if not isinstance(self.text, str):
-            return [text_rate_keep(step, self.text)] * batch
-        decided = self._text_decisions(hidden, step)[:, 0]
-        return None if decided.device.type == "meta" else decided.tolist()
 
     # -- generate --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -320,7 +306,6 @@ class SparseEngine:
         logits, state = self.start(input_ids, attention_mask, pixel_values, image_features, use_cache)
         sampler = torch.Generator().manual_seed(self.seed if seed is None else seed)
         batch = input_ids.shape[0]
-        meta = logits.device.type == "meta"
         done = [False] * batch
         lengths = [0] * batch
         tokens: list[torch.Tensor] = []
@@ -328,45 +313,40 @@ class SparseEngine:
             if t > 0:
                 logits = self.step(state, tokens[-1])
             token = pick_token(logits, do_sample, temperature, top_k, top_p, sampler)
-            if not meta:
-                token = torch.where(torch.tensor(done, device=token.device), torch.full_like(token, pad_token_id), token)
-                values = token.tolist()
-                for b in range(batch):
-                    if not done[b]:
-                        lengths[b] += 1
-                        done[b] = eos_token_id is not None and values[b] == eos_token_id
-            else:
-                lengths = [n + 1 for n in lengths]
+            token = torch.where(torch.tensor(done, device=token.device), torch.full_like(token, pad_token_id), token)
+            values = token.tolist()
+            for b in range(batch):
+                if not done[b]:
+                    lengths[b] += 1
+                    done[b] = eos_token_id is not None and values[b] == eos_token_id
             tokens.append(token)
             if all(done):
                 break
-        return self._result(state, torch.stack(tokens, 1), lengths)
+        return self.summarize(state, torch.stack(tokens, 1), lengths)
 
-    def _result(self, state: RequestState, sequences: torch.Tensor, lengths: list[int]) -> GenerationResult:
+    def summarize(self, state: RequestState, sequences: torch.Tensor, lengths: list[int]) -> GenerationResult:
         """Per-sample statistics as a single-sample run would give them: a sample's own tokens fed
         before its EOS count, the pad tokens a finished sample keeps feeding in a batch do not."""
         batch = sequences.shape[0]
         n_image = 0 if state.image_keep is None else state.image_keep.shape[1]
-        kept_images = n_image if self.method == "dense" or not n_image else num_kept(n_image, self.keep)
-        mask = state.attention_mask[:, : state.prompt_len]
-        prompt = [state.prompt_len] * batch if mask.device.type == "meta" else mask.sum(-1).tolist()
+        kept_images = image_budget(self.method, n_image, self.keep)
+        prompt = state.attention_mask[:, : state.prompt_len].sum(-1).tolist()
         fed = [max(0, n - 1) for n in lengths]
-        decisions = state.text_kept
-        known = len(decisions) >= max(fed, default=0)
-        kept = [sum(int(decisions[t][b]) for t in range(fed[b])) for b in range(batch)] if known else fed
+        kept = [sum(int(state.text_kept[t][b]) for t in range(fed[b])) for b in range(batch)]
+        counts = [cache_tokens(p, n_image, kept_images, f, k) for p, f, k in zip(prompt, fed, kept)]
+        dense_tokens, sparse_tokens = [d for d, _ in counts], [s for _, s in counts]
         kv = kv_dense = None
-        dense_tokens = [p + f for p, f in zip(prompt, fed)]
-        sparse_tokens = [p - n_image + kept_images + k for p, k in zip(prompt, kept)]
         if state.cache is not None:
             shape = DecoderShape.from_config(self.model.llava.config.text_config)
             size = state.cache.element_size()
-            kv = [kv_bytes(shape, self.layer, d, s, size) for d, s in zip(dense_tokens, sparse_tokens)]
+            kv = [kv_bytes(shape, self.layer, d, s, size) for d, s in counts]
             kv_dense = [kv_bytes(shape, self.layer, d, d, size) for d in dense_tokens]
         return GenerationResult(
             sequences=sequences,
             lengths=lengths,
             image_tokens=n_image,
             image_tokens_kept=[kept_images] * batch,
+            image_keep=state.image_keep,
             text_tokens_fed=fed,
             text_tokens_kept=kept,
             kv_bytes=kv,
@@ -400,8 +380,3 @@ def pick_token(
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
-
-
-def build_engine(model: DynamicLlava, **kwargs: Any) -> SparseEngine:
-    """Convenience for Hydra (``_target_``) and scripts."""
-    return SparseEngine(model, **kwargs)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dllava.sparse.config import PredictorConfig
+from dllava.sparse.decisions import num_kept
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def paper_ratio_limit(layers: int, sparse_layer: int, n_image: int, keep: float,
     """The prefill FLOPs ratio (sparse / dense) of the paper's convention for ``int(n_image * keep)``
     kept tokens: what the full ratio tends to as text tokens and predictor cost vanish
     (7B: L 32, K 2, 576 tokens, keep 0.2 -> 0.247)."""
-    kept = max(1, int(n_image * keep))
+    kept = num_kept(n_image, keep)
     sparse = paper_prefill_flops(image_tokens_per_layer(layers, sparse_layer, n_image, kept), hidden)
     return sparse / paper_prefill_flops([n_image] * layers, hidden)
 
@@ -132,6 +133,12 @@ def vision_flops(vision_config: Any, projector_out: int, batch: int = 1) -> int:
     layer = 8 * n * c * c + 4 * n * n * c + 4 * n * c * i
     projector = 2 * patches * (c * projector_out + projector_out * projector_out)
     return batch * (embed + vision_config.num_hidden_layers * layer + projector)
+
+
+def cache_tokens(prompt: int, n_image: int, kept_images: int, fed: int, kept_text: int) -> tuple[int, int]:
+    """Valid tokens one sample leaves in the cache of a layer < K and of a layer >= K: the whole prompt
+    plus every fed token, against the pruned prompt plus the kept fed tokens."""
+    return prompt + fed, prompt - n_image + kept_images + kept_text
 
 
 def kv_bytes(shape: DecoderShape, sparse_layer: int, dense_tokens: int, sparse_tokens: int, element_size: int) -> int:

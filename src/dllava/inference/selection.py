@@ -21,6 +21,8 @@ import math
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from dllava.sparse.decisions import num_kept
+
 IMAGE_METHODS = ("dynamic", "dense", "fastv", "random")
 
 
@@ -43,11 +45,9 @@ def check_text_policy(text: str | float) -> str | float:
     return rate
 
 
-def num_kept(n_image: int, keep: float) -> int:
-    """``int(n * keep)`` (at least one), the inference-time image budget of every method."""
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
-    return max(1, int(n_image * keep))
+def image_budget(method: str, n_image: int, keep: float) -> int:
+    """Image tokens a sample keeps after prefill under ``method``: all for ``dense``, else :func:`num_kept`."""
+    return n_image if method == "dense" or not n_image else num_kept(n_image, keep)
 
 
 def topk_sorted(score: torch.Tensor, k: int) -> torch.Tensor:

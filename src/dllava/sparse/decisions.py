@@ -21,10 +21,17 @@ def threshold_keep(logits: torch.Tensor) -> torch.Tensor:
     return (logits[..., 0] > logits[..., 1]).float()
 
 
+def num_kept(n: int, keep: float) -> int:
+    """``int(n * keep)`` (at least one): the inference-time image budget of every method."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    return max(1, int(n * keep))
+
+
 def topk_keep(logits: torch.Tensor, keep: float) -> torch.Tensor:
     """Keep the ``int(n * keep)`` tokens with the highest keep log-probability per row: (B, n, 2) -> (B, n)."""
     n = logits.shape[-2]
-    k = max(1, int(n * keep))
+    k = num_kept(n, keep)
     score = F.log_softmax(logits.float(), dim=-1)[..., 0]
     kept = torch.zeros_like(score)
     return kept.scatter(-1, score.topk(k, dim=-1).indices, 1.0)
