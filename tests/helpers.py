@@ -29,13 +29,13 @@ def compose(name: str, overrides: list[str] | None = None, output_dir: Path | No
     return cfg
 
 
-def read_wandb_history(run_file: Path) -> list[dict]:
-    """History rows of an offline ``run-<id>.wandb`` file (W&B's LevelDB-style record log).
+def wandb_records(run_file: Path):
+    """The protobuf records of an offline ``run-<id>.wandb`` file (W&B's LevelDB-style record log).
 
     W&B 0.31 no longer ships a Python reader, so this walks the log format directly: a 7-byte
-    header, then 32 KiB blocks of records ``crc32(4) length(2, LE) type(1) payload``.
+    header, then 32 KiB blocks of records ``crc32(4) length(2, LE) type(1) payload``; types 2-4
+    are the first, middle and last fragments of a record split across blocks.
     """
-    import json
     import struct
 
     from wandb.proto import wandb_internal_pb2 as pb
@@ -43,22 +43,34 @@ def read_wandb_history(run_file: Path) -> list[dict]:
     data = Path(run_file).read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{run_file} is not a W&B run file")
-    block, pos, chunks, rows = 32768, 7, [], []
+    block, pos, chunks = 32768, 7, []
     while pos + 7 <= len(data):
         if block - pos % block < 7:
             pos += block - pos % block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        payload = data[pos + 7 : pos + 7 + length]
+        chunks.append(data[pos + 7 : pos + 7 + length])
         pos += 7 + length
-        if kind in (1, 2, 3):
-            chunks.append(payload)
         if kind in (1, 4):
-            if kind == 4:
-                chunks.append(payload)
             record = pb.Record()
             record.ParseFromString(b"".join(chunks))
             chunks = []
-            if record.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
-    return rows
+            yield record
+
+
+def read_wandb_history(run_file: Path) -> list[dict]:
+    """History rows (metric name -> value) of an offline W&B run file."""
+    import json
+
+    return [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in wandb_records(run_file) if r.WhichOneof("record_type") == "history"
+    ]
+
+
+def wandb_run_record(run_file: Path):
+    """The run record (id, group, ...) of an offline W&B run file."""
+    for record in wandb_records(run_file):
+        if record.WhichOneof("record_type") == "run":
+            return record.run
+    raise AssertionError(f"no run record in {run_file}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import CONF, compose, read_wandb_history
+from tests.helpers import CONF, compose, read_wandb_history, wandb_run_record
 
 ROOT = CONF.parent
 
@@ -70,38 +70,19 @@ def test_wandb_offline_run_files_hold_logged_metrics(tiny_model_dir, synthetic_d
     monkeypatch.setenv("WANDB_MODE", "offline")
     metrics = _train(tmp_path, _overrides(tiny_model_dir, synthetic_dir, "logger=wandb", "trainer.max_steps=4",
                                           "data.epoch_samples=32", "test=false"))
+    import wandb
+
+    wandb.teardown()  # finish() returns before W&B's service has flushed the run file; teardown waits for it
     run_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1
     rows = read_wandb_history(run_files[0])
     logged = [r["val/loss"] for r in rows if "val/loss" in r]
-    assert logged and logged[-1] == pytest.approx(float(metrics["val/loss"]), rel=1e-6)
+    assert logged, f"no val/loss in {len(rows)} history rows with keys {sorted({k for r in rows for k in r})}"
+    assert logged[-1] == pytest.approx(float(metrics["val/loss"]), rel=1e-6)
     # the kept-patch overlays of the first validation batch are logged as images
     images = [r for r in rows if "val/kept_patches/filenames" in r]
     assert images and images[0]["val/kept_patches/count"] == 1
     assert list(run_files[0].parent.glob("files/media/images/val/kept_patches_*.png"))
-
-
-def _wandb_run_record(run_file: Path):
-    """The run record (id, group) of an offline ``run-<id>.wandb`` file (see helpers.read_wandb_history)."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, pos, block, chunks = Path(run_file).read_bytes(), 7, 32768, []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunks.append(data[pos + 7 : pos + 7 + length])
-        pos += 7 + length
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(b"".join(chunks))
-            chunks = []
-            if record.WhichOneof("record_type") == "run":
-                return record.run
-    raise AssertionError(f"no run record in {run_file}")
 
 
 def _end_processes_tagged(tag: str, timeout: float = 30.0) -> None:
@@ -130,13 +111,20 @@ def _end_processes_tagged(tag: str, timeout: float = 30.0) -> None:
         time.sleep(0.2)
 
 
+def _child_env(**extra: str) -> dict[str, str]:
+    """Environment for a train.py subprocess. Not WANDB_SERVICE: an in-process W&B run earlier in this
+    pytest session exports its service to children, which would then write their run files
+    asynchronously (unflushed when the child exits) and, for a killed job, keep holding its run id."""
+    return {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | extra
+
+
 def _sweep(tmp_path, values, *extra, env=None):
     sweep_dir = tmp_path / "sweep"
     cmd = [
         sys.executable, str(ROOT / "train.py"), "-m", f"sparsity.keep={values}",
         *extra, f"hydra.sweep.dir={sweep_dir}",
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, **(env or {})})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_child_env(**(env or {})))
     rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open())) if (sweep_dir / "sweep_summary.csv").exists() else None
     return result, sweep_dir, rows
 
@@ -158,7 +146,7 @@ def test_keep_ratio_sweep_gives_each_job_a_dir_a_wandb_run_in_one_group_and_a_su
         assert keep in (path.parent / ".hydra" / "overrides.yaml").read_text()
         assert "val/loss" in json.loads(path.read_text())["metrics"]
         (run_file,) = path.parent.glob("wandb/offline-run-*/run-*.wandb")
-        runs.append(_wandb_run_record(run_file))
+        runs.append(wandb_run_record(run_file))
     assert runs[0].run_id != runs[1].run_id  # one W&B run per job ...
     assert runs[0].run_group == runs[1].run_group == "train-sweep"  # ... grouped by the sweep
     assert [r["job"] for r in rows] == ["0", "1"] and [r["status"] for r in rows] == ["completed"] * 2
@@ -188,9 +176,7 @@ def test_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tin
         "+trainer.limit_val_batches=1",
         f"hydra.run.dir={run_dir}",
     ]
-    # Not WANDB_SERVICE: an in-process W&B run earlier in this pytest session exports its service to
-    # children, and a service shared with the killed job would still hold the run id.
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_MODE": "offline"}
+    env = _child_env(WANDB_MODE="offline")
     tag = f"{os.getpid()}-{id(tmp_path)}"
     killed = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *overrides,
@@ -214,7 +200,7 @@ def test_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tin
     assert final["global_step"] == 4 and final["dllava_run"]["wandb_id"] == wandb_id
     run_dirs = sorted(run_dir.glob("wandb/offline-run-*"))  # offline-run-<time>-<run id>
     assert len(run_dirs) == 2 and {d.name.rsplit("-", 1)[1] for d in run_dirs} == {wandb_id}
-    assert _wandb_run_record(next(run_dirs[1].glob("run-*.wandb"))).run_id == wandb_id
+    assert wandb_run_record(next(run_dirs[1].glob("run-*.wandb"))).run_id == wandb_id
 
 
 @pytest.mark.slow
