@@ -120,3 +120,8 @@ def test_existing_generation_with_other_settings_is_not_overwritten(synthetic_di
     assert info["splits"]["train"]["records"] == 256
     with pytest.raises(ValueError, match=r"data.synthetic: .* \(train: on disk 256, configured 999\)"):
         ensure_synthetic(str(synthetic_dir), train=999, val=64, test=64, seed=0, samples_per_shard=64)
+    same = ensure_synthetic(str(synthetic_dir), train=256, val=64, test=64, seed=0, samples_per_shard=64,
+                            kinds=["describe", "color", "shape", "count", "exist"])  # order does not matter
+    assert same == info
+    with pytest.raises(ValueError, match=r"kinds: on disk \['color', .*\], configured \['shape'\]"):
+        ensure_synthetic(str(synthetic_dir), train=256, val=64, test=64, seed=0, samples_per_shard=64, kinds=["shape"])

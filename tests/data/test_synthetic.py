@@ -283,6 +283,7 @@ def test_info_json_lists_shards(tmp_path):
     assert read_info(tmp_path) == info
     assert info == {
         "version": 1, "seed": 5, "image_size": 96, "grid": 4, "samples_per_shard": 4,
+        "kinds": ["color", "shape", "count", "exist", "describe"],
         "splits": {
             "train": {"records": 9, "shards": ["train-000000.tar", "train-000001.tar", "train-000002.tar"]},
             "val": {"records": 4, "shards": ["val-000000.tar"]},
@@ -299,6 +300,20 @@ def test_regenerating_smaller_removes_stale_shards(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
 
 
+@pytest.mark.parametrize("kinds", [["shape"], ["describe"], ["count", "describe"]])
+def test_a_kinds_subset_asks_only_those_kinds_and_answers_them_from_the_scene(kinds):
+    records = [make_conversation("train", i, seed=0, kinds=kinds) for i in range(200)]
+    asked = Counter(kind for r in records for kind in r["kinds"])
+    assert set(asked) == set(kinds)
+    for record in records:
+        for kind, question, answer in _rounds(record):
+            assert answer == _expected_answer(kind, question, record["scene"])
+
+
+def test_the_default_kinds_give_the_same_records_as_naming_all_five():
+    assert _records("val", 50) == [make_conversation("val", i, 0, kinds=SHORT_KINDS + LONG_KINDS) for i in range(50)]
+
+
 # -- validation and CLI ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs, message",
@@ -308,6 +323,8 @@ def test_regenerating_smaller_removes_stale_shards(tmp_path):
         (dict(image_size=40, grid=4), "cells must be an even number of >= 16 px"),
         (dict(split="dev"), "split must be one of"),
         (dict(seed=-1), "--seed must be >= 0, got -1"),
+        (dict(kinds=["shape", "size"]), "kinds must be a non-empty subset"),
+        (dict(kinds=[]), "kinds must be a non-empty subset"),
     ],
 )
 def test_bad_record_arguments_are_rejected_with_reason(kwargs, message):
@@ -332,6 +349,7 @@ def test_write_split_rejects_bad_sizes(tmp_path):
         (["--samples-per-shard", "0"], "--samples-per-shard must be >= 1, got 0"),
         (["--grid", "5"], "grid must be in 2..4"),
         (["--image-size", "100", "--grid", "3"], "divisible by grid"),
+        (["--kinds", "shape,colour"], "kinds must be a non-empty subset"),
     ],
 )
 def test_cli_rejects_bad_arguments_with_reason(tmp_path, capsys, args, message):

@@ -87,6 +87,14 @@ def check_geometry(image_size: int, grid: int) -> None:
         raise ValueError(f"cells must be an even number of >= 16 px (objects sit in a quadrant), got image_size={image_size} / grid={grid}")
 
 
+def check_kinds(kinds: Collection[str]) -> tuple[str, ...]:
+    """The question kinds a generation draws from, in canonical order; raises on an unknown or empty set."""
+    unknown = sorted(set(kinds) - set(FINAL_KINDS))
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {list(FINAL_KINDS)}, got {list(kinds)}")
+    return tuple(k for k in FINAL_KINDS if k in kinds)
+
+
 def _check_split(split: str) -> None:
     if split not in SPLIT_INDEX:
         raise ValueError(f"split must be one of {list(SPLIT_INDEX)}, got {split!r}")
@@ -244,17 +252,19 @@ def _exist_options(scene: Scene, answer: str, rng: np.random.Generator) -> list[
     return [(f"is there a {c} {s} ?", answer) for c, s in pairs]
 
 
-def _draw_plan(rng: np.random.Generator) -> list[tuple[str, str | None]]:
-    """1-3 rounds of (kind, fixed answer or None): short kinds first, the final kind uniform over all five.
+def _draw_plan(rng: np.random.Generator, kinds: tuple[str, ...] = FINAL_KINDS) -> list[tuple[str, str | None]]:
+    """1-3 rounds of (kind, fixed answer or None): short kinds first, the final kind uniform over ``kinds``
+    (all five by default; without a short kind, a single round).
 
     Count answers that no scene could serve together (counts of distinct colours summing past
     MAX_OBJECTS, e.g. "three" twice) are redrawn.
     """
-    rounds = int(rng.integers(1, MAX_ROUNDS + 1))
-    kinds = [SHORT_KINDS[int(rng.integers(len(SHORT_KINDS)))] for _ in range(rounds - 1)]
-    kinds.append(FINAL_KINDS[int(rng.integers(len(FINAL_KINDS)))])
+    short = tuple(k for k in kinds if k in SHORT_KINDS)
+    rounds = int(rng.integers(1, MAX_ROUNDS + 1)) if short else 1
+    chosen = [short[int(rng.integers(len(short)))] for _ in range(rounds - 1)]
+    chosen.append(kinds[int(rng.integers(len(kinds)))])
     plan: list[tuple[str, str | None]] = []
-    for kind in kinds:
+    for kind in chosen:
         answer = draw_answer(kind, rng)
         while kind == "count" and _objects_counted(plan) + COUNT_WORDS.index(answer) > MAX_OBJECTS:
             answer = draw_answer(kind, rng)  # terminates: "zero" always fits
@@ -280,9 +290,9 @@ def _exchanges(
 
 
 def _conversation(
-    rng: np.random.Generator, split: str, index: int, image_size: int, grid: int
+    rng: np.random.Generator, split: str, index: int, image_size: int, grid: int, kinds: tuple[str, ...]
 ) -> dict[str, Any]:
-    plan = _draw_plan(rng)
+    plan = _draw_plan(rng, kinds)
     for _ in range(MAX_SCENE_DRAWS):
         scene = make_scene(rng, image_size, grid)
         exchanges = _exchanges(plan, scene, rng)
@@ -304,19 +314,24 @@ def _conversation(
     }
 
 
-def make_conversation(split: str, index: int, seed: int, image_size: int = 96, grid: int = 4) -> dict[str, Any]:
+def make_conversation(
+    split: str, index: int, seed: int, image_size: int = 96, grid: int = 4, kinds: Collection[str] = FINAL_KINDS
+) -> dict[str, Any]:
     """The record of :func:`make_record` without rendering its image (fast, for statistics)."""
     check_geometry(image_size, grid)
-    return _conversation(_rng(seed, split, index), split, index, image_size, grid)
+    return _conversation(_rng(seed, split, index), split, index, image_size, grid, check_kinds(kinds))
 
 
 def make_record(
-    split: str, index: int, seed: int, image_size: int = 96, grid: int = 4
+    split: str, index: int, seed: int, image_size: int = 96, grid: int = 4, kinds: Collection[str] = FINAL_KINDS
 ) -> tuple[dict[str, Any], Image.Image]:
-    """Record ``index`` of ``split`` (LLaVA mix665k schema plus ``kinds`` and ``scene``) and its RGB image."""
+    """Record ``index`` of ``split`` (LLaVA mix665k schema plus ``kinds`` and ``scene``) and its RGB image.
+
+    ``kinds`` restricts the questions (e.g. ``["shape"]`` for a curriculum stage); the default draws
+    from all five kinds."""
     check_geometry(image_size, grid)
     rng = _rng(seed, split, index)
-    record = _conversation(rng, split, index, image_size, grid)
+    record = _conversation(rng, split, index, image_size, grid, check_kinds(kinds))
     return record, render(record["scene"], rng, image_size)  # pixels draw after the conversation
 
 
@@ -336,14 +351,14 @@ def _shard_name(split: str, shard: int) -> str:
     return f"{split}-{shard:06d}.tar"
 
 
-def _write_shard(task: tuple[Path, str, int, int, int, int, int, int]) -> int:
+def _write_shard(task: tuple[Path, str, int, int, int, int, int, int, tuple[str, ...]]) -> int:
     """Write one shard under a temporary name, then move it into place; returns its record count."""
-    out, split, shard, start, stop, seed, image_size, grid = task
+    out, split, shard, start, stop, seed, image_size, grid, kinds = task
     path = out / _shard_name(split, shard)
     tmp = out / f".{path.name}.{os.getpid()}.tmp"  # dot-prefixed: shard globs never match it
     with wds.TarWriter(str(tmp), mtime=SHARD_MTIME) as sink:
         for index in range(start, stop):
-            sink.write(_sample(*make_record(split, index, seed, image_size, grid)))
+            sink.write(_sample(*make_record(split, index, seed, image_size, grid, kinds)))
     os.replace(tmp, path)
     return stop - start
 
@@ -366,6 +381,7 @@ def write_split(
     samples_per_shard: int = 1000,
     workers: int = 1,
     progress: tqdm | None = None,
+    kinds: Collection[str] = FINAL_KINDS,
 ) -> list[str]:
     """Write ``num_records`` records of ``split`` as shards under ``out``; returns the shard file names.
 
@@ -378,10 +394,11 @@ def write_split(
     _check_at_least("seed", seed, 0)
     _check_at_least("samples-per-shard", samples_per_shard, 1)
     _check_at_least("workers", workers, 1)
+    kinds = check_kinds(kinds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = [
-        (out, split, shard, start, min(start + samples_per_shard, num_records), seed, image_size, grid)
+        (out, split, shard, start, min(start + samples_per_shard, num_records), seed, image_size, grid, kinds)
         for shard, start in enumerate(range(0, num_records, samples_per_shard))
     ]
     if workers > 1 and len(tasks) > 1:
@@ -409,12 +426,14 @@ def generate(
     grid: int = 4,
     samples_per_shard: int = 1000,
     workers: int = 1,
+    kinds: Collection[str] = FINAL_KINDS,
 ) -> dict[str, Any]:
     """Write all three splits, then ``info.json`` (atomically, last: its presence means complete)."""
     sizes = {"train": train, "val": val, "test": test}
     for split, count in sizes.items():
         _check_at_least(split, count, 0)
     check_geometry(image_size, grid)
+    kinds = check_kinds(kinds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "info.json").unlink(missing_ok=True)  # an interrupted regeneration must not look complete
@@ -424,11 +443,14 @@ def generate(
         "image_size": image_size,
         "grid": grid,
         "samples_per_shard": samples_per_shard,
+        "kinds": list(kinds),
         "splits": {},
     }
     with tqdm(total=sum(sizes.values()), desc=f"synthetic -> {out}", unit="rec") as progress:
         for split, count in sizes.items():
-            shards = write_split(out, split, count, seed, image_size, grid, samples_per_shard, workers, progress)
+            shards = write_split(
+                out, split, count, seed, image_size, grid, samples_per_shard, workers, progress, kinds
+            )
             info["splits"][split] = {"records": count, "shards": shards}
     tmp = out / f".info.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n")
@@ -457,6 +479,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid", type=int, default=4, help="cells per side, 2..4 (default 4)")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=1, help="processes writing shards (default 1)")
+    parser.add_argument(
+        "--kinds", default=",".join(FINAL_KINDS),
+        help=f"comma-separated question kinds to draw from (default all: {','.join(FINAL_KINDS)})",
+    )
     return parser
 
 
@@ -470,11 +496,12 @@ def main(argv: list[str] | None = None) -> None:
         _check_at_least("samples-per-shard", args.samples_per_shard, 1)
         _check_at_least("workers", args.workers, 1)
         check_geometry(args.image_size, args.grid)
+        kinds = check_kinds([k for k in args.kinds.split(",") if k])
     except ValueError as err:
         parser.error(str(err))
     info = generate(
         args.out, args.train, args.val, args.test, args.seed, args.image_size, args.grid,
-        args.samples_per_shard, args.workers,
+        args.samples_per_shard, args.workers, kinds,
     )
     print(json.dumps({split: entry["records"] for split, entry in info["splits"].items()}))
 
