@@ -49,7 +49,8 @@ def wandb_records(run_file: Path):
             pos += block - pos % block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunks.append(data[pos + 7 : pos + 7 + length])
+        if kind in (1, 2, 3, 4):  # type 0 is padding
+            chunks.append(data[pos + 7 : pos + 7 + length])
         pos += 7 + length
         if kind in (1, 4):
             record = pb.Record()

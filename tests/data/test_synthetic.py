@@ -294,6 +294,13 @@ def test_info_json_lists_shards(tmp_path):
         assert len(tar.getnames()) == 2  # the last shard holds the remaining record (jpg + json)
 
 
+def test_an_info_json_from_before_kinds_existed_reads_as_all_five_kinds(tmp_path):
+    info = generate(tmp_path, train=1, val=0, test=0, seed=0)
+    del info["kinds"]
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    assert read_info(tmp_path)["kinds"] == list(SHORT_KINDS + LONG_KINDS)
+
+
 def test_regenerating_smaller_removes_stale_shards(tmp_path):
     generate(tmp_path, train=12, val=0, test=0, samples_per_shard=4)
     generate(tmp_path, train=5, val=0, test=0, samples_per_shard=4)

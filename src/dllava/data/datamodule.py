@@ -315,8 +315,7 @@ def ensure_synthetic(out: str, **spec: Any) -> dict[str, Any]:
         "test": info["splits"]["test"]["records"],
         **{k: info.get(k) for k in expected if k not in ("train", "val", "test")},
     }
-    if "kinds" in expected:  # generations from before kinds existed drew from all of them
-        found["kinds"] = info.get("kinds", list(synthetic.FINAL_KINDS))
+    if "kinds" in expected:  # info.json lists them in canonical order
         expected["kinds"] = list(synthetic.check_kinds(expected["kinds"]))
     differs = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
     if differs:

@@ -461,7 +461,11 @@ def generate(
 def read_info(out: str | Path) -> dict[str, Any] | None:
     """The generation's ``info.json``, or None when ``out`` holds no complete generation."""
     path = Path(out) / "info.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    info = json.loads(path.read_text())
+    info.setdefault("kinds", list(FINAL_KINDS))  # generations from before kinds existed drew from all five
+    return info
 
 
 # -- CLI ---------------------------------------------------------------------------------------------
