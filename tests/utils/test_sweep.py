@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -49,3 +51,16 @@ def test_callback_writes_the_table_then_fails_the_sweep(sweep):
 def test_cli_rebuilds_the_table(sweep, capsys):
     main([str(sweep)])
     assert "4 jobs, 2 failed" in capsys.readouterr().out
+
+
+def test_cli_on_a_missing_sweep_dir_says_so_and_writes_nothing(tmp_path):
+    missing = tmp_path / "nope"
+    result = subprocess.run([sys.executable, "-m", "dllava.utils.sweep", str(missing)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert f"sweep directory '{missing}' does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert not missing.exists() and list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as err:
+        main([str(tmp_path / "file")])
+    assert err.value.code != 0 and sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -3,8 +3,10 @@
 * ``.ckpt`` (written by ``train.py``): the model is built as :class:`~dllava.training.module.LlavaLitModule`
   builds it (``load_llava`` of the hyper-parameters' ``model`` source, then ``DynamicLlava`` with their
   ``sparsity`` and predictor sizes), and the checkpoint's ``state_dict`` (keys ``model.*``) is loaded
-  into it, strictly. The tokenizer and image processor come from ``model.pretrained``. Loaded with
-  ``torch.load(weights_only=True)``: nothing in the file can execute code.
+  into it, strictly. The tokenizer and image processor come from ``model.pretrained``. The archive's
+  CRCs are checked first (a damaged file is refused naming the member), then it is loaded with
+  ``torch.load(weights_only=True)``: nothing in the file can execute code. A file that is no such
+  checkpoint (``ckpt_path=README.md``) is refused saying what eval.py accepts.
 * A directory with ``sparsity.json`` (``DynamicLlava.save_pretrained``, ``train.py export=true``):
   ``DynamicLlava.from_pretrained``; processor from the same directory.
 * A directory without it (a stock llava-hf checkpoint, or a dense export): a dense model (no
@@ -26,6 +28,7 @@ import torch
 from dllava.model.loading import DTYPES, ModelSource, load_llava, load_processor
 from dllava.sparse.config import SparsityConfig
 from dllava.sparse.model import SPARSITY_FILE, DynamicLlava
+from dllava.training.safe_load import CorruptCheckpointError, NotAnArchiveError, UnsafeCheckpointError, load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +84,32 @@ def load_for_eval(ckpt_path: str | Path, device: str = "auto", dtype: str | None
     return LoadedModel(model=model, processor=processor, name=model_name(path), path=str(path), device=device)
 
 
+ACCEPTED = (
+    "eval.py takes a Lightning checkpoint written by train.py (a .ckpt file), a save_pretrained directory "
+    "(<run dir>/hf from train.py export=true), or a stock llava-hf model directory (with config.json)"
+)
+
+
+def read_lightning_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint file at ``path``, CRC-checked and unpickled weights-only; anything else is refused
+    saying what eval.py accepts (never by suggesting to load it with ``weights_only=False``)."""
+    try:
+        checkpoint = load_checkpoint_file(path, map_location="cpu")
+    except CorruptCheckpointError as err:
+        if not isinstance(err, NotAnArchiveError):
+            raise  # a damaged checkpoint: the error names the file and member
+        raise ValueError(f"ckpt_path={str(path)!r} is not a checkpoint of this project ({err}). {ACCEPTED}.") from None
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpointError(f"{err} Not a checkpoint of this project: {ACCEPTED}.") from None
+    except RuntimeError as err:  # a zip archive that torch cannot read (no data.pkl, ...)
+        raise ValueError(f"ckpt_path={str(path)!r} is not a checkpoint of this project ({err}). {ACCEPTED}.") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint of LlavaLitModule (no state_dict/hyper_parameters). {ACCEPTED}.")
+    return checkpoint
+
+
 def _from_lightning(path: Path, dtype: str | None) -> tuple[DynamicLlava, Any]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint of LlavaLitModule (no state_dict/hyper_parameters)")
+    checkpoint = read_lightning_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
     source = dict(hparams["model"])
     predictor = source.pop("predictor", None)

@@ -11,13 +11,20 @@ once it is complete, so a run killed mid-write leaves the previous checkpoint at
   :class:`FSDP2Strategy`, which write ``.<name>.tmp/`` and swap it in with :func:`swap_directory`.
 
 Temporary names start with a dot, so ``ckpt_path=last`` (which matches ``last*.ckpt``) never picks one.
+Before each checkpoint write, temp files and directories that a killed run left in the checkpoint
+directory are removed, only when their writer is gone (:func:`dllava.utils.files.clean_stale_temps`).
+Files are created with the umask's permissions (``0644`` under umask 022), like any file.
+
+Loading runs no code from the checkpoint and refuses a damaged one (:mod:`dllava.training.safe_load`):
+files are CRC-checked and unpickled weights-only (whatever ``weights_only`` the caller passes); sharded
+directories are read through :class:`~dllava.training.safe_load.SafeFileSystemReader` (FSDP2) or
+checked by the same reads before Lightning's loader (FSDP1).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import IO, Any, Optional
 
@@ -26,26 +33,21 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename: the directory entry itself must reach the disk, not only the file."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from dllava.training.safe_load import (
+    load_checkpoint_file,
+    load_sharded,
+    load_weights_only,
+    verify_archive,
+    verify_sharded_checkpoint,
+)
+from dllava.utils.files import _fsync_dir, atomic_write, clean_stale_temps
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` into a temp file in the checkpoint's own directory, fsync, then ``os.replace``.
 
-    Local paths only (a URL, e.g. ``s3://``, falls back to Lightning's writer). Loading is Lightning's,
-    with ``weights_only`` as the trainer passes it (train.py passes True).
+    Local paths only (a URL, e.g. ``s3://``, falls back to Lightning's writer and reader). Loading a
+    local file checks the archive's CRCs first and always unpickles weights-only.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
@@ -54,19 +56,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as handle:
-                self.write(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        clean_stale_temps(path.parent)
+        atomic_write(path, lambda handle: self.write(checkpoint, handle), durable=True)
+
+    def load_checkpoint(self, path: Any, map_location: Optional[Any] = lambda storage, loc: storage, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        if "://" in str(path) or not Path(path).is_file():
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return load_checkpoint_file(path, map_location=map_location)
 
     def write(self, checkpoint: dict[str, Any], handle: IO[bytes]) -> None:
         """Serialise ``checkpoint`` into the open temp file ``handle.name`` (a seam for crash tests)."""
@@ -129,6 +125,7 @@ class _AtomicShardedSave:
         tmp = temporary_sibling(path)
         if self.global_rank == 0:
             recover_directory(path)
+            clean_stale_temps(path.parent)
         self.barrier("dllava_ckpt_tmp_ready")
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier("dllava_ckpt_written")
@@ -137,11 +134,32 @@ class _AtomicShardedSave:
         self.barrier("dllava_ckpt_swapped")
 
 
+def _check_file_loads_weights_only(path: Path) -> None:
+    """CRCs, then a weights-only unpickling (``mmap``: tensor data is not read) of a checkpoint file
+    that a Lightning loader will unpickle itself."""
+    verify_archive(path)
+    load_weights_only(path, str(path), map_location="cpu", mmap=True)
+
+
 class FSDPStrategy(_AtomicShardedSave, _LightningFSDPStrategy):
-    """Lightning's ``FSDPStrategy`` (GPU only) whose sharded checkpoints are written atomically."""
+    """Lightning's ``FSDPStrategy`` (GPU only) whose sharded checkpoints are written atomically.
+
+    Loading: Lightning's loader builds its own DCP reader, and unpickles a full-state file with its lazy
+    unpickler, which honours no ``weights_only``; so the checkpoint is first checked by the same reads,
+    restricted (:func:`~dllava.training.safe_load.verify_sharded_checkpoint`, or the CRCs and a
+    weights-only unpickling of the file), and refused before Lightning reads it if anything is unsafe.
+    """
 
     def _writes_directory(self) -> bool:
         return self._state_dict_type == "sharded"
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            verify_sharded_checkpoint(path)
+        else:
+            _check_file_loads_weights_only(path)
+        return super().load_checkpoint(path, weights_only=True)
 
 
 class FSDP2Strategy(_AtomicShardedSave, ModelParallelStrategy):
@@ -168,3 +186,38 @@ class FSDP2Strategy(_AtomicShardedSave, ModelParallelStrategy):
 
     def _writes_directory(self) -> bool:
         return self._save_distributed_checkpoint
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """A sharded directory through :class:`~dllava.training.safe_load.SafeFileSystemReader` (no code
+        from the checkpoint runs); a file checked (CRCs, weights-only) and loaded by Lightning."""
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_dir():
+            _check_file_loads_weights_only(path)
+            return super().load_checkpoint(path, weights_only=True)
+        verify_sharded_checkpoint(path)  # every rank: a refusal fails them all before any collective
+        return self._load_sharded(path)
+
+    def _load_sharded(self, path: Path) -> dict[str, Any]:
+        """What Lightning's ``ModelParallelStrategy`` does for a sharded directory, with our reader:
+        model, then each optimizer (keys ``state_dict``, ``optimizer_<i>``, as saved), then ``meta.pt``
+        (everything else Lightning restores: loops, schedulers, callbacks), weights-only."""
+        from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        module = self.model
+        model_state = {"state_dict": get_model_state_dict(module)}
+        load_sharded(model_state, path)
+        module.load_state_dict(model_state["state_dict"], strict=self.lightning_module.strict_loading)
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+            load_sharded(optimizer_state, path)
+            set_optimizer_state_dict(
+                module, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True)
+            )
+        return load_checkpoint_file(path / _METADATA_FILENAME)

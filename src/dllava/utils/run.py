@@ -12,8 +12,6 @@ import functools
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -120,15 +118,11 @@ def plain_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> Path:
-    """Write JSON through a temp file and rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
-    return path
+    """Write JSON through a temp file and rename, so a reader never sees half a file; the file gets the
+    umask's permissions (:func:`dllava.utils.files.atomic_write`)."""
+    from dllava.utils.files import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def write_summary(

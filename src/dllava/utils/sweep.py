@@ -19,13 +19,13 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from dllava.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,7 @@ def write_sweep_summary(sweep_dir: str | Path, filename: str = SUMMARY_FILE) -> 
     writer = csv.DictWriter(buffer, fieldnames=[*FIXED_COLUMNS, *metrics], restval="")
     writer.writeheader()
     writer.writerows(rows)
-    path = sweep_dir / filename
-    fd, tmp = tempfile.mkstemp(dir=sweep_dir, prefix=f".{filename}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as handle:
-        handle.write(buffer.getvalue())
-    os.replace(tmp, path)
+    path = atomic_write_text(sweep_dir / filename, buffer.getvalue())
     return path, rows
 
 
@@ -112,10 +108,14 @@ class SweepSummary(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="(Re)build sweep_summary.csv from a Hydra sweep directory.")
+    parser = argparse.ArgumentParser(prog="python -m dllava.utils.sweep", description="(Re)build sweep_summary.csv from a Hydra sweep directory.")
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--filename", default=SUMMARY_FILE)
     args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        what = "is not a directory" if args.sweep_dir.exists() else "does not exist"
+        parser.exit(2, f"{parser.prog}: error: sweep directory {str(args.sweep_dir)!r} {what}; give the sweep dir of a "
+                       "multirun (hydra.sweep.dir, e.g. logs/train/multiruns/<time>)\n")
     path, rows = write_sweep_summary(args.sweep_dir, args.filename)
     print(f"{path}: {len(rows)} jobs, {sum(r['status'] != 'completed' for r in rows)} failed")
 
