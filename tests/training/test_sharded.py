@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,12 +46,10 @@ def _run(tiny_model_dir, shards, run_dir, *extra, timeout=240):
 
 
 def _full_checkpoint(directory: Path) -> dict:
-    """A sharded (DCP) checkpoint directory gathered into one state dict in this process."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """A sharded (DCP) checkpoint directory gathered into one state dict in this process (safe reader)."""
+    from dllava.training.safe_load import read_sharded_full
 
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(directory, Path(tmp) / "full.pt")
-        return torch.load(Path(tmp) / "full.pt", weights_only=True)
+    return read_sharded_full(directory)
 
 
 def _max_diff(a: dict, b: dict) -> float:

@@ -226,3 +226,15 @@ def verify_sharded_checkpoint(path: str | Path) -> Metadata:
             handle.seek(info.offset)
             _checked_bytes(io.BytesIO(handle.read(info.length)), f"{path / info.relative_path} (item {fqn!r})")
     return metadata
+
+
+def read_sharded_full(path: str | Path) -> dict[str, Any]:
+    """A whole sharded checkpoint gathered into one nested state dict in this process (no process group),
+    as torch's ``dcp_to_torch_save`` gathers it, but through :class:`SafeFileSystemReader`."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    verify_sharded_checkpoint(path)
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=SafeFileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return state
