@@ -259,6 +259,11 @@ def check_answered(answered: Sequence[dict[str, Any]], model_id: str, arm: Arm) 
     """Earlier answers may be continued only by the same model and arm: scoring a mix would be wrong."""
     for record in answered:
         meta = record.get("metadata", {})
+        if "prefill_flops_dense" not in meta:
+            raise ValueError(
+                f"answers.jsonl answer to question_id {record.get('question_id')!r} lacks the costs a summary needs "
+                "(written by an older eval.py?): evaluate into a new run dir"
+            )
         found = (record.get("model_id"), meta.get("method"), meta.get("keep"), meta.get("text"))
         if found != (model_id, arm.method, arm.keep, arm.text):
             raise ValueError(
