@@ -9,6 +9,7 @@ Examples:
     python eval.py ckpt_path=logs/train/runs/<run>/hf                            # learned, trained keep
     python eval.py ckpt_path=<run>/checkpoints/last.ckpt method=fastv sparsity.keep=0.2
     python eval.py -m ckpt_path=<run>/hf method=dynamic,fastv,random sparsity.keep=0.1,0.2   # sweep_summary.csv
+    python eval.py ckpt_path=<run>/hf hydra.run.dir=<interrupted eval run> resume=true  # continue it
     python eval.py ckpt_path=<run>/hf compare.enabled=true compare.dense_ckpt_path=<dense run>/checkpoints/last.ckpt
     python eval.py ckpt_path=<llava dir> data.questions=llava_vqav2_mscoco_test-dev2015.jsonl \\
         data.image_folder=<coco test2015> generation.max_new_tokens=128
@@ -26,12 +27,12 @@ os.environ.setdefault("DLLAVA_ROOT", str(Path(__file__).resolve().parent))
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dllava.eval.answers import write_answer_file
+from dllava.eval.answers import AnswerAppender, read_partial_answer_file, write_answer_file
 from dllava.eval.compare import plan_arms, run_comparison
 from dllava.eval.loading import load_for_eval
 from dllava.eval.overlay import kept_patch_overlay, pixels_to_image, tile
-from dllava.eval.questions import question_source
-from dllava.eval.runner import Arm, evaluate_arm, flat_metrics
+from dllava.eval.questions import describe_skipped, question_source, write_skipped
+from dllava.eval.runner import Arm, NoQuestions, evaluate_arm, flat_metrics
 from dllava.utils.resolvers import register_resolvers
 from dllava.utils.run import task_wrapper, write_json_atomic, write_summary
 
@@ -44,36 +45,75 @@ log = logging.getLogger("eval")
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation ``cfg`` describes; returns the flat metrics written to summary.json."""
     out = Path(cfg.paths.output_dir)
+    if cfg.compare.enabled and cfg.resume:
+        raise ValueError("resume=true continues a single evaluation; a comparison (compare.enabled=true) starts over")
+    answered = None if cfg.compare.enabled else earlier_answers(out / "answers.jsonl", cfg.resume)  # before the slow load
     loaded = load_for_eval(cfg.ckpt_path, cfg.device, cfg.dtype)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     questions = question_source(data, loaded.processor)
     settings = dict(batch_size=data["batch_size"], max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.seed, progress=cfg.progress)
     if cfg.compare.enabled:
-        metrics = compare(cfg, loaded, list(questions), out, settings)
+        metrics = compare(cfg, loaded, questions, out, settings)
     else:
-        metrics = single(cfg, loaded, questions, out, settings)
+        metrics = single(cfg, loaded, questions, out, settings, answered)
     write_summary(out, metrics, str(cfg.ckpt_path))
     return metrics
 
 
-def single(cfg: DictConfig, loaded: Any, questions: Any, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+def single(
+    cfg: DictConfig, loaded: Any, questions: Any, out: Path, settings: dict[str, Any], answered: list[dict[str, Any]]
+) -> dict[str, Any]:
     method = cfg.method.name
     text = cfg.method.text
     text = "off" if text is False else text  # YAML's bare `off`
     keep = 1.0 if method == "dense" else float(cfg.sparsity.keep if cfg.sparsity.keep is not None else loaded.model.sparsity.keep)
     arm = Arm(method, keep, text)
-    result = evaluate_arm(loaded, questions, arm, examples=cfg.overlays, model_id=cfg.model_id, **settings)
-    answers = write_answer_file(out / "answers.jsonl", result.records)
-    write_json_atomic(out / "eval.json", result.summary)
+    path = out / "answers.jsonl"
+    try:
+        with AnswerAppender(path) as append:  # each batch on disk as soon as it is answered
+            result = evaluate_arm(loaded, questions, arm, examples=cfg.overlays, model_id=cfg.model_id,
+                                  answered=answered, on_batch=append, **settings)
+    finally:  # a failed run lists what it skipped too
+        skipped = report_skipped(questions.skipped, out)
+    answers = write_answer_file(path, result.records)  # in question order, earlier answers merged
+    summary = {**result.summary, "skipped": sum(skipped.values()), "skipped_reasons": skipped}
+    write_json_atomic(out / "eval.json", summary)
     if result.examples:
         write_overlays(result, out / "overlays")
-    s = result.summary
+    s = summary
+    latency = "no new answers" if s["latency_s"] is None else f"{1e3 * s['latency_s']:.2f} ms/question"
     print(f"{loaded.name} {arm.label}: accuracy {s['accuracy']}, VQA accuracy {s['vqa_accuracy']} over {s['scored']} "
           f"questions; kept {s['image_tokens_kept']:.1f}/{s['image_tokens']} image tokens; prefill "
-          f"{s['prefill_flops']:.4g} FLOPs ({s['prefill_flops_ratio']:.3f} of dense); "
-          f"{1e3 * s['latency_s']:.2f} ms/question")
+          f"{s['prefill_flops']:.4g} FLOPs ({s['prefill_flops_ratio']:.3f} of dense); {latency}; "
+          f"{s['skipped']} skipped")
     log.info("wrote %s and %s", answers, out / "eval.json")
-    return flat_metrics(result.summary)
+    return {**flat_metrics(summary), **{f"eval/skipped_{reason}": n for reason, n in skipped.items()}}
+
+
+def earlier_answers(path: Path, resume: bool) -> list[dict[str, Any]]:
+    """The answers an interrupted run left in ``path`` when continuing it (``resume=true``); without
+    ``resume`` an existing answer file is never overwritten."""
+    if not resume:
+        if path.exists() and path.stat().st_size:
+            raise FileExistsError(
+                f"{path} already holds answers: pass resume=true to continue that evaluation (answered "
+                "questions are kept, the rest answered), or evaluate into a new run dir (a new hydra.run.dir)"
+            )
+        return []
+    records, torn = read_partial_answer_file(path)
+    if torn:
+        log.warning("%s: dropped a half-written last line (%d bytes); its question is answered again", path, torn)
+    log.info("resume=true: continuing with %d answers from %s", len(records), path)
+    return records
+
+
+def report_skipped(skipped: list[dict[str, Any]], out: Path) -> dict[str, int]:
+    """Write ``skipped.jsonl`` (file and line, or shard and key, with the reason) and warn; counts per reason."""
+    path = out / "skipped.jsonl"
+    counts = write_skipped(path, skipped)
+    if skipped:
+        log.warning("%s; listed in %s", describe_skipped(skipped), path)
+    return counts
 
 
 def write_overlays(result: Any, folder: Path) -> Path:
@@ -92,8 +132,12 @@ def write_overlays(result: Any, folder: Path) -> Path:
     return folder
 
 
-def compare(cfg: DictConfig, loaded: Any, questions: list, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+def compare(cfg: DictConfig, loaded: Any, source: Any, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     c = cfg.compare
+    questions = list(source)  # read once for every arm
+    skipped = report_skipped(source.skipped, out)
+    if not questions:
+        raise NoQuestions(f"no questions to evaluate; {describe_skipped(source.skipped)}")
     keeps = [float(k) for k in c.keeps]
     runs = [(loaded, plan_arms(loaded, list(c.methods), keeps))]
     if c.dense_ckpt_path:
@@ -105,7 +149,7 @@ def compare(cfg: DictConfig, loaded: Any, questions: list, out: Path, settings: 
     print(Path(report["paths"]["markdown"]).read_text())
     write_json_atomic(out / "compare.json", report)
     log.info("wrote %s", ", ".join(report["paths"].values()))
-    metrics: dict[str, Any] = {"compare/reference_accuracy": report["reference_accuracy"]}
+    metrics: dict[str, Any] = {"compare/reference_accuracy": report["reference_accuracy"], "compare/skipped": sum(skipped.values())}
     for row in report["rows"]:
         name = f"compare/{_slug(row['model'])}/{row['method']}@{row['keep']:g}"
         metrics.update({f"{name}/accuracy": row["accuracy"], f"{name}/prefill_flops": row["prefill_flops"]})

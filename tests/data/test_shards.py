@@ -128,3 +128,40 @@ def test_a_record_that_is_not_an_object_is_rejected_not_fatal(tmp_path):
     with pytest.raises(Rejected, match="image_token_without_image"):
         check_record({"conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]},
                      tmp_path)
+
+
+def test_rejection_reasons_are_readable_and_identical_across_conversions(tmp_path):
+    # PIL's "cannot identify image file" message embeds the in-memory file's repr (an address): the
+    # reason must name the image path instead, so two conversions of one input agree byte for byte
+    path, images, _, _ = write_bad_cases(tmp_path)
+    convert(path, images, tmp_path / "one", samples_per_shard=3, progress=False)
+    convert(path, images, tmp_path / "two", samples_per_shard=3, workers=2, progress=False)
+    first = (tmp_path / "one" / "rejected.jsonl").read_bytes()
+    assert first == (tmp_path / "two" / "rejected.jsonl").read_bytes()
+    details = {r["id"]: r["detail"] for r in map(json.loads, first.decode().splitlines())}
+    assert details["garbage"] == f"{(images / 'coco' / 'garbage.jpg').resolve()}: cannot identify image file (not an image format PIL reads)"
+    assert details["truncated"].startswith(f"{(images / 'coco' / 'truncated.jpg').resolve()}: ")
+    assert not any("0x" in d or "object at" in d for d in details.values())
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_rejected_as_malformed_and_the_rest_converted(tmp_path):
+    path, images, records, _ = write_bad_cases(tmp_path)
+    good = [json.dumps(r).encode() for r in (records[0], records[1], records[4])]
+    latin1 = json.dumps(records[0]).replace("ok-jpg", "caf\u00e9", 1).encode("latin-1")  # é as one byte 0xe9
+    jsonl = tmp_path / "mix.jsonl"
+    jsonl.write_bytes(b"\n".join([good[0], b"", latin1, good[1], good[2]]) + b"\n")  # blank line 2, bad line 3
+    manifest = convert(jsonl, images, tmp_path / "out", progress=False)
+    assert (manifest["records"], manifest["written"], manifest["rejected"]) == (4, 3, 1)
+    rejected = json.loads((tmp_path / "out" / "rejected.jsonl").read_text())
+    assert (rejected["reason"], rejected["line"], rejected["index"]) == ("malformed_record", 3, 1)
+    assert "not valid UTF-8" in rejected["detail"]
+
+
+def test_a_json_list_that_is_not_utf8_fails_with_a_clear_error(tmp_path, capsys):
+    path, images, records, _ = write_bad_cases(tmp_path)
+    path.write_bytes(json.dumps(records, ensure_ascii=False).replace("ok-jpg", "caf\u00e9", 1).encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{path}: not valid UTF-8 at byte \d+ .*re-encode"):
+        convert(path, images, tmp_path / "out", progress=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), "--image-root", str(images), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "not valid UTF-8" in capsys.readouterr().err

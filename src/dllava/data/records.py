@@ -11,6 +11,7 @@ truncated data) but never re-encoded: the shard stores the file's bytes under th
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import warnings
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from dllava.data.conversation import IMAGE_PLACEHOLDER, normalize_conversations
 
@@ -64,13 +65,24 @@ class CheckedRecord:
 def read_records(path: str | Path) -> tuple[list[Any], bytes]:
     """All records of a LLaVA JSON list or a JSONL file, and the file's bytes (for fingerprinting).
 
-    A JSONL line that does not parse becomes a :class:`Malformed` entry in its place; a JSON list that
-    does not parse is a fatal error (there are no record boundaries to recover).
+    A JSONL line that does not parse (bad JSON, or bytes that are not UTF-8) becomes a :class:`Malformed`
+    entry in its place, numbered by its physical line; a JSON list that does not parse, or is not
+    UTF-8, is a fatal error naming the file (there are no record boundaries to recover).
     """
     data = Path(path).read_bytes()
-    head = data.lstrip()[:1]
+    head = data.removeprefix(codecs.BOM_UTF8).lstrip()[:1]
     if head == b"[":
-        records = json.loads(data)
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{path}: not valid UTF-8 at byte {err.start} ({err.reason}); a LLaVA JSON file must be UTF-8: "
+                "re-encode it (e.g. iconv -t UTF-8), or give one record per line (JSONL) so that only bad lines are rejected"
+            ) from None
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(records, list):  # pragma: no cover - "[" always opens a list
             raise ValueError(f"{path}: expected a JSON list of records")
         return records, data
@@ -79,7 +91,9 @@ def read_records(path: str | Path) -> tuple[list[Any], bytes]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(json.loads(line.decode("utf-8-sig")))  # -sig: a leading byte-order mark
+        except UnicodeDecodeError as err:
+            records.append(Malformed(number, f"not valid UTF-8 at byte {err.start} of the line: {err.reason}"))
         except json.JSONDecodeError as err:
             records.append(Malformed(number, str(err)))
     return records, data
@@ -122,12 +136,22 @@ def check_record(record: Any, image_root: str | Path, requires_image: bool = Fal
         raise Rejected(MISSING_IMAGE, f"{path} does not exist") from None
     except OSError as err:
         raise Rejected(MISSING_IMAGE, f"{path}: {err}") from None
-    check_image_bytes(data, image)
+    check_image_bytes(data, str(path))
     return CheckedRecord(record, data, key)
 
 
+def image_error(err: Exception) -> str:
+    """A stable, readable description of a PIL failure: PIL's "cannot identify image file" message
+    embeds the repr of the in-memory file (``<_io.BytesIO object at 0x...>``), which changes from run to
+    run, so it is replaced by a fixed text; other PIL messages carry no addresses."""
+    if isinstance(err, UnidentifiedImageError):
+        return "cannot identify image file (not an image format PIL reads)"
+    return f"{type(err).__name__}: {err}"
+
+
 def check_image_bytes(data: bytes, name: str) -> None:
-    """Raise :class:`Rejected` unless PIL can open, verify and fully decode ``data``."""
+    """Raise :class:`Rejected` unless PIL can open, verify and fully decode ``data`` (``name``: the
+    image's path, for the reason)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -136,4 +160,4 @@ def check_image_bytes(data: bytes, name: str) -> None:
             with Image.open(io.BytesIO(data)) as image:
                 image.load()  # decodes every pixel: catches truncated JPEG data that verify() passes
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        raise Rejected(UNREADABLE_IMAGE, f"{name}: {type(err).__name__}: {err}") from None
+        raise Rejected(UNREADABLE_IMAGE, f"{name}: {image_error(err)}") from None

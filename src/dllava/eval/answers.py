@@ -16,9 +16,10 @@ the file byte for byte (LLaVA draws a random ``shortuuid``; nothing reads it).
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 ANSWER_FIELDS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
 METADATA_FIELDS = ("method", "keep", "image_tokens", "image_tokens_kept", "text_tokens_fed", "text_tokens_kept")
@@ -43,12 +44,67 @@ def answer_record(question_id: Any, prompt: str, text: str, model_id: str, metad
 
 
 def write_answer_file(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
+    """Write the whole file at once: a temporary file beside it, then a rename, so a crash leaves the
+    previous version (eval.py rewrites the appended file in question order at the end)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
     return path
+
+
+class AnswerAppender:
+    """Appends answers batch by batch, each batch flushed and synced before the next is computed, so an
+    interrupted evaluation (a crash, Ctrl-C, a killed job) keeps every finished batch on disk."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = self.path.open("a")
+
+    def __call__(self, records: Sequence[dict[str, Any]]) -> None:
+        self.handle.write("".join(json.dumps(record) + "\n" for record in records))
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> "AnswerAppender":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def read_partial_answer_file(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """The answers an interrupted evaluation left in ``path`` (a missing file: none), for continuing it.
+
+    Returns ``(records, torn)``. A last line without its newline was cut off mid-write: it is
+    truncated from the file (``torn`` is its length in bytes) and its question is answered again. A
+    complete line that is not a valid answer is damage, not an interruption: :class:`AnswerFileError`.
+    """
+    path = Path(path)
+    if not path.exists():
+        return [], 0
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1  # bytes up to and including the last newline
+    records = []
+    for number, line in enumerate(data[:complete].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise AnswerFileError(f"{path}:{number}: not JSON ({err}); move the file away to start over") from None
+        records.append(check_answer_record(record, f"{path}:{number}"))
+    torn = len(data) - complete
+    if torn:
+        os.truncate(path, complete)
+    return records, torn
 
 
 class AnswerFileError(ValueError):

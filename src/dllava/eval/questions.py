@@ -17,7 +17,9 @@ validation use.
   (list of human answers) field is used as the reference for accuracy; without it only the answer
   file and the costs are produced.
 
-Items stream in order; a source can be iterated again (each pass re-reads it).
+Items stream in order; a source can be iterated again (each pass re-reads it). Bad questions never stop
+a pass: each is skipped and listed in the source's ``skipped`` (file and line, or shard and key, with a
+reason code below and a detail); ``eval.py`` writes the list to ``skipped.jsonl``.
 """
 
 from __future__ import annotations
@@ -29,11 +31,30 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-import webdataset as wds
 from PIL import Image
 
-from dllava.data.conversation import encode_conversation
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from dllava.data.conversation import ImageSpanTruncated, encode_conversation
 from dllava.data.datamodule import SamplePreprocessor, count_image_tokens, decode_sample, resolve_urls
+from dllava.data.reader import TextOnlySample
+from dllava.data.records import image_error
+
+
+# Why a question was skipped: the ``reason`` of skipped.jsonl and the keys of eval.json's skipped_reasons.
+NOT_UTF8 = "not_utf8"
+NOT_JSON = "not_json"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_FIELD = "missing_field"
+WRONG_TYPE = "wrong_type"
+DUPLICATE_ID = "duplicate_question_id"
+MISSING_IMAGE = "missing_image"
+UNREADABLE_IMAGE = "unreadable_image"
+NO_IMAGE = "no_image"
+TOO_LONG = "too_long"
+CORRUPT_SAMPLE = "corrupt_sample"
+BROKEN_SHARD = "broken_shard"
 
 
 @dataclass
@@ -65,8 +86,64 @@ def object_patches(scene: Sequence[dict[str, Any]], image_size: tuple[int, int],
     return sorted(set(patches))
 
 
+class BadQuestion(Exception):
+    """A question that cannot be asked; ``reason`` is one of the codes above, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def question_key(question_id: Any) -> str:
+    """A question id as a comparable key: its JSON text, so ``1`` and ``"1"`` stay distinct (as they are
+    to LLaVA's scorers) and an id read back from an answer file matches the question's."""
+    return json.dumps(question_id)
+
+
+def check_question_id(question_id: Any, field: str = "question_id") -> None:
+    """An id must be an int or a string: what answer files and LLaVA's converters key their dicts by."""
+    if isinstance(question_id, bool) or not isinstance(question_id, (int, str)):
+        raise BadQuestion(WRONG_TYPE, f"{field} must be an int or a string, got {_show(question_id)}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+class _Pass:
+    """Bookkeeping of one pass over a source: the skipped questions and the ids handed out so far.
+
+    Duplicates: the first record with a ``question_id`` keeps it (whatever became of it, even if its
+    image turns out missing); every later record with the same id is skipped as
+    ``duplicate_question_id``, naming where the first one was. One answer per id is what answer
+    files, LLaVA's scorers and a continued run (``resume=true``) rely on.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.skipped: list[dict[str, Any]] = []
+        self.first: dict[str, str] = {}
+
+    def claim(self, question_id: Any, where: str) -> None:
+        key = question_key(question_id)
+        if key in self.first:
+            raise BadQuestion(DUPLICATE_ID, f"question_id {question_id!r} already used at {self.first[key]}; the first is kept")
+        self.first[key] = where
+
+    def skip(self, source: str, place: dict[str, Any], question_id: Any, bad: BadQuestion) -> None:
+        self.skipped.append({"source": source, **place, "question_id": question_id, "reason": bad.reason, "detail": bad.detail})
+
+
 class ShardQuestions:
-    """Final questions of the records in webdataset shards, in shard order."""
+    """Final questions of the records in webdataset shards, in shard order.
+
+    A sample that cannot be decoded or asked (corrupt JSON or image, no image, prompt too long, an id
+    of the wrong type or used before) is skipped and listed in ``skipped`` (shard and key, reason);
+    a shard that breaks off (truncated, not a tar) is listed once with the last key read, its
+    remaining samples lost. ``skipped`` is rebuilt by every pass.
+    """
 
     def __init__(
         self,
@@ -82,33 +159,98 @@ class ShardQuestions:
         n_image = count_image_tokens(processor)
         self.grid = math.isqrt(n_image)
         self.preprocess = SamplePreprocessor(processor, n_image, max_length or processor.tokenizer.model_max_length)
+        self.skipped: list[dict[str, Any]] = []
 
     def __iter__(self) -> Iterator[Question]:
-        dataset = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False, nodesplitter=None)
+        state = _Pass("data.shards")
+        self.skipped = state.skipped
         count = 0
-        for raw in dataset:
-            if self.limit is not None and count >= self.limit:
-                return
-            sample = decode_sample(raw)
-            kinds = sample["record"].get("kinds") or ["all"]
-            if self.answer_kinds is not None and kinds[-1] not in self.answer_kinds:
-                continue
+        for url in self.urls:
+            for raw in self._samples(url, state):
+                if self.limit is not None and count >= self.limit:
+                    return
+                key = raw.get("__key__")
+                question_id = None
+                try:
+                    sample = _decode(raw)
+                    record = sample["record"]
+                    if not self._wanted(record):
+                        continue
+                    question_id = record.get("id", sample["key"])
+                    check_question_id(question_id, "the record's id")
+                    state.claim(question_id, f"{url} key {key}")
+                    question = self._question(sample)
+                except BadQuestion as bad:
+                    state.skip(url, {"key": key}, question_id, bad)
+                    continue
+                count += 1
+                yield question
+
+    @staticmethod
+    def _samples(url: str, state: _Pass) -> Iterator[dict[str, Any]]:
+        """Raw samples of one shard; a shard that cannot be read or breaks off is listed, not fatal."""
+        key = None
+        try:
+            streams = url_opener([{"url": url}], handler=reraise_exception)
+            members = tar_file_expander(streams, handler=reraise_exception)
+            for raw in group_by_keys(members, handler=reraise_exception):
+                key = raw.get("__key__")
+                yield raw
+        except Exception as err:  # tarfile, gzip and I/O errors: the rest of this shard is lost
+            after = f"after key {key}" if key is not None else "before its first sample"
+            bad = BadQuestion(BROKEN_SHARD, f"shard unreadable {after} ({type(err).__name__}: {err}); its remaining samples are lost")
+            state.skip(url, {"key": key}, None, bad)
+
+    def _wanted(self, record: dict[str, Any]) -> bool:
+        kinds = record.get("kinds") or ["all"]
+        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+            raise BadQuestion(WRONG_TYPE, f"'kinds' must be a list of strings, got {_show(kinds)}")
+        return self.answer_kinds is None or kinds[-1] in self.answer_kinds
+
+    def _question(self, sample: dict[str, Any]) -> Question:
+        try:
             item = self.preprocess(sample)
-            count += 1
-            scene = sample["record"].get("scene")
-            yield Question(
-                question_id=item["id"],
-                prompt=item["question"],
-                prompt_ids=item["prompt_ids"],
-                pixel_values=item["pixel_values"],
-                reference=item["answer"],
-                kind=item["kind"],
-                evidence=object_patches(scene, sample["image"].size, self.grid) if scene else None,
-            )
+        except TextOnlySample as err:
+            raise BadQuestion(NO_IMAGE, str(err)) from None
+        except ImageSpanTruncated as err:
+            raise BadQuestion(TOO_LONG, f"{err} (data.max_length)") from None
+        except Exception as err:  # a record the conversation template cannot render
+            raise BadQuestion(CORRUPT_SAMPLE, f"{type(err).__name__}: {err}") from None
+        scene = sample["record"].get("scene")
+        try:
+            evidence = object_patches(scene, sample["image"].size, self.grid) if scene else None
+        except Exception as err:
+            raise BadQuestion(CORRUPT_SAMPLE, f"bad 'scene' ({type(err).__name__}: {err})") from None
+        return Question(
+            question_id=item["id"],
+            prompt=item["question"],
+            prompt_ids=item["prompt_ids"],
+            pixel_values=item["pixel_values"],
+            reference=item["answer"],
+            kind=item["kind"],
+            evidence=evidence,
+        )
+
+
+def _decode(raw: dict[str, Any]) -> dict[str, Any]:
+    """:func:`decode_sample`, with any failure (no or bad JSON, an image PIL cannot read) a :class:`BadQuestion`."""
+    try:
+        sample = decode_sample(raw)
+    except Exception as err:  # json, UnicodeDecodeError, PIL's many types
+        raise BadQuestion(CORRUPT_SAMPLE, image_error(err)) from None
+    if not isinstance(sample["record"], dict):
+        raise BadQuestion(CORRUPT_SAMPLE, f"the json member is not an object but {type(sample['record']).__name__}")
+    return sample
 
 
 class QuestionFile:
-    """A LLaVA question JSONL (``question_id``, ``image``, ``text``) with its image folder."""
+    """A LLaVA question JSONL (``question_id``, ``image``, ``text``) with its image folder.
+
+    A line that cannot be asked (not UTF-8, not JSON, not an object, a field missing or of the wrong
+    type, a duplicate ``question_id``, an image that is missing or unreadable, a prompt too long) is
+    skipped and listed in ``skipped`` with its 1-based physical line number (blank lines counted);
+    ``skipped`` is rebuilt by every pass. ``data.limit`` counts the questions asked, not the lines.
+    """
 
     def __init__(
         self,
@@ -127,39 +269,123 @@ class QuestionFile:
         self.num_image_tokens = count_image_tokens(processor)
         self.max_length = max_length or self.tokenizer.model_max_length
         self.preprocess = SamplePreprocessor(processor, self.num_image_tokens, self.max_length)
+        self.skipped: list[dict[str, Any]] = []
 
-    def records(self) -> Iterator[dict[str, Any]]:
-        with self.path.open() as handle:
+    def lines(self) -> Iterator[tuple[int, bytes]]:
+        """Non-blank lines with their 1-based physical line numbers (JSONL lines end at ``\\n`` only)."""
+        with self.path.open("rb") as handle:
             for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                missing = [k for k in ("question_id", "image", "text") if k not in record]
-                if missing:
-                    raise ValueError(f"{self.path}:{number}: question record lacks {missing}")
-                yield record
+                if line.strip():
+                    yield number, line
 
     def __iter__(self) -> Iterator[Question]:
-        for count, record in enumerate(self.records()):
+        state = _Pass(str(self.path))
+        self.skipped = state.skipped
+        count = 0
+        for number, line in self.lines():
             if self.limit is not None and count >= self.limit:
                 return
-            image_path = self.image_folder / record["image"]
-            if not image_path.is_file():
-                raise FileNotFoundError(f"question {record['question_id']!r}: image {image_path} not found (data.image_folder)")
-            with Image.open(image_path) as image:
-                image = image.convert("RGB")
-            text = record["text"]
-            turns = [{"from": "human", "value": f"<image>\n{text}"}]
+            question_id = None
+            try:
+                record = parse_question_line(line)
+                question_id = record.get("question_id")
+                check_question_record(record)
+                state.claim(question_id, f"line {number}")
+                question = self._question(record)
+            except BadQuestion as bad:
+                state.skip(str(self.path), {"line": number}, question_id, bad)
+                continue
+            count += 1
+            yield question
+
+    def _question(self, record: dict[str, Any]) -> Question:
+        image = load_image(self.image_folder / record["image"])
+        text = record["text"]
+        turns = [{"from": "human", "value": f"<image>\n{text}"}]
+        try:
             ids = encode_conversation(turns, self.tokenizer, self.num_image_tokens, for_generation=True, max_length=self.max_length)
-            reference = record.get("answers", record.get("answer"))
-            yield Question(
-                question_id=record["question_id"],
-                prompt=text,
-                prompt_ids=ids.input_ids,
-                pixel_values=self.preprocess.pixel_values(image),
-                reference=reference,
-                kind=str(record.get("category", "all")),
-            )
+        except ImageSpanTruncated as err:
+            raise BadQuestion(TOO_LONG, f"{err} (data.max_length)") from None
+        return Question(
+            question_id=record["question_id"],
+            prompt=text,
+            prompt_ids=ids.input_ids,
+            pixel_values=self.preprocess.pixel_values(image),
+            reference=record.get("answers", record.get("answer")),
+            kind=str(record.get("category", "all")),
+        )
+
+
+def parse_question_line(line: bytes) -> dict[str, Any]:
+    """One question-file line -> its JSON object, or :class:`BadQuestion` (not UTF-8, not JSON, not an object)."""
+    try:
+        text = line.decode("utf-8-sig")  # -sig: a byte-order mark on the first line
+    except UnicodeDecodeError as err:
+        raise BadQuestion(NOT_UTF8, f"not valid UTF-8 at byte {err.start} of the line ({err.reason})") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadQuestion(NOT_JSON, f"not JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise BadQuestion(NOT_AN_OBJECT, f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def check_question_record(record: dict[str, Any]) -> None:
+    """Fields present and typed as asking and scoring use them, else :class:`BadQuestion`."""
+    missing = [k for k in ("question_id", "image", "text") if k not in record]
+    if missing:
+        raise BadQuestion(MISSING_FIELD, f"question record lacks {missing}")
+    check_question_id(record["question_id"])
+    for key in ("image", "text"):
+        if not isinstance(record[key], str):
+            raise BadQuestion(WRONG_TYPE, f"{key} must be a string, got {_show(record[key])}")
+    if not record["image"]:
+        raise BadQuestion(WRONG_TYPE, "image must name a file, got an empty string")
+    if "answer" in record and not isinstance(record["answer"], str):
+        raise BadQuestion(WRONG_TYPE, f"answer must be a string, got {_show(record['answer'])}")
+    answers = record.get("answers")
+    if "answers" in record and not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+        raise BadQuestion(WRONG_TYPE, f"answers must be a non-empty list of strings, got {_show(answers)}")
+
+
+def load_image(path: Path) -> Image.Image:
+    """The image at ``path`` as RGB, or :class:`BadQuestion` (missing, or not an image PIL can decode)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # decodes every pixel: a truncated file fails here
+    except FileNotFoundError:
+        raise BadQuestion(MISSING_IMAGE, f"{path} not found (data.image_folder)") from None
+    except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise BadQuestion(UNREADABLE_IMAGE, f"{path}: {image_error(err)}") from None
+
+
+def write_skipped(path: str | Path, skipped: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Write the skip list as JSONL (one record per skipped question; empty file when none); returns
+    the count per reason."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for entry in skipped:
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    return skip_counts(skipped)
+
+
+def skip_counts(skipped: Sequence[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for entry in skipped:
+        counts[entry["reason"]] = counts.get(entry["reason"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def describe_skipped(skipped: Sequence[dict[str, Any]]) -> str:
+    """One line for a log: how many, why, and the first one."""
+    if not skipped:
+        return "no question skipped"
+    reasons = ", ".join(f"{n} {reason}" for reason, n in skip_counts(skipped).items())
+    first = skipped[0]
+    where = f"line {first['line']}" if "line" in first else f"key {first['key']}"
+    return f"{len(skipped)} question(s) skipped ({reasons}); first: {first['source']} {where}: {first['detail']}"
 
 
 def question_source(data: dict[str, Any], processor: Any) -> Iterable[Question]:

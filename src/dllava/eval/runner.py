@@ -17,23 +17,28 @@ engine's counts; per arm (``eval.json``):
   apart in ``vision_flops``), and ``prefill_flops_paper``, the paper's image-tokens-only convention;
 * ``kv_bytes``: mean K/V bytes a question leaves in the cache (prompt + fed answer tokens);
 * ``latency_s``: wall-clock of the batched ``generate`` calls (vision tower, prefill and decoding)
-  divided by the number of questions; one untimed warm-up batch first (``warmup``).
+  divided by the number of questions this process answered; one untimed warm-up batch first
+  (``warmup``).
+
+Everything but the latency is computed from the answer records' ``metadata`` (:func:`summarize`), so a
+continued evaluation scores the answers an interrupted run left exactly as if it had made them.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
 
 from dllava.eval.answers import answer_record
 from dllava.eval.loading import LoadedModel
-from dllava.eval.questions import Question, batches, collate_prompts
+from dllava.eval.questions import Question, batches, collate_prompts, describe_skipped, question_key
 from dllava.eval.scoring import exact_match_any, vqa_accuracy
 from dllava.inference import flops
 from dllava.bench.inference import sync_device
@@ -116,6 +121,10 @@ def _mean(values: Sequence[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+class NoQuestions(ValueError):
+    """Nothing to answer: every question was filtered out or skipped."""
+
+
 def evaluate_arm(
     loaded: LoadedModel,
     questions: Iterable[Question],
@@ -127,23 +136,42 @@ def evaluate_arm(
     seed: int = 0,
     warmup: bool = True,
     progress: bool = True,
+    answered: Sequence[dict[str, Any]] = (),
+    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> ArmResult:
-    """Answer every question with ``arm``; ``examples``: keep masks of the first questions to draw."""
+    """Answer every question with ``arm``; ``examples``: keep masks of the first questions to draw.
+
+    Continuing: questions whose id has an answer in ``answered`` (an earlier, interrupted run of the
+    same arm; see :func:`check_answered`) are not asked again; the summary scores all answers, earlier
+    and new, and ``records`` holds them in question order. ``on_batch`` receives each batch's new
+    answer records as soon as they exist (``eval.py`` appends them to answers.jsonl).
+    """
     model, tokenizer, device = loaded.model, loaded.processor.tokenizer, loaded.device
     engine = SparseEngine(model, method=arm.method, keep=arm.keep, text=arm.text, seed=seed)
     cost = CostModel(loaded, arm, engine.layer)
     dtype = next(model.parameters()).dtype
     model_id = model_id or f"{loaded.name}:{arm.label}"
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    check_answered(answered, model_id, arm)
+    earlier = {question_key(r["question_id"]): r for r in answered}
 
-    records: list[dict[str, Any]] = []
+    order: list[str] = []  # every question's key, in question order
+    by_key: dict[str, dict[str, Any]] = {}
+
+    def unanswered() -> Iterator[Question]:
+        for question in questions:
+            key = question_key(question.question_id)
+            order.append(key)
+            if key in earlier:
+                by_key[key] = earlier[key]
+            else:
+                yield question
+
     drawn: list[tuple[Question, torch.Tensor, str]] = []
-    stats: dict[str, list[float]] = defaultdict(list)
-    by_kind: dict[str, list[float]] = defaultdict(list)
-    seconds = 0.0
+    seconds, new = 0.0, 0
     total = len(questions) if hasattr(questions, "__len__") else None
     bar = tqdm(total=total, desc=f"eval {arm.label}", unit="q", disable=not progress)
-    for batch in batches(questions, batch_size):
+    for batch in batches(unanswered(), batch_size):
         ids, mask, pixels = collate_prompts(batch, pad)
         ids, mask, pixels = ids.to(device), mask.to(device), pixels.to(device, dtype)
         if warmup:  # the first call of a process pays for allocations and kernel selection
@@ -161,56 +189,117 @@ def evaluate_arm(
         for i in range(min(len(batch), examples - len(drawn))):
             drawn.append((batch[i], image_keep[i], texts[i].strip()))
         prompt_lens = mask.sum(-1).tolist()
+        fresh = []
         for i, question in enumerate(batch):
             kept = result.image_tokens_kept[i]
             evidence_kept = int(image_keep[i, question.evidence].sum()) if question.evidence else None
-            row = {
-                "image_tokens_kept": kept,
-                "vision_keep": kept / result.image_tokens if result.image_tokens else 1.0,
-                "text_tokens_fed": result.text_tokens_fed[i],
-                "text_tokens_kept": result.text_tokens_kept[i],
-                "prefill_flops": cost.prefill(prompt_lens[i], kept),
-                "prefill_flops_dense": cost.prefill_dense(prompt_lens[i]),
-                "prefill_flops_paper": cost.paper(kept),
-                "kv_bytes": result.kv_bytes[i] if result.kv_bytes else None,
-                "kv_bytes_dense": result.kv_bytes_dense[i] if result.kv_bytes_dense else None,
-                "object_recall": None if evidence_kept is None else evidence_kept / len(question.evidence),
-            }
-            for key, value in row.items():
-                if value is not None:
-                    stats[key].append(value)
             metadata = {
                 "method": arm.method,
                 "keep": arm.keep,
                 "text": arm.text,
                 "image_tokens": result.image_tokens,
-                **{k: row[k] for k in ("image_tokens_kept", "text_tokens_fed", "text_tokens_kept", "kv_bytes", "prefill_flops")},
+                "image_tokens_kept": kept,
+                "text_tokens_fed": result.text_tokens_fed[i],
+                "text_tokens_kept": result.text_tokens_kept[i],
+                "kv_bytes": result.kv_bytes[i] if result.kv_bytes else None,
+                "prefill_flops": cost.prefill(prompt_lens[i], kept),
                 "kind": question.kind,
+                # what the summary needs besides the above, so that it can score a continued run's
+                # earlier answers from the answer file alone
+                "kv_bytes_dense": result.kv_bytes_dense[i] if result.kv_bytes_dense else None,
+                "prefill_flops_dense": cost.prefill_dense(prompt_lens[i]),
+                "prefill_flops_paper": cost.paper(kept),
             }
             if evidence_kept is not None:
                 metadata.update(object_patches=len(question.evidence), object_patches_kept=evidence_kept)
             if question.reference is not None:
-                hit = exact_match_any(texts[i], question.reference)
-                soft = vqa_accuracy(texts[i], question.reference)
-                stats["accuracy"].append(hit)
-                stats["vqa_accuracy"].append(soft)
-                by_kind[question.kind].append(hit)
-                metadata.update(reference=question.reference, correct=bool(hit))
-            records.append(answer_record(question.question_id, question.prompt, texts[i], model_id, metadata))
+                metadata.update(reference=question.reference, correct=bool(exact_match_any(texts[i], question.reference)))
+            record = answer_record(question.question_id, question.prompt, texts[i], model_id, metadata)
+            by_key[question_key(question.question_id)] = record
+            fresh.append(record)
+        if on_batch is not None:
+            on_batch(fresh)
+        new += len(batch)
         bar.update(len(batch))
     bar.close()
+    unknown = [json.loads(key) for key in earlier.keys() - set(order)]
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} earlier answer(s) are for questions this run does not ask (e.g. question_id "
+            f"{unknown[0]!r}): the questions changed (data.*, or now skipped: see skipped.jsonl); "
+            "evaluate into a new run dir instead of continuing this one"
+        )
+    records = [by_key[key] for key in order]
     if not records:
-        raise ValueError("no questions to evaluate (check data.shards / data.questions, data.answer_kinds, data.limit)")
-
-    fed, kept_text = sum(stats["text_tokens_fed"]), sum(stats["text_tokens_kept"])
-    prefill, prefill_dense = _mean(stats["prefill_flops"]), _mean(stats["prefill_flops_dense"])
-    kv, kv_dense = _mean(stats["kv_bytes"]), _mean(stats["kv_bytes_dense"])
+        skipped = getattr(questions, "skipped", [])
+        why = f"; {describe_skipped(skipped)}" if skipped else ""
+        raise NoQuestions(
+            f"no questions to evaluate (check data.shards / data.questions, data.answer_kinds, data.limit){why}"
+        )
     summary = {
         "model": loaded.name,
         "ckpt_path": loaded.path,
         "model_id": model_id,
         **asdict(arm),
         "arm": arm.label,
+        **summarize(records, cost),
+        "answered_earlier": len(records) - new,  # read back from an interrupted run's answers.jsonl
+        "latency_s": seconds / new if new else None,  # of the questions answered by this process
+        "seconds": seconds,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "sparse_layer": engine.layer,
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    return ArmResult(arm=arm, records=records, summary=summary, examples=drawn)
+
+
+def check_answered(answered: Sequence[dict[str, Any]], model_id: str, arm: Arm) -> None:
+    """Earlier answers may be continued only by the same model and arm: scoring a mix would be wrong."""
+    for record in answered:
+        meta = record.get("metadata", {})
+        if "prefill_flops_dense" not in meta:
+            raise ValueError(
+                f"answers.jsonl answer to question_id {record.get('question_id')!r} lacks the costs a summary needs "
+                "(written by an older eval.py?): evaluate into a new run dir"
+            )
+        found = (record.get("model_id"), meta.get("method"), meta.get("keep"), meta.get("text"))
+        if found != (model_id, arm.method, arm.keep, arm.text):
+            raise ValueError(
+                f"answers.jsonl holds answers of model_id={found[0]!r} method={found[1]} keep={found[2]} "
+                f"text={found[3]}, not of model_id={model_id!r} {arm.label} text={arm.text}: continue with the "
+                "same ckpt_path, method and sparsity.keep, or evaluate into a new run dir"
+            )
+
+
+def summarize(records: Sequence[dict[str, Any]], cost: CostModel) -> dict[str, Any]:
+    """The scores and costs of ``eval.json`` from answer records alone (their ``metadata``), so that a
+    continued run scores earlier and new answers alike."""
+    stats: dict[str, list[float]] = defaultdict(list)
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    for record in records:
+        meta = record["metadata"]
+        kept, n_image = meta["image_tokens_kept"], meta["image_tokens"]
+        row = {
+            "image_tokens_kept": kept,
+            "vision_keep": kept / n_image if n_image else 1.0,
+            "object_recall": meta["object_patches_kept"] / meta["object_patches"] if meta.get("object_patches") else None,
+            **{k: meta.get(k) for k in ("text_tokens_fed", "text_tokens_kept", "prefill_flops", "prefill_flops_dense",
+                                        "prefill_flops_paper", "kv_bytes", "kv_bytes_dense")},
+        }
+        for key, value in row.items():
+            if value is not None:
+                stats[key].append(value)
+        if meta.get("reference") is not None:
+            hit = float(meta["correct"])
+            stats["accuracy"].append(hit)
+            stats["vqa_accuracy"].append(vqa_accuracy(record["text"], meta["reference"]))
+            by_kind[meta["kind"]].append(hit)
+    fed, kept_text = sum(stats["text_tokens_fed"]), sum(stats["text_tokens_kept"])
+    prefill, prefill_dense = _mean(stats["prefill_flops"]), _mean(stats["prefill_flops_dense"])
+    kv, kv_dense = _mean(stats["kv_bytes"]), _mean(stats["kv_bytes_dense"])
+    return {
         "samples": len(records),
         "scored": len(stats["accuracy"]),
         "accuracy": _mean(stats["accuracy"]),
@@ -231,15 +320,7 @@ def evaluate_arm(
         "kv_bytes": kv,
         "kv_bytes_dense": kv_dense,
         "kv_ratio": kv / kv_dense if kv and kv_dense else None,
-        "latency_s": seconds / len(records),
-        "seconds": seconds,
-        "batch_size": batch_size,
-        "max_new_tokens": max_new_tokens,
-        "sparse_layer": engine.layer,
-        "device": device,
-        "dtype": str(dtype).replace("torch.", ""),
     }
-    return ArmResult(arm=arm, records=records, summary=summary, examples=drawn)
 
 
 def flat_metrics(summary: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
