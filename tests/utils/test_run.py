@@ -193,7 +193,7 @@ def _last_checkpoint(directory):
 def test_ckpt_path_last_in_a_new_clock_named_run_dir_is_refused(tmp_path):
     with pytest.raises(RunDirRefused, match=r"pass hydra.run.dir=<its run dir>.*drop ckpt_path=last"):
         check_run_dir("last", tmp_path / "checkpoints", train=True, pinned=False)
-    with pytest.raises(RunDirRefused, match=r"pass hydra.sweep.dir="):
+    with pytest.raises(RunDirRefused, match=r"pass hydra.sweep.dir=<its sweep dir>"):
         check_run_dir("last", tmp_path / "checkpoints", train=True, pinned=False, multirun=True)
 
 

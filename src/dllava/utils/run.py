@@ -17,7 +17,8 @@ Failure policy. A single run that does not complete exits non-zero (the exceptio
 so the launcher goes on with the other jobs; at the end the sweep's ``sweep_summary.csv`` lists its
 status and the sweep exits non-zero (:mod:`dllava.utils.sweep`). An interrupt stops the whole sweep
 (``python -m dllava.utils.sweep <sweep dir>`` then writes the table). A refused run dir
-(:class:`RunDirRefused`) writes nothing into the run dir it protects.
+(:class:`RunDirRefused`, a usage error) stops a sweep too and leaves the checkpoints and ``summary.json``
+of the run dir it protects as they were.
 
 Non-finite metrics. JSON has no NaN: ``summary.json`` keeps a NaN or infinite metric as the string
 ``"nan"``, ``"inf"`` or ``"-inf"`` (``float()`` reads each back; so do pandas and the csv module's
@@ -109,7 +110,7 @@ class TrainingDiverged(RuntimeError):
 
 
 class RunDirRefused(RuntimeError):
-    """Starting this run would lose a run directory (see :func:`check_run_dir`); nothing was written."""
+    """Starting this run would lose a run directory (see :func:`check_run_dir`); no summary is written."""
 
 
 SIGNAL_EXIT_CODES = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM}
@@ -307,12 +308,15 @@ def check_run_dir(ckpt_path: str | None, checkpoint_dir: str | Path, train: bool
     * ``ckpt_path=null`` with ``train=true`` where ``checkpoint_dir`` already holds a ``last*.ckpt``:
       the new run would overwrite the old run's checkpoints.
     """
-    dir_key, example = ("hydra.sweep.dir", "logs/train/multiruns/<time>") if multirun else ("hydra.run.dir", "logs/train/runs/<time>")
+    if multirun:
+        dir_key, name, example = "hydra.sweep.dir", "sweep dir", "logs/train/multiruns/<time>"
+    else:
+        dir_key, name, example = "hydra.run.dir", "run dir", "logs/train/runs/<time>"
     if ckpt_path is not None and str(ckpt_path) == "last" and not pinned and find_last_checkpoint(checkpoint_dir) is None:
         raise RunDirRefused(
             f"ckpt_path=last: {dir_key} was not given, so this run got a new run dir named by the clock "
             f"({checkpoint_dir} holds no checkpoint) and would quietly start from scratch. To continue a run, "
-            f"pass {dir_key}=<its run dir> (e.g. {example}); to start a new run, drop ckpt_path=last."
+            f"pass {dir_key}=<its {name}> (e.g. {example}); to start a new run, drop ckpt_path=last."
         )
     if ckpt_path is None and train:
         found = find_last_checkpoint(checkpoint_dir)
