@@ -5,7 +5,10 @@ test -> summary.json in the run directory. Everything else lives in src/dllava.
 
 Resume: ``ckpt_path=last`` (the newest last checkpoint in this run dir; pin it with
 ``hydra.run.dir=<run dir>``) or ``ckpt_path=<checkpoint>`` restores model, optimizer, scheduler, loop
-position and the W&B run. Sweeps: ``python train.py -m key=a,b`` (see dllava.utils.sweep).
+position and the W&B run. A run that would lose a run dir is refused (``ckpt_path=last`` in a new
+clock-named dir; ``ckpt_path=null`` where checkpoints exist): see dllava.utils.run.check_run_dir.
+Sweeps: ``python train.py -m key=a,b`` (see dllava.utils.sweep). Run status (completed, diverged,
+failed, interrupted) and exit codes: dllava.utils.run.
 """
 
 from __future__ import annotations
@@ -19,12 +22,22 @@ os.environ.setdefault("DLLAVA_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dllava.data.datamodule import iter_records, resolve_urls
 from dllava.metrics.answers import question_only_baseline
 from dllava.utils.resolvers import register_resolvers
-from dllava.utils.run import instantiate_group, read_run_identity, resolve_ckpt_path, task_wrapper, write_summary
+from dllava.utils.run import (
+    check_run_dir,
+    instantiate_group,
+    is_multirun,
+    read_run_identity,
+    resolve_ckpt_path,
+    run_dir_is_pinned,
+    task_wrapper,
+    write_summary,
+)
 
 register_resolvers()
 
@@ -36,6 +49,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns the final metrics."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+    check_run_dir(cfg.get("ckpt_path"), checkpoint_dir(cfg), bool(cfg.get("train")), run_dir_pinned(cfg), is_multirun())
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir(cfg))
     if ckpt_path is not None:
         continue_wandb_run(cfg, ckpt_path)
@@ -49,6 +63,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.get("train"):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if trainer.received_sigterm:  # SIGTERM in the last step: Lightning ends the fit as if done
+            raise SIGTERMException()
     metrics = dict(trainer.callback_metrics)
     if cfg.get("test"):
         trainer.test(module, datamodule=datamodule)
@@ -75,6 +91,13 @@ def checkpoint_dir(cfg: DictConfig) -> Path:
     """Where ``ckpt_path=last`` looks: the last-checkpoint callback's dirpath, else <run dir>/checkpoints."""
     dirpath = OmegaConf.select(cfg, "callbacks.last_checkpoint.dirpath")
     return Path(dirpath) if dirpath else Path(cfg.paths.output_dir) / "checkpoints"
+
+
+def run_dir_pinned(cfg: DictConfig) -> bool:
+    """``ckpt_path=last`` finds this run again: its run dir is pinned (see
+    :func:`dllava.utils.run.run_dir_is_pinned`) or its checkpoints go to a directory outside it."""
+    inside = checkpoint_dir(cfg).resolve().is_relative_to(Path(cfg.paths.output_dir).resolve())
+    return run_dir_is_pinned() or not inside
 
 
 def continue_wandb_run(cfg: DictConfig, ckpt_path: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import CONF, compose, read_wandb_history, wandb_run_record
+from tests.helpers import CONF, compose, read_wandb_history, wandb_records, wandb_run_record
 
 ROOT = CONF.parent
 
@@ -239,3 +239,142 @@ def test_bad_sparsity_config_fails_at_start_naming_the_key(tiny_model_dir, synth
 
     with pytest.raises((ValueError, InstantiationException), match=key):  # hydra wraps constructor errors
         _train(tmp_path, _overrides(tiny_model_dir, synthetic_dir, "debug=fdr", override))
+
+
+# -- run status (issue 12 items 4 and 5) -------------------------------------------------------------
+def _exit_codes(run_dir: Path) -> list[int]:
+    """The exit code each W&B run (offline files) of ``run_dir`` was finished with, oldest first."""
+    codes = []
+    for run_file in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        codes += [r.exit.exit_code for r in wandb_records(run_file) if r.WhichOneof("record_type") == "exit"]
+    return codes
+
+
+@pytest.mark.slow
+def test_a_diverging_sweep_job_is_recorded_as_diverged_with_its_nan_loss_and_the_sweep_fails(tiny_model_dir, synthetic_dir, tmp_path):
+    result, sweep_dir, rows = _sweep(
+        tmp_path, "0.5", "optim.lr=1e9,1e-4",
+        *_overrides(tiny_model_dir, synthetic_dir, "logger=wandb", "trainer.max_steps=3", "data.epoch_samples=16",
+                    "test=false", "trainer.enable_progress_bar=false", "module.max_new_tokens=1",
+                    "+trainer.limit_val_batches=1"),
+        env={"WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "1 of 2 sweep jobs failed (jobs 0 (diverged))" in result.stderr
+    assert [r["status"] for r in rows] == ["diverged", "completed"]  # the sweep went on after job 0
+    summary = json.loads((sweep_dir / "0" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["metrics"]["train/loss"] == "nan"
+    assert "non-finite loss at step 1 (loss per rank: nan)" in summary["error"]
+    assert rows[0]["train/loss"] == "nan" and rows[0]["error"] == summary["error"]
+    assert _exit_codes(sweep_dir / "0") == [1] and _exit_codes(sweep_dir / "1") == [0]
+
+
+@pytest.mark.slow
+def test_a_loss_that_is_nan_on_one_rank_stops_every_rank(tiny_model_dir, synthetic_dir, tmp_path):
+    """DDP on 2 CPU processes, rank 1's batch of step 1 is NaN: both ranks stop together (none is left
+    waiting in the gradient all-reduce) and the run is recorded as diverged."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, str(ROOT / "train.py"),
+        *_overrides(tiny_model_dir, synthetic_dir, "logger=csv", "trainer.max_steps=4", "data.epoch_samples=32",
+                    "test=false", "trainer.enable_progress_bar=false", "module.max_new_tokens=1",
+                    "+trainer.limit_val_batches=1", "data.batch_size=4"),
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={run_dir}",
+        "+callbacks.nan._target_=tests.training.probes.NonFiniteBatchOnRank", "+callbacks.nan.rank=1",
+        "+callbacks.nan.step=1",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=_child_env())
+    assert result.returncode == 1, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged", summary
+    losses = summary["error"].split("loss per rank: ")[1].split(")")[0].split(", ")
+    assert "step 1" in summary["error"] and losses[1] == "nan" and float(losses[0]) > 0  # rank 0's was finite
+    assert summary["metrics"]["train/loss"] == "nan"
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 240.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signalled_run_is_recorded_as_interrupted_and_continues_from_its_last_checkpoint(
+    tiny_model_dir, synthetic_dir, tmp_path, signum, code
+):
+    """Ctrl-C (SIGINT) or SLURM preemption (SIGTERM) while training: exit code 128 + signal, summary.json and
+    the W&B run say interrupted, the test phase does not run, and ckpt_path=last continues the run."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        *(o for o in _overrides(tiny_model_dir, synthetic_dir) if o != "callbacks=none"),  # default callbacks
+        "callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_progress_bar=false",
+        "data.epoch_samples=16", "logger=wandb", "module.max_new_tokens=1", "+trainer.limit_val_batches=1",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = _child_env(WANDB_MODE="offline")
+    run = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides, "trainer.max_steps=100000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        _wait_for(run_dir / "checkpoints" / "last.ckpt", run)  # end of epoch 1: training is running
+        run.send_signal(signum)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == code, stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["error"] == f"interrupted by {signum.name}"
+    assert _exit_codes(run_dir) == [code]
+    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    assert not any(k.startswith("test/") for row in read_wandb_history(run_file) for k in row)  # no test phase
+
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, f"trainer.max_steps={step + 2}",
+                              "ckpt_path=last", "test=false"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert _exit_codes(run_dir) == [code, 0]
+
+
+# -- the best accuracy after a resume (item 6); run dirs that would be lost (item 8) -------------------
+def _val_accuracies(run_dir: Path) -> list[list[float]]:
+    """``val/answer_acc`` of every validation epoch, one list per CSV logger version (run) of ``run_dir``."""
+    runs = []
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+        runs.append([float(r["val/answer_acc"]) for r in csv.DictReader(path.open()) if r.get("val/answer_acc")])
+    return runs
+
+
+@pytest.mark.slow
+def test_best_accuracy_survives_a_resume_and_run_dirs_are_not_lost(synthetic_dir, tmp_path):
+    from dllava.utils.run import RunDirRefused
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        *(o for o in _overrides(ROOT / "data" / "tiny_base", synthetic_dir) if o != "callbacks=none"),
+        "callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_progress_bar=false",
+        "data.epoch_samples=8", "logger=csv", "test=false", "+trainer.limit_val_batches=1",
+    ]
+    pinned = f"hydra.run.dir={run_dir}"
+    _train(run_dir, [*overrides, "trainer.max_steps=2", pinned, "ckpt_path=last"])  # pinned, no checkpoint: fresh
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    with pytest.raises(RunDirRefused, match="Pass ckpt_path=last to continue that run, or another hydra.run.dir"):
+        _train(run_dir, [*overrides, "trainer.max_steps=4", pinned])  # would overwrite last.ckpt
+    with pytest.raises(RunDirRefused, match=r"pass hydra.run.dir=<its run dir>"):
+        _train(tmp_path / "new", [*overrides, "trainer.max_steps=4", "ckpt_path=last"])  # a new clock-named dir
+    assert last.read_bytes() == saved and not (tmp_path / "new" / "checkpoints").exists()
+
+    # continue; every validation of the resumed run scores below the best one before the checkpoint
+    metrics = _train(run_dir, [*overrides, "trainer.max_steps=4", pinned, "ckpt_path=last",
+                               "+callbacks.zero._target_=tests.training.probes.ZeroWeightsOnTrainStart"])
+    before, after = _val_accuracies(run_dir)
+    assert len(before) == len(after) == 2 and max(after) < max(before), (before, after)
+    assert float(metrics["val/answer_acc_best"]) == pytest.approx(max(before + after))
+    best = torch.load(json.loads((run_dir / "summary.json").read_text())["ckpt_path"], map_location="cpu", weights_only=True)
+    (state,) = [v for k, v in best["callbacks"].items() if "val/answer_acc" in k]
+    assert float(metrics["val/answer_acc_best"]) == pytest.approx(float(state["best_model_score"]))

@@ -43,3 +43,25 @@ class KilledDuringSecondLastWrite(AtomicCheckpointIO):
             os.fsync(handle.fileno())
             os.kill(os.getpid(), signal.SIGKILL)
         super().write(checkpoint, handle)
+
+
+class NonFiniteBatchOnRank(L.Callback):
+    """Fills one rank's pixels with NaN at one step, so that rank alone computes a NaN loss (a data-parallel
+    run where only one rank diverges)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            batch["pixel_values"].fill_(float("nan"))
+
+
+class ZeroWeightsOnTrainStart(L.Callback):
+    """Zeroes every weight when training starts (after the sanity check): a resumed run whose later
+    validations all score below the best before its checkpoint."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with torch.no_grad():
+            for param in pl_module.parameters():
+                param.zero_()

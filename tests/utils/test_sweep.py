@@ -64,3 +64,25 @@ def test_cli_on_a_missing_sweep_dir_says_so_and_writes_nothing(tmp_path):
     with pytest.raises(SystemExit) as err:
         main([str(tmp_path / "file")])
     assert err.value.code != 0 and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_diverged_job_keeps_its_non_finite_metrics_and_fails_the_sweep(tmp_path):
+    _job(tmp_path, 0, ["optim.lr=1e-4"], {"status": "completed", "metrics": {"train/loss": 0.5}})
+    _job(tmp_path, 1, ["optim.lr=1e9"], {"status": "diverged", "metrics": {"train/loss": "nan", "lr/llm": "inf"},
+                                         "error": "TrainingDiverged: non-finite loss at step 1"})
+    _job(tmp_path, 2, ["optim.lr=1e-3"], {"status": "interrupted", "metrics": {}, "error": "interrupted by SIGTERM"})
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    with pytest.raises(SweepFailed, match=r"2 of 3 sweep jobs failed \(jobs 1 \(diverged\), 2 \(interrupted\)\)"):
+        SweepSummary().on_multirun_end(config)
+    rows = list(csv.DictReader((tmp_path / "sweep_summary.csv").open()))
+    assert [r["status"] for r in rows] == ["completed", "diverged", "interrupted"]
+    assert rows[1]["train/loss"] == "nan" and float(rows[1]["lr/llm"]) == float("inf")
+    assert "step 1" in rows[1]["error"] and float(rows[0]["train/loss"]) == 0.5
+
+
+def test_cli_counts_each_status(tmp_path, capsys):
+    _job(tmp_path, 0, ["a=1"], {"status": "diverged", "metrics": {"train/loss": "nan"}})
+    _job(tmp_path, 1, ["a=2"], {"status": "failed", "metrics": {}})
+    _job(tmp_path, 2, ["a=3"])
+    main([str(tmp_path)])
+    assert "3 jobs, 3 failed (1 diverged, 2 failed)" in capsys.readouterr().out

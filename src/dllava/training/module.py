@@ -31,7 +31,7 @@ from dllava.model.loading import ModelSource, load_llava, load_processor
 from dllava.sparse.config import SparsityConfig
 from dllava.sparse.model import PREDICTORS_FILE, DynamicLlava
 from dllava.training.sharding import empty_llava, is_sharded, shard_fsdp2
-from dllava.utils.run import RUN_KEY
+from dllava.utils.run import RUN_KEY, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,9 @@ def step_seed(base: int, step: int, micro_batch: int, rank: int) -> int:
     return seed
 
 
+# Checkpoint key of the best validation answer accuracy so far (MaxMetric states are not in state_dict).
+BEST_KEY = "dllava_best"
+
 SPARSE_METRICS = (
     "lm_loss", "budget_loss_vision", "budget_loss_text", "vision_keep", "vision_keep_threshold",
     "vision_keep_expected", "text_keep",
@@ -153,6 +156,7 @@ class LlavaLitModule(L.LightningModule):
             }
         )
         self.val_acc_best = MaxMetric()
+        self._resumed_best: float | None = None
         self._step_started = 0.0
         self._base_seed = 0
         self._sharded: bool | None = None
@@ -246,6 +250,7 @@ class LlavaLitModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self(batch, mode="train")
         loss = self.total_loss(out)
+        self.stop_if_diverged(loss)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in self.sparse_metrics(out).items():
@@ -255,6 +260,19 @@ class LlavaLitModule(L.LightningModule):
         for name, value in batch.get("data_counts", {}).items():
             self.log(f"data/{name}", float(value), reduce_fx="sum", on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
         return loss
+
+    def stop_if_diverged(self, loss: torch.Tensor) -> None:
+        """Raise :class:`TrainingDiverged` on every rank when some rank's loss is NaN or inf, before its
+        backward. One scalar all-reduce per step (the ranks decide together, so none is left waiting in a
+        collective); only a diverged step gathers the losses for the error message."""
+        finite = torch.isfinite(loss.detach()).all().float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        if bool(finite):
+            return
+        losses = [float(v) for v in self.all_gather(loss.detach().float()).flatten().tolist()]
+        metrics = {**self.trainer.callback_metrics, "train/loss": next(v for v in losses if not math.isfinite(v))}
+        raise TrainingDiverged(self.trainer.global_step, losses, metrics)
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
@@ -296,7 +314,11 @@ class LlavaLitModule(L.LightningModule):
 
     # -- evaluation ------------------------------------------------------------------------------
     def on_train_start(self) -> None:
+        # The sanity-check validation ran before this and must not count; a resumed run continues from
+        # the best of the validations before its checkpoint (on_load_checkpoint).
         self.val_acc_best.reset()
+        if self._resumed_best is not None:
+            self.val_acc_best.update(self._resumed_best)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self._eval_step(batch, "val")
@@ -411,6 +433,11 @@ class LlavaLitModule(L.LightningModule):
 
         wandb_ids = [logger.version for logger in self.loggers if isinstance(logger, WandbLogger)]
         checkpoint[RUN_KEY] = {"wandb_id": wandb_ids[0] if wandb_ids and wandb_ids[0] else None}
+        best = float(self.val_acc_best.max_value)  # the same on every rank: updated with synced accuracies
+        checkpoint[BEST_KEY] = {"val/answer_acc_best": best if math.isfinite(best) else None}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_best = (checkpoint.get(BEST_KEY) or {}).get("val/answer_acc_best")
 
     def hparams_dict(self) -> dict[str, Any]:
         return {"model": self.source.to_dict(), "optim": asdict(self.optim), "sparsity": self.sparsity.to_dict()}

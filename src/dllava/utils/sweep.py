@@ -4,9 +4,13 @@
 sweep ends. It reads what each job left in its directory, so it works the same for the local launcher
 and for SLURM (submitit), where jobs run on other machines:
 
-* ``<job>/summary.json`` (train.py): status, overrides, metrics, or the error of a failed job;
+* ``<job>/summary.json`` (train.py): status (completed, diverged, failed, interrupted: see
+  :mod:`dllava.utils.run`), overrides, metrics, or the error of a job that did not complete;
 * ``<job>/.hydra/overrides.yaml`` (Hydra): the overrides of a job that died without a summary
   (killed, out of memory); its row says ``failed`` with ``no summary.json``.
+
+Metric cells are numbers, or ``nan``/``inf``/``-inf`` for a non-finite metric (``summary.json`` keeps them
+as those strings; ``float()`` and pandas read them back). A job that did not complete fails the sweep.
 
 The table can be rebuilt at any time, e.g. while a SLURM sweep is still running or after a launcher
 error: ``python -m dllava.utils.sweep <sweep dir>``.
@@ -19,6 +23,7 @@ import csv
 import io
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +106,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         path, rows = write_sweep_summary(config.hydra.sweep.dir, self.filename)
-        failed = [r["job"] for r in rows if r["status"] != "completed"]
+        failed = [f"{r['job']} ({r['status']})" for r in rows if r["status"] != "completed"]
         log.info("sweep summary: %s (%d jobs, %d failed)", path, len(rows), len(failed))
         if failed and self.fail_on_job_failure:
             raise SweepFailed(f"{len(failed)} of {len(rows)} sweep jobs failed (jobs {', '.join(failed)}); see {path}")
@@ -117,7 +122,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: sweep directory {str(args.sweep_dir)!r} {what}; give the sweep dir of a "
                        "multirun (hydra.sweep.dir, e.g. logs/train/multiruns/<time>)\n")
     path, rows = write_sweep_summary(args.sweep_dir, args.filename)
-    print(f"{path}: {len(rows)} jobs, {sum(r['status'] != 'completed' for r in rows)} failed")
+    counts = Counter(r["status"] for r in rows if r["status"] != "completed")
+    detail = f" ({', '.join(f'{n} {status}' for status, n in sorted(counts.items()))})" if counts else ""
+    print(f"{path}: {len(rows)} jobs, {sum(counts.values())} failed{detail}")
 
 
 if __name__ == "__main__":
