@@ -227,3 +227,13 @@ def test_a_refused_run_writes_nothing_and_stops_a_sweep_too(tmp_path):
     with pytest.raises(RunDirRefused):
         _refused_task(_as_multirun_job(tmp_path))
     assert json.loads((tmp_path / "summary.json").read_text()) == {"status": "completed"}
+
+
+def test_run_identity_of_a_file_that_is_not_a_checkpoint_says_so_without_torch_advice(tmp_path):
+    from dllava.training.safe_load import NotAnArchiveError
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# not a checkpoint\n")
+    with pytest.raises(NotAnArchiveError, match="not a torch checkpoint archive") as err:
+        read_run_identity(readme)
+    assert "weights_only" not in str(err.value)

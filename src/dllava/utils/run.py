@@ -324,11 +324,15 @@ def check_run_dir(ckpt_path: str | None, checkpoint_dir: str | Path, train: bool
 
 def read_run_identity(ckpt_path: str | Path) -> dict[str, Any]:
     """What a checkpoint records about its run (``{"wandb_id": ...}``), without loading its tensors."""
-    import torch
+    import zipfile
+
+    from dllava.training.safe_load import NotAnArchiveError, load_weights_only
 
     path = Path(ckpt_path)
     meta = path / "meta.pt" if path.is_dir() else path  # sharded: Lightning's metadata file
     if not meta.is_file():
         return {}
-    checkpoint = torch.load(meta, map_location="cpu", weights_only=True, mmap=not path.is_dir())
+    if not zipfile.is_zipfile(meta):  # the full CRC check comes with the load itself (AtomicCheckpointIO)
+        raise NotAnArchiveError(f"ckpt_path: {meta} is not a torch checkpoint archive")
+    checkpoint = load_weights_only(meta, str(meta), map_location="cpu", mmap=not path.is_dir())
     return dict(checkpoint.get(RUN_KEY) or {})
