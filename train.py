@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dllava.data.datamodule import iter_records, resolve_urls
 from dllava.metrics.answers import question_only_baseline
+from dllava.startup import check_train_config
 from dllava.utils.resolvers import register_resolvers
 from dllava.utils.run import instantiate_group, read_run_identity, resolve_ckpt_path, task_wrapper, write_summary
 
@@ -34,6 +35,7 @@ log = logging.getLogger("train")
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns the final metrics."""
+    check_train_config(cfg)  # every value's type and range, named by its key, before any work
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir(cfg))

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
+from dllava.utils.checks import check_bool, check_choice, check_mapping, check_str
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -29,14 +31,16 @@ class ModelSource:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        check_str("model.pretrained", self.pretrained, optional=True)
+        check_mapping("model.architecture", self.architecture, optional=True)
+        check_bool("model.random_init", self.random_init)
+        check_choice("model.dtype", self.dtype, sorted(DTYPES))
+        check_str("model.attn_implementation", self.attn_implementation)
+        check_str("model.name", self.name, optional=True)
         if self.pretrained is None and self.architecture is None:
             raise ValueError("model.pretrained or model.architecture must be set")
         if self.pretrained is None and not self.random_init:
             raise ValueError("model.architecture alone has no weights: set model.random_init=true or model.pretrained")
-        if self.architecture is not None and not isinstance(self.architecture, dict):
-            raise ValueError(f"model.architecture must be a mapping of LlavaConfig fields, got {type(self.architecture)}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
