@@ -86,6 +86,17 @@ def test_wandb_offline_run_files_hold_logged_metrics(tiny_model_dir, synthetic_d
     assert list(run_files[0].parent.glob("files/media/images/val/kept_patches_*.png"))
 
 
+@pytest.mark.slow
+def test_wandb_mode_disabled_in_the_environment_writes_no_wandb_files(tiny_model_dir, synthetic_dir, tmp_path, monkeypatch):
+    """logger=wandb is offline by default, but WANDB_MODE=disabled (W&B's off switch) must win."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    metrics = _train(tmp_path, _overrides(tiny_model_dir, synthetic_dir, "logger=wandb", "trainer.max_steps=2",
+                                          "data.epoch_samples=16", "test=false", "module.max_new_tokens=1"))
+    assert "val/loss" in metrics
+    assert os.environ["WANDB_MODE"] == "disabled"  # not rewritten to dryrun for later runs of this process
+    assert not (tmp_path / "wandb").exists(), sorted(p.name for p in (tmp_path / "wandb").iterdir())
+
+
 def _end_processes_tagged(tag: str, timeout: float = 30.0) -> None:
     """SIGKILL the leftovers of a crashed test subprocess: processes whose environment carries ``tag``
     (only descendants of that subprocess inherit it), then wait until they are gone."""
