@@ -32,6 +32,7 @@ from dllava.eval.loading import load_for_eval
 from dllava.eval.overlay import kept_patch_overlay, pixels_to_image, tile
 from dllava.eval.questions import question_source
 from dllava.eval.runner import Arm, evaluate_arm, flat_metrics
+from dllava.startup import check_eval_config
 from dllava.utils.resolvers import register_resolvers
 from dllava.utils.run import task_wrapper, write_json_atomic, write_summary
 
@@ -43,6 +44,7 @@ log = logging.getLogger("eval")
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation ``cfg`` describes; returns the flat metrics written to summary.json."""
+    check_eval_config(cfg)  # every value's type and range, named by its key, before any work
     out = Path(cfg.paths.output_dir)
     loaded = load_for_eval(cfg.ckpt_path, cfg.device, cfg.dtype)
     data = OmegaConf.to_container(cfg.data, resolve=True)

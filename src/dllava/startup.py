@@ -327,3 +327,96 @@ def check_train_config(cfg: DictConfig) -> None:
     check_trainer(check_mapping("trainer", _plain(cfg, "trainer")))
     check_callbacks(_plain(cfg, "callbacks"))
     check_loggers(_plain(cfg, "logger"))
+
+
+# -- eval.py and bench.py -----------------------------------------------------------------------------
+DTYPE_NAMES = ["float32", "bfloat16", "float16"]
+
+
+def check_device(key: str, value: Any, extra: Sequence[str] = ()) -> None:
+    """``auto`` (or one of ``extra``), else a name torch parses as a device (``cpu``, ``cuda:1``)."""
+    import torch
+
+    check_str(key, value)
+    if value in ("auto", *extra):
+        return
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        choices = ", ".join(["auto", *extra, "cpu", "cuda", "cuda:<index>"])
+        raise ValueError(f"{key} must be one of {choices}, got {value!r}") from None
+
+
+def _keep(optional: bool = False) -> Check:
+    return lambda key, value: check_float(key, value, low=0, high=1, low_open=True, optional=optional)
+
+
+def _keeps(key: str, value: Any) -> None:
+    if isinstance(value, (str, Mapping)) or not isinstance(value, Sequence) or not value:
+        raise TypeError(f"{key} must be a non-empty list of keep ratios in (0, 1], got {describe(value)}")
+    for index, keep in enumerate(value):
+        check_float(f"{key}[{index}]", keep, low=0, high=1, low_open=True)
+
+
+def _text_policy(key: str, value: Any) -> None:
+    """``method.text``: learned, off (YAML's bare ``off`` is false) or a keep rate in (0, 1]."""
+    if value is False or value in ("learned", "off"):
+        return
+    if not is_number(value):
+        raise ValueError(f"{key} must be learned, off or a keep rate in (0, 1], got {describe(value)}")
+    check_float(key, value, low=0, high=1, low_open=True)
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    """The values eval.py reads (``conf/eval.yaml``, ``conf/method/``)."""
+    from dllava.inference.selection import IMAGE_METHODS
+
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise ValueError("ckpt_path is required: ckpt_path=<a .ckpt file or a save_pretrained directory>")
+    check_run_keys(cfg)
+    top = {k: _plain(cfg, k) for k in ("ckpt_path", "device", "dtype", "model_id", "overlays", "progress") if k in cfg}
+    _apply("", top, {
+        "ckpt_path": _str(), "device": check_device, "model_id": _str(optional=True),
+        "dtype": lambda key, value: check_choice(key, value, DTYPE_NAMES, optional=True),
+        "overlays": _int(low=0), "progress": _bool(),
+    })
+    _apply("sparsity", _plain(cfg, "sparsity") or {}, {"keep": _keep(optional=True)})
+    _apply("method", _plain(cfg, "method") or {}, {
+        "name": lambda key, value: check_choice(key, value, list(IMAGE_METHODS)), "text": _text_policy,
+    })
+    _apply("data", _plain(cfg, "data") or {}, {
+        "shards": lambda key, value: check_urls(key, value, optional=True),
+        "questions": _str(optional=True),
+        "image_folder": _str(optional=True),
+        "answer_kinds": lambda key, value: check_str_list(key, value, optional=True),
+        "limit": _int(low=1, optional=True),
+        "batch_size": _int(low=1),
+        "max_length": _int(low=1, optional=True),
+    })
+    _apply("generation", _plain(cfg, "generation") or {}, {"max_new_tokens": _int(low=1)})
+    _apply("compare", _plain(cfg, "compare") or {}, {
+        "enabled": _bool(),
+        "methods": lambda key, value: check_str_list(key, value, choices=IMAGE_METHODS, nonempty=True),
+        "keeps": _keeps,
+        "dense_ckpt_path": _str(optional=True),
+        "dense_ckpt_methods": lambda key, value: check_str_list(key, value, choices=IMAGE_METHODS),
+        "overlay_keep": _keep(optional=True),
+    })
+
+
+def check_bench_config(cfg: DictConfig) -> None:
+    """The values bench.py reads (``conf/bench.yaml`` with its model and sparsity groups)."""
+    check_run_keys(cfg)
+    check_model(_plain(cfg, "model"))
+    check_sparsity(_plain(cfg, "sparsity"))
+    _apply("bench", check_mapping("bench", _plain(cfg, "bench")), {
+        "predictors": _str(optional=True),
+        "device": lambda key, value: check_device(key, value, extra=("meta",)),
+        "cpu_max_gib": lambda key, value: check_float(key, value, low=0, low_open=True),
+        "batch_size": _int(low=1),
+        "text_tokens": _int(low=0),
+        "new_tokens": _int(low=1),
+        "text_keep_rate": _keep(optional=True),
+        "warmup": _int(low=0),
+        "repeats": _int(low=1),
+    })
