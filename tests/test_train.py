@@ -86,6 +86,16 @@ def test_wandb_offline_run_files_hold_logged_metrics(tiny_model_dir, synthetic_d
     assert list(run_files[0].parent.glob("files/media/images/val/kept_patches_*.png"))
 
 
+def test_llava_shards_without_shards_points_to_the_converter_not_the_generator(tiny_model_dir, tmp_path):
+    overrides = [f"model.pretrained={tiny_model_dir}", "data=llava_shards", f"paths.data_dir={tmp_path}/data",
+                 "data.num_workers=0", "callbacks=none", "debug=fdr"]
+    with pytest.raises(FileNotFoundError) as error:
+        _train(tmp_path, overrides)
+    message = str(error.value)
+    assert message.startswith("data.train_urls: no shard at") and "dllava-shards" in message
+    assert "dllava.data.synthetic" not in message
+
+
 @pytest.mark.slow
 def test_wandb_mode_disabled_in_the_environment_writes_no_wandb_files(tiny_model_dir, synthetic_dir, tmp_path, monkeypatch):
     """logger=wandb is offline by default, but WANDB_MODE=disabled (W&B's off switch) must win."""
