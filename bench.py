@@ -19,12 +19,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dllava.bench.inference import build_model, format_table, run_bench, write_json
+from dllava.startup import check_bench_config
 
 log = logging.getLogger("bench")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="bench")
 def main(cfg: DictConfig) -> dict:
+    check_bench_config(cfg)  # every value's type and range, named by its key, before any work
     b = cfg.bench
     model, device = build_model(
         OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.sparsity, resolve=True),

@@ -33,6 +33,7 @@ from dllava.eval.loading import load_for_eval
 from dllava.eval.overlay import kept_patch_overlay, pixels_to_image, tile
 from dllava.eval.questions import describe_skipped, question_source, write_skipped
 from dllava.eval.runner import Arm, NoQuestions, evaluate_arm, flat_metrics
+from dllava.startup import check_eval_config
 from dllava.utils.resolvers import register_resolvers
 from dllava.utils.run import task_wrapper, write_json_atomic, write_summary
 
@@ -44,6 +45,7 @@ log = logging.getLogger("eval")
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation ``cfg`` describes; returns the flat metrics written to summary.json."""
+    check_eval_config(cfg)  # every value's type and range, named by its key, before any work
     out = Path(cfg.paths.output_dir)
     if cfg.compare.enabled and cfg.resume:
         raise ValueError("resume=true continues a single evaluation; a comparison (compare.enabled=true) starts over")

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dllava.data.datamodule import iter_records, resolve_urls
 from dllava.metrics.answers import question_only_baseline
+from dllava.startup import check_train_config
 from dllava.utils.resolvers import register_resolvers
 from dllava.utils.run import (
     check_run_dir,
@@ -47,6 +48,7 @@ log = logging.getLogger("train")
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns the final metrics."""
+    check_train_config(cfg)  # every value's type and range, named by its key, before any work
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     check_run_dir(cfg.get("ckpt_path"), checkpoint_dir(cfg), bool(cfg.get("train")), run_dir_pinned(cfg), is_multirun())

@@ -1,5 +1,6 @@
 """Every option of every config group composes, and the objects it names instantiate."""
 
+import re
 from pathlib import Path
 
 import hydra
@@ -121,3 +122,75 @@ def test_root_dir_points_at_the_checkout(tmp_path):
     cfg = compose("train", [], output_dir=tmp_path)
     assert Path(cfg.paths.root_dir).resolve() == CONF.parent
     assert Path(cfg.model.pretrained).resolve() == CONF.parent / "data" / "tiny_base"
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_passes_the_start_up_check(group, option, tmp_path):
+    """The start-up check refuses no shipped configuration, except model=mid, a bench-only model
+    (random weights, no tokenizer) that train.py cannot read data with."""
+    from dllava.startup import check_train_config
+
+    cfg = compose("train", [f"{group}={option}"], output_dir=tmp_path)
+    if (group, option) == ("model", "mid"):
+        with pytest.raises(ValueError, match=r"^data.processor is null"):
+            check_train_config(cfg)
+    else:
+        check_train_config(cfg)
+
+
+def _load_entry(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_entry", CONF.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("override, key", [
+    ("sparsity.keep=1.5", "sparsity.keep"), ("sparsity.keep=half", "sparsity.keep"), ("method.text=sometimes", "method.text"),
+    ("generation.max_new_tokens=0", "generation.max_new_tokens"), ("data.batch_size=2.5", "data.batch_size"),
+    ("data.limit=0", "data.limit"), ("data.max_length=-1", "data.max_length"), ("data.questions=3", "data.questions"),
+    ("data.answer_kinds=color", "data.answer_kinds"), ("overlays=-1", "overlays"), ("progress=maybe", "progress"),
+    ("device=gpu9", "device"), ("dtype=float64", "dtype"), ("seed=-1", "seed"), ("compare.enabled=1", "compare.enabled"),
+    ("compare.keeps=[0.2,2]", r"compare.keeps\[1\]"), ("compare.keeps=[]", "compare.keeps"),
+    ("compare.methods=[fastv,foo]", r"compare.methods\[1\]"), ("compare.overlay_keep=0", "compare.overlay_keep"),
+])
+def test_bad_eval_value_fails_at_start_naming_the_key(override, key, tmp_path):
+    """eval.py checks its values before loading the checkpoint (here one that does not exist)."""
+    evaluate = _load_entry("eval").evaluate
+    with pytest.raises((TypeError, ValueError)) as error:
+        evaluate(compose("eval", ["ckpt_path=/nonexistent/ckpt", override], output_dir=tmp_path))
+    assert re.match(key + r"(?![\w.\[])", str(error.value)), str(error.value)
+
+
+def test_eval_without_ckpt_path_says_it_is_required(tmp_path):
+    from dllava.startup import check_eval_config
+
+    with pytest.raises(ValueError, match=r"^ckpt_path is required"):
+        check_eval_config(compose("eval", [], output_dir=tmp_path))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("bench.batch_size=0", "bench.batch_size"), ("bench.new_tokens=1.5", "bench.new_tokens"),
+    ("bench.text_keep_rate=2", "bench.text_keep_rate"), ("bench.repeats=0", "bench.repeats"),
+    ("bench.warmup=-1", "bench.warmup"), ("bench.cpu_max_gib=0", "bench.cpu_max_gib"), ("bench.device=tpu7", "bench.device"),
+    ("sparsity.layer=2.5", "sparsity.layer"), ("model.random_init=maybe", "model.random_init"),
+    ("model.predictor.heads=0", "model.predictor.heads"),
+])
+def test_bad_bench_value_fails_at_start_naming_the_key(override, key, tmp_path):
+    main = _load_entry("bench").main  # @hydra.main runs the task directly when given a config
+    with pytest.raises((TypeError, ValueError)) as error:
+        main(compose("bench", [override], output_dir=tmp_path))
+    assert re.match(key + r"(?![\w.\[])", str(error.value)), str(error.value)
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("eval", ["ckpt_path=x"]), ("eval", ["ckpt_path=x", "method=dense", "compare.enabled=true", "device=cpu"]),
+    ("eval", ["ckpt_path=x", "method=random", "sparsity.keep=1", "dtype=bfloat16"]),
+    ("bench", []), ("bench", ["model=mid"]), ("bench", ["model=dllava_7b", "model.random_init=true", "bench.device=meta"]),
+])
+def test_shipped_eval_and_bench_configs_pass_the_start_up_check(config, overrides, tmp_path):
+    from dllava.startup import check_bench_config, check_eval_config
+
+    {"eval": check_eval_config, "bench": check_bench_config}[config](compose(config, overrides, output_dir=tmp_path))

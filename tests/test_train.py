@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,6 +84,27 @@ def test_wandb_offline_run_files_hold_logged_metrics(tiny_model_dir, synthetic_d
     images = [r for r in rows if "val/kept_patches/filenames" in r]
     assert images and images[0]["val/kept_patches/count"] == 1
     assert list(run_files[0].parent.glob("files/media/images/val/kept_patches_*.png"))
+
+
+def test_llava_shards_without_shards_points_to_the_converter_not_the_generator(tiny_model_dir, tmp_path):
+    overrides = [f"model.pretrained={tiny_model_dir}", "data=llava_shards", f"paths.data_dir={tmp_path}/data",
+                 "data.num_workers=0", "callbacks=none", "debug=fdr"]
+    with pytest.raises(FileNotFoundError) as error:
+        _train(tmp_path, overrides)
+    message = str(error.value)
+    assert message.startswith("data.train_urls: no shard at") and "dllava-shards" in message
+    assert "dllava.data.synthetic" not in message
+
+
+@pytest.mark.slow
+def test_wandb_mode_disabled_in_the_environment_writes_no_wandb_files(tiny_model_dir, synthetic_dir, tmp_path, monkeypatch):
+    """logger=wandb is offline by default, but WANDB_MODE=disabled (W&B's off switch) must win."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    metrics = _train(tmp_path, _overrides(tiny_model_dir, synthetic_dir, "logger=wandb", "trainer.max_steps=2",
+                                          "data.epoch_samples=16", "test=false", "module.max_new_tokens=1"))
+    assert "val/loss" in metrics
+    assert os.environ["WANDB_MODE"] == "disabled"  # not rewritten to dryrun for later runs of this process
+    assert not (tmp_path / "wandb").exists(), sorted(p.name for p in (tmp_path / "wandb").iterdir())
 
 
 def _end_processes_tagged(tag: str, timeout: float = 30.0) -> None:
@@ -230,12 +252,59 @@ def test_sparse_run_logs_tau_keep_ratios_and_exports_predictors(tiny_model_dir, 
     assert any(k.startswith("model.text_predictor.") for k in ckpt["state_dict"])
 
 
-@pytest.mark.parametrize(
-    "override, key", [("sparsity.keep=1.5", "sparsity.keep"), ("sparsity.layer=3", "sparsity.layer"),
-                      ("module.trainable=[vision,decoder]", "module.trainable")],
-)
-def test_bad_sparsity_config_fails_at_start_naming_the_key(tiny_model_dir, synthetic_dir, tmp_path, override, key):
-    from hydra.errors import InstantiationException
+BAD_VALUES = [  # (override, the key the error must start with): each fails in train.py's start-up check
+    # issue 12 item 3
+    ("sparsity.layer=2.5", "sparsity.layer"), ("sparsity.vision=maybe", "sparsity.vision"),
+    ("sparsity.keep=abc", "sparsity.keep"), ("trainer.max_steps=-1", "trainer.max_steps"),
+    # sparsity
+    ("sparsity.keep=1.5", "sparsity.keep"), ("sparsity.keep=0", "sparsity.keep"), ("sparsity.keep=true", "sparsity.keep"),
+    ("sparsity.text_keep=-0.1", "sparsity.text_keep"), ("sparsity.text=1", "sparsity.text"),
+    ("sparsity.layer=0", "sparsity.layer"), ("sparsity.layer=true", "sparsity.layer"),
+    ("sparsity.loss_weight=-1", "sparsity.loss_weight"), ("sparsity.loss_weight=inf", "sparsity.loss_weight"),
+    ("sparsity.text_min_len=16.5", "sparsity.text_min_len"), ("sparsity.tau_start=0", "sparsity.tau_start"),
+    ("sparsity.tau_end=nan", "sparsity.tau_end"), ("+sparsity.kepp=0.2", "sparsity.kepp"),
+    # optim
+    ("optim.lr=0", "optim.lr"), ("optim.lr=fast", "optim.lr"), ("optim.predictor_lr=-1e-3", "optim.predictor_lr"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"), ("optim.betas=[0.9]", "optim.betas"),
+    ("optim.betas=[0.9,1.5]", r"optim.betas\[1\]"), ("optim.eps=0", "optim.eps"),
+    ("optim.warmup_ratio=1.0", "optim.warmup_ratio"), ("optim.min_lr_ratio=2", "optim.min_lr_ratio"),
+    # model
+    ("model.dtype=float8", "model.dtype"), ("model.random_init=yes", "model.random_init"),
+    ("model.attn_implementation=3", "model.attn_implementation"), ("model.predictor.heads=0", "model.predictor.heads"),
+    ("model.predictor.d_model=64.0", "model.predictor.d_model"), ("+model.pretraind=x", "model.pretraind"),
+    # module
+    ("module.trainable=[vision,decoder]", "module.trainable"), ("module.trainable=llm", "module.trainable"),
+    ("module.max_new_tokens=0", "module.max_new_tokens"), ("module.answer_kinds=color", "module.answer_kinds"),
+    # data
+    ("data.batch_size=0", "data.batch_size"), ("data.batch_size=2.0", "data.batch_size"),
+    ("data.eval_batch_size=-1", "data.eval_batch_size"), ("data.num_workers=-1", "data.num_workers"),
+    ("data.epoch_samples=ten", "data.epoch_samples"), ("data.shuffle_buffer=-5", "data.shuffle_buffer"),
+    ("data.max_length=0", "data.max_length"), ("data.train_urls=[]", "data.train_urls"), ("data.val_urls=7", "data.val_urls"),
+    ("data.answer_kinds=[1]", r"data.answer_kinds\[0\]"), ("data.seed=-1", "data.seed"),
+    ("+data.synthetic={out:x,train:-1}", "data.synthetic.train"), ("+data.synthetic={out:x,tain:1}", "data.synthetic.tain"),
+    # top level
+    ("seed=-3", "seed"), ("seed=1.5", "seed"), ("train=yes", "train"), ("test=1", "test"), ("export=maybe", "export"),
+    ("ckpt_path=3", "ckpt_path"), ("tags=dev", "tags"),
+    # trainer
+    ("trainer.max_steps=0", "trainer.max_steps"), ("trainer.max_steps=2.5", "trainer.max_steps"),
+    ("trainer.max_epochs=0", "trainer.max_epochs"), ("trainer.devices=0", "trainer.devices"),
+    ("trainer.devices=1.5", "trainer.devices"), ("trainer.num_nodes=0", "trainer.num_nodes"),
+    ("trainer.precision=31", "trainer.precision"), ("trainer.precision=fp32", "trainer.precision"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
+    ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch"),
+    ("trainer.num_sanity_val_steps=-2", "trainer.num_sanity_val_steps"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val"), ("trainer.fast_dev_run=-1", "trainer.fast_dev_run"),
+    ("trainer.deterministic=sometimes", "trainer.deterministic"), ("trainer.enable_progress_bar=1", "trainer.enable_progress_bar"),
+    ("+trainer.limit_val_batches=1.5", "trainer.limit_val_batches"), ("+trainer.max_step=3", "trainer.max_step"),
+    ("trainer=fsdp2 trainer.strategy.activation_checkpointing=maybe", "trainer.strategy.activation_checkpointing"),
+    # callbacks and loggers (callbacks=none in the base overrides: these put the default group back)
+    ("callbacks=default callbacks.model_checkpoint.save_top_k=-2", "callbacks.model_checkpoint.save_top_k"),
+    ("callbacks=default callbacks.last_checkpoint.every_n_train_steps=-1", "callbacks.last_checkpoint.every_n_train_steps"),
+    ("callbacks=default callbacks.model_checkpoint.mode=best", "callbacks.model_checkpoint.mode"),
+    ("callbacks=default callbacks.progress_bar.refresh_rate=-1", "callbacks.progress_bar.refresh_rate"),
+    ("logger=wandb logger.wandb.offline=maybe", "logger.wandb.offline"), ("logger=csv logger.csv.name=3", "logger.csv.name"),
+]
 
     with pytest.raises((ValueError, InstantiationException), match=key):  # hydra wraps constructor errors
         _train(tmp_path, _overrides(tiny_model_dir, synthetic_dir, "debug=fdr", override))
@@ -378,3 +447,27 @@ def test_best_accuracy_survives_a_resume_and_run_dirs_are_not_lost(synthetic_dir
     best = torch.load(json.loads((run_dir / "summary.json").read_text())["ckpt_path"], map_location="cpu", weights_only=True)
     (state,) = [v for k, v in best["callbacks"].items() if "val/answer_acc" in k]
     assert float(metrics["val/answer_acc_best"]) == pytest.approx(float(state["best_model_score"]))
+
+
+
+@pytest.mark.parametrize("override, key", BAD_VALUES)
+def test_bad_config_value_fails_at_start_naming_the_key(tiny_model_dir, synthetic_dir, tmp_path, override, key):
+    """Each wrong type or out-of-range value fails in the start-up check (before data, model or trainer
+    exist) with a message that starts with its full key."""
+    debug = [] if "callbacks=" in override or "logger=" in override else ["debug=fdr"]  # debug nulls both groups
+    with pytest.raises((TypeError, ValueError)) as error:
+        _train(tmp_path, _overrides(tiny_model_dir, synthetic_dir, *debug, *override.split()))
+    assert re.match(key + r"(?![\w.\[])", str(error.value)), str(error.value)
+    assert any(Path(str(entry.path)).name == "startup.py" for entry in error.traceback), "not the start-up check"
+    assert not list(tmp_path.iterdir()), "something was written before the check"
+
+
+def test_good_values_of_every_type_pass_the_start_up_check(tiny_model_dir, synthetic_dir, tmp_path):
+    """An int where a float is meant, -1 devices, a fraction of batches, null optionals: all accepted."""
+    from dllava.startup import check_train_config
+
+    for extra in (["optim.lr=1", "sparsity.keep=1", "trainer.devices=-1", "+trainer.limit_val_batches=0.5",
+                   "optim.predictor_lr=null", "data.max_length=null", "seed=null", "trainer.max_epochs=-1"],
+                  ["trainer=fsdp2", "trainer.precision=32", "trainer.devices=[0,1]", "trainer.deterministic=warn"],
+                  ["experiment=paper_7b"], ["data=llava_shards"], ["callbacks=default", "logger=wandb"]):
+        check_train_config(compose("train", _overrides(tiny_model_dir, synthetic_dir, *extra), output_dir=tmp_path))

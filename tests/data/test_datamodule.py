@@ -34,7 +34,22 @@ def test_brace_patterns_and_globs_expand_to_existing_shards(synthetic_dir):
 
 def test_missing_shards_name_the_key_and_how_to_create_them(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data.val_urls.*python -m dllava.data.synthetic"):
-        resolve_urls(str(tmp_path / "val-000000.tar"), "data.val_urls")
+        resolve_urls(str(tmp_path / "val-000000.tar"), "data.val_urls", synthetic=True)
+
+
+@pytest.mark.parametrize("synthetic, tool, not_tool", [
+    (None, "dllava-shards", "dllava.data.synthetic"),
+    ({"out": "unused", "train": 8, "val": 8, "test": 8}, "python -m dllava.data.synthetic", "dllava-shards"),
+])
+def test_missing_shards_point_to_the_tool_that_makes_this_kind_of_data(tmp_path, synthetic, tool, not_tool):
+    """Real data (data.synthetic null, e.g. data=llava_shards) is made by the converter, not the generator."""
+    dm = LlavaDataModule(train_urls=str(tmp_path / "mix/shard-{000000..000003}.tar"), val_urls=str(tmp_path / "v-*.tar"),
+                         processor="unused", num_workers=0, synthetic=synthetic)
+    with pytest.raises(FileNotFoundError) as error:
+        dm.train_dataloader()
+    message = str(error.value)
+    assert message.startswith("data.train_urls: no shard at") and tool in message and not_tool not in message
+    assert f"--out {tmp_path / 'mix'}" in message
 
 
 def test_training_batches_are_right_padded_with_masked_labels(synthetic_dir, tiny_model_dir):

@@ -67,3 +67,28 @@ def test_llava_7b_config_builds_without_download():
 def test_bad_model_config_names_the_key(fields, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_llava(fields)
+
+
+@pytest.mark.parametrize("load", ["model", "processor", "config"])
+def test_hub_model_missing_from_the_offline_cache_says_so_and_how_to_point_at_a_directory(load):
+    """HF_HUB_OFFLINE=1 (conftest) and an id not in the cache: no download, and a message that says
+    the weights are not cached and how to use a local directory instead of transformers' raw error."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from dllava.model.loading import NotInLocalCache, load_config, load_processor
+
+    hub_id = "llava-hf/llava-1.5-7b-hf"
+    assert constants.HF_HUB_OFFLINE
+    if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+        pytest.skip(f"{hub_id} is in this machine's HF cache")
+    calls = {
+        "model": lambda: load_llava({"pretrained": hub_id}),
+        "processor": lambda: load_processor(hub_id),
+        "config": lambda: load_config(ModelSource(pretrained=hub_id)),
+    }
+    with pytest.raises(NotInLocalCache) as error:
+        calls[load]()
+    message = str(error.value)
+    assert message.startswith(f"model.pretrained={hub_id!r}: the weights of {hub_id} are not in the local HF cache")
+    assert "HF_HUB_OFFLINE=1" in message and "set model.pretrained=<local directory>" in message
+    assert try_to_load_from_cache(hub_id, "config.json") is None  # nothing was downloaded

@@ -31,13 +31,15 @@ from PIL import Image
 from dllava.data.conversation import IGNORE_INDEX, encode_conversation, final_exchange
 from dllava.data.reader import TextOnlySample, exact_stream, resampled_stream, shards_per_rank_warning
 from dllava.data.records import IMAGE_KEYS
+from dllava.utils.checks import check_int, check_keys, check_mapping, check_str, check_str_list, check_urls
 
 
-def resolve_urls(spec: str | Sequence[str], key: str = "data.urls") -> list[str]:
+def resolve_urls(spec: str | Sequence[str], key: str = "data.urls", synthetic: bool = False) -> list[str]:
     """Expand brace patterns (``train-{000000..000019}.tar``) and globs into existing shard paths.
 
     Raises ``FileNotFoundError`` naming ``key`` and the missing path, so a mistyped path fails at
-    start-up rather than as an empty stream.
+    start-up rather than as an empty stream; ``synthetic`` (the synthetic task's shards) picks which
+    tool the message says creates them.
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
@@ -48,10 +50,10 @@ def resolve_urls(spec: str | Sequence[str], key: str = "data.urls") -> list[str]
             elif any(c in expanded for c in "*?["):
                 matches = sorted(glob.glob(expanded))
                 if not matches:
-                    raise FileNotFoundError(_missing_message(key, expanded))
+                    raise FileNotFoundError(_missing_message(key, expanded, synthetic))
                 urls.extend(matches)
             elif not os.path.exists(expanded):
-                raise FileNotFoundError(_missing_message(key, expanded))
+                raise FileNotFoundError(_missing_message(key, expanded, synthetic))
             else:
                 urls.append(expanded)
     if not urls:
@@ -59,12 +61,37 @@ def resolve_urls(spec: str | Sequence[str], key: str = "data.urls") -> list[str]
     return urls
 
 
-def _missing_message(key: str, path: str) -> str:
-    return (
-        f"{key}: no shard at {path!r}. Create the synthetic shards with "
-        f"`python -m dllava.data.synthetic --out {Path(path).parent}` (train.py does this on first use "
-        f"when data.synthetic is set), or point {key} at existing webdataset shards."
-    )
+def _missing_message(key: str, path: str, synthetic: bool = False) -> str:
+    """What to do about a missing shard: the synthetic generator when the data is the synthetic task
+    (``synthetic``: ``data.synthetic`` is set), else the converter that writes shards from LLaVA JSON."""
+    if synthetic:
+        create = (
+            f"Create the synthetic shards with `python -m dllava.data.synthetic --out {Path(path).parent}` "
+            f"(train.py does this on first use into data.synthetic.out)"
+        )
+    else:
+        create = (
+            f"Convert LLaVA-format JSON and images into shards with `dllava-shards <data.json> --image-root "
+            f"<image folder> --out {Path(path).parent}` (README \"Real data\", conf/data/llava_shards.yaml)"
+        )
+    return f"{key}: no shard at {path!r}. {create}, or point {key} at existing webdataset shards."
+
+
+SYNTHETIC_INTS = {"train": 0, "val": 0, "test": 0, "seed": 0, "image_size": 1, "grid": 1, "samples_per_shard": 1, "workers": 1}
+
+
+def check_synthetic_spec(spec: Any) -> None:
+    """Types and ranges of ``data.synthetic`` (the generator's arguments), named by their config keys."""
+    check_mapping("data.synthetic", spec)
+    check_keys("data.synthetic", spec, ("out", "kinds", *SYNTHETIC_INTS))
+    check_str("data.synthetic.out", spec.get("out"))
+    for name, low in SYNTHETIC_INTS.items():
+        if name in spec:
+            check_int(f"data.synthetic.{name}", spec[name], low=low)
+    if "kinds" in spec:
+        check_str_list("data.synthetic.kinds", spec["kinds"], nonempty=True)
+
+
 
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -214,14 +241,23 @@ class LlavaDataModule(L.LightningDataModule):
         """``answer_kinds``: the record ``kinds`` whose final answers are scored by exact match (the
         synthetic task's short answers); None for free-form data. ``module.answer_kinds`` reads it."""
         super().__init__()
-        self.answer_kinds = None if answer_kinds is None else list(answer_kinds)
+        check_urls("data.train_urls", train_urls)
+        check_urls("data.val_urls", val_urls)
+        check_urls("data.test_urls", test_urls, optional=True)
+        if processor is None:
+            raise ValueError("data.processor is null: set it to a directory holding the tokenizer and image "
+                             "processor (it defaults to model.pretrained, which this model does not set)")
+        check_str("data.processor", processor)
+        self.answer_kinds = check_str_list("data.answer_kinds", answer_kinds, optional=True)
         for name, value in (("data.batch_size", batch_size), ("data.epoch_samples", epoch_samples)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"data.max_length must be >= 1 or null (the tokenizer's model_max_length), got {max_length}")
+            check_int(name, value, low=1)
+        check_int("data.eval_batch_size", eval_batch_size, low=1, optional=True)  # null: data.batch_size
+        check_int("data.num_workers", num_workers, low=0)
+        check_int("data.shuffle_buffer", shuffle_buffer, low=0)  # 0 or 1: no shuffling
+        check_int("data.max_length", max_length, low=1, optional=True)  # null: the tokenizer's model_max_length
+        check_int("data.seed", seed, low=0, optional=True)  # null (with seed=null): not reproducible
+        if synthetic is not None:
+            check_synthetic_spec(synthetic)
         self.train_urls, self.val_urls, self.test_urls = train_urls, val_urls, test_urls
         self.processor_path = processor
         self.batch_size = batch_size
@@ -268,7 +304,7 @@ class LlavaDataModule(L.LightningDataModule):
         return math.ceil(batches / max(1, self.num_workers))
 
     def train_dataloader(self) -> wds.WebLoader:
-        urls = resolve_urls(self.train_urls, "data.train_urls")
+        urls = resolve_urls(self.train_urls, "data.train_urls", self.synthetic is not None)
         dataset = resampled_stream(
             urls, decode_sample, self.preprocess, _Collate(self.processor.tokenizer.pad_token_id),
             self.batch_size, self.train_batches_per_worker(), self.shuffle_buffer, self.seed,
@@ -277,7 +313,7 @@ class LlavaDataModule(L.LightningDataModule):
                              persistent_workers=self.num_workers > 0)
 
     def _exact_loader(self, spec: str | Sequence[str], key: str) -> wds.WebLoader:
-        urls = resolve_urls(spec, key)
+        urls = resolve_urls(spec, key, self.synthetic is not None)
         uneven = shards_per_rank_warning(len(urls), self.world_size, key)
         if uneven:
             warnings.warn(uneven, stacklevel=2)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
+from dllava.utils.checks import check_bool, check_choice, check_mapping, check_str
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -29,14 +31,16 @@ class ModelSource:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        check_str("model.pretrained", self.pretrained, optional=True)
+        check_mapping("model.architecture", self.architecture, optional=True)
+        check_bool("model.random_init", self.random_init)
+        check_choice("model.dtype", self.dtype, sorted(DTYPES))
+        check_str("model.attn_implementation", self.attn_implementation)
+        check_str("model.name", self.name, optional=True)
         if self.pretrained is None and self.architecture is None:
             raise ValueError("model.pretrained or model.architecture must be set")
         if self.pretrained is None and not self.random_init:
             raise ValueError("model.architecture alone has no weights: set model.random_init=true or model.pretrained")
-        if self.architecture is not None and not isinstance(self.architecture, dict):
-            raise ValueError(f"model.architecture must be a mapping of LlavaConfig fields, got {type(self.architecture)}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -63,11 +67,42 @@ def _check_pretrained(source: ModelSource) -> None:
         )
 
 
+class NotInLocalCache(OSError):
+    """A hub id whose files could not be loaded: not in the local HF cache and not downloadable now."""
+
+
+def _hub_error(pretrained: str, err: OSError) -> OSError:
+    """``err`` for a hub id, said plainly: where the files were looked for and the two ways out."""
+    from huggingface_hub import constants
+
+    if _is_local(pretrained):
+        return err  # a local directory's own problem (a missing file, a bad config): keep HF's message
+    why = ("HF_HUB_OFFLINE=1 forbids downloads" if constants.HF_HUB_OFFLINE
+           else "it could not be downloaded (no network, or a gated repo without a token)")
+    return NotInLocalCache(
+        f"model.pretrained={pretrained!r}: the weights of {pretrained} are not in the local HF cache "
+        f"({constants.HF_HUB_CACHE}) and {why}. Download them once with network access (`hf download "
+        f"{pretrained}`, or a run with HF_HUB_OFFLINE=0), or set model.pretrained=<local directory> holding "
+        f"a save_pretrained copy of the model and its processor. Cause: {err}"
+    )
+
+
+def _from_hub(load: Any, pretrained: str, **kwargs: Any) -> Any:
+    """``load(pretrained, **kwargs)`` (an HF ``from_pretrained``) with :func:`_hub_error`'s message."""
+    try:
+        return load(pretrained, **kwargs)
+    except OSError as err:
+        error = _hub_error(pretrained, err)
+        if error is err:
+            raise
+        raise error from err
+
+
 def load_config(source: ModelSource) -> LlavaConfig:
     """The ``LlavaConfig`` for ``source``: from the pretrained directory, else from ``architecture``."""
     _check_pretrained(source)
     if source.pretrained is not None and (_is_local(source.pretrained) or source.architecture is None):
-        return AutoConfig.from_pretrained(source.pretrained)
+        return _from_hub(AutoConfig.from_pretrained, source.pretrained)
     arch = dict(source.architecture or {})
     return LlavaConfig(**arch)
 
@@ -86,19 +121,14 @@ def load_llava(source: ModelSource | dict[str, Any]) -> LlavaForConditionalGener
             return LlavaForConditionalGeneration(config)
         finally:
             torch.set_default_dtype(previous)
-    try:
-        return LlavaForConditionalGeneration.from_pretrained(
-            source.pretrained, dtype=source.torch_dtype, attn_implementation=source.attn_implementation
-        )
-    except OSError as err:
-        raise OSError(
-            f"could not load model.pretrained={source.pretrained!r}: not a local directory and not in the HF "
-            f"cache (set HF_HUB_OFFLINE=0 and log in to download it). Cause: {err}"
-        ) from err
+    return _from_hub(
+        LlavaForConditionalGeneration.from_pretrained, source.pretrained, dtype=source.torch_dtype,
+        attn_implementation=source.attn_implementation,
+    )
 
 
 def load_processor(pretrained: str) -> Any:
     """HF ``LlavaProcessor`` (tokenizer + image processor) saved beside the weights."""
     if pretrained.startswith(("/", ".", "~")) and not _is_local(pretrained):
         raise FileNotFoundError(f"processor directory {pretrained!r} does not exist")
-    return AutoProcessor.from_pretrained(pretrained)
+    return _from_hub(AutoProcessor.from_pretrained, pretrained)

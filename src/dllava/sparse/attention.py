@@ -40,6 +40,14 @@ def gated_softmax_attention(
     Unlike the reference code, which adds eps/N to every weight (a little mass on masked and padded
     keys), the row maximum is taken over the kept keys only, so every row sum is >= 1 and no eps is
     needed; the output is exactly a softmax over the kept, unmasked keys.
+
+    Overflow: only a dropped key (gate 0) can score above that maximum, and ``exp`` of more than ~88.7
+    above it is inf in fp32 (inf x 0 = NaN, forward and backward). Its exponent is therefore capped at
+    :func:`gate_exponent_cap`, which changes no weight (it is multiplied by 0: the forward stays exact)
+    and no gradient of ``query``/``key``/``value`` (the dropped key's weight has none). The one value it
+    changes is the straight-through gradient of that key's gate, ``exp(S_ij - logZ_i) (v_j - o_i) . dO_i``
+    summed over queries, which is astronomically large for such a key: it is exact while the key scores
+    at most the cap above the kept keys' maximum and saturates (finite, same sign) beyond.
     """
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     n_q, n_k = query.shape[-2], key.shape[-2]
@@ -57,9 +65,15 @@ def gated_softmax_attention(
     own = offset == keys
     gates = torch.where(own, torch.ones((), dtype=compute, device=gate.device), gate.to(compute)[:, None, None, :])
     row_max = scores.masked_fill(gates == 0, float("-inf")).amax(-1, keepdim=True).detach()
-    weights = torch.exp(scores - row_max) * gates
+    weights = torch.exp((scores - row_max).clamp(max=gate_exponent_cap(compute))) * gates
     weights = weights / weights.sum(-1, keepdim=True)
     return torch.matmul(weights.to(value.dtype), value)
+
+
+def gate_exponent_cap(dtype: torch.dtype) -> float:
+    """The largest exponent a dropped key's weight is computed with: half of log(max float) (44.4 in
+    fp32, 354.9 in fp64), so exp of it times a gradient factor of up to exp(cap) stays finite."""
+    return 0.5 * float(torch.log(torch.tensor(torch.finfo(dtype).max, dtype=torch.float64)))
 
 
 def gated_attention_forward(

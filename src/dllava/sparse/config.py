@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from dllava.utils.checks import check_bool, check_float, check_int
+
 
 @dataclass
 class SparsityConfig:
@@ -31,19 +33,16 @@ class SparsityConfig:
     tau_end: float = 0.1
 
     def __post_init__(self) -> None:
+        self.vision = check_bool("sparsity.vision", self.vision)
+        self.text = check_bool("sparsity.text", self.text)
         for key in ("keep", "text_keep"):
-            value = getattr(self, key)
-            if not 0 < value <= 1:
-                raise ValueError(f"sparsity.{key} must be in (0, 1], got {value}")
-        if self.layer < 1:
-            raise ValueError(f"sparsity.layer must be >= 1 (the predictors read the output of layer K-1), got {self.layer}")
-        if self.loss_weight < 0:
-            raise ValueError(f"sparsity.loss_weight must be >= 0, got {self.loss_weight}")
-        if self.text_min_len < 1:
-            raise ValueError(f"sparsity.text_min_len must be >= 1, got {self.text_min_len}")
+            setattr(self, key, check_float(f"sparsity.{key}", getattr(self, key), low=0, high=1, low_open=True))
+        # K: the predictors read the output of layer K-1, so K >= 1 (an integer: 2.5 matches no layer)
+        self.layer = check_int("sparsity.layer", self.layer, low=1)
+        self.loss_weight = check_float("sparsity.loss_weight", self.loss_weight, low=0)
+        self.text_min_len = check_int("sparsity.text_min_len", self.text_min_len, low=1)
         for key in ("tau_start", "tau_end"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"sparsity.{key} must be > 0, got {getattr(self, key)}")
+            setattr(self, key, check_float(f"sparsity.{key}", getattr(self, key), low=0, low_open=True))
         if self.text and not self.vision:
             # As in the reference code, the attention gate is built in the vision branch.
             raise ValueError("sparsity.text=true needs sparsity.vision=true (text-only sparsification is not supported)")
@@ -74,8 +73,7 @@ class PredictorConfig:
 
     def __post_init__(self) -> None:
         for key in ("d_model", "heads", "ff", "layers"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"model.predictor.{key} must be >= 1, got {getattr(self, key)}")
+            setattr(self, key, check_int(f"model.predictor.{key}", getattr(self, key), low=1))
         if self.d_model % self.heads:
             raise ValueError(f"model.predictor.d_model ({self.d_model}) must be divisible by heads ({self.heads})")
         if self.d_model % 4:

@@ -28,9 +28,10 @@ from torchmetrics import MaxMetric, MeanMetric
 
 from dllava.metrics.answers import exact_match
 from dllava.model.loading import ModelSource, load_llava, load_processor
-from dllava.sparse.config import SparsityConfig
+from dllava.sparse.config import PredictorConfig, SparsityConfig
 from dllava.sparse.model import PREDICTORS_FILE, DynamicLlava
 from dllava.training.sharding import empty_llava, is_sharded, shard_fsdp2
+from dllava.utils.checks import check_float, check_int, check_mapping, check_str_list, describe
 from dllava.utils.run import RUN_KEY, TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,16 @@ PARTS = (
     ("predictors", "text_predictor."),
 )
 PART_NAMES = ("vision", "projector", "llm", "predictors")
+
+
+def check_trainable(trainable: Any) -> list[str]:
+    """``module.trainable``: a list of part names (a bare string would be read letter by letter)."""
+    if isinstance(trainable, (str, bytes, dict)) or not isinstance(trainable, Sequence):
+        raise TypeError(f"module.trainable must be a list of parts from {list(PART_NAMES)}, got {describe(trainable)}")
+    unknown = sorted({str(part) for part in trainable} - set(PART_NAMES))
+    if unknown:
+        raise ValueError(f"module.trainable: unknown parts {unknown}; choose from {list(PART_NAMES)}")
+    return list(trainable)
 
 
 def part_of(name: str) -> str:
@@ -65,21 +76,25 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        for key in ("lr", "projector_lr", "vision_lr", "predictor_lr"):
-            value = getattr(self, key)
-            if value is not None and not value > 0:
-                raise ValueError(f"optim.{key} must be > 0, got {value}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        self.lr = check_float("optim.lr", self.lr, low=0, low_open=True)
+        for key in ("projector_lr", "vision_lr", "predictor_lr"):  # null: optim.lr
+            setattr(self, key, check_float(f"optim.{key}", getattr(self, key), low=0, low_open=True, optional=True))
+        self.weight_decay = check_float("optim.weight_decay", self.weight_decay, low=0)
+        self.betas = check_betas("optim.betas", self.betas)
+        self.eps = check_float("optim.eps", self.eps, low=0, low_open=True)
+        self.warmup_ratio = check_float("optim.warmup_ratio", self.warmup_ratio, low=0, high=1, high_open=True)
+        self.min_lr_ratio = check_float("optim.min_lr_ratio", self.min_lr_ratio, low=0, high=1)
 
     def group_lr(self, group: str) -> float:
         specific = {"projector": self.projector_lr, "vision": self.vision_lr, "predictors": self.predictor_lr}.get(group)
         return self.lr if specific is None else specific
+
+
+def check_betas(key: str, value: Any) -> tuple[float, float]:
+    """AdamW's (beta1, beta2): two numbers in [0, 1)."""
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise TypeError(f"{key} must be a list of two numbers in [0, 1), e.g. [0.9, 0.999], got {describe(value)}")
+    return tuple(check_float(f"{key}[{i}]", b, low=0, high=1, high_open=True) for i, b in enumerate(value))
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -126,17 +141,14 @@ class LlavaLitModule(L.LightningModule):
         self.save_hyperparameters(logger=False)
         model = dict(model)
         self.predictor_sizes = model.pop("predictor", None)
+        if self.predictor_sizes is not None:  # checked now, used when the model is built
+            PredictorConfig(**check_mapping("model.predictor", self.predictor_sizes))
         self.source = ModelSource(**model)
         self.optim = OptimConfig(**(optim or {}))
         self.sparsity = SparsityConfig(**(sparsity or {"vision": False, "text": False}))
-        unknown = sorted(set(trainable) - set(PART_NAMES))
-        if unknown:
-            raise ValueError(f"module.trainable: unknown parts {unknown}; choose from {list(PART_NAMES)}")
-        self.trainable = tuple(trainable)
-        if max_new_tokens < 1:
-            raise ValueError(f"module.max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.max_new_tokens = max_new_tokens
-        self.answer_kinds = list(answer_kinds) if answer_kinds is not None else None
+        self.trainable = tuple(check_trainable(trainable))
+        self.max_new_tokens = check_int("module.max_new_tokens", max_new_tokens, low=1)
+        self.answer_kinds = check_str_list("module.answer_kinds", answer_kinds, optional=True)
         self.model: DynamicLlava | None = None
         self.tokenizer: Any = None
         self.gumbel_tau = self.sparsity.tau_start
