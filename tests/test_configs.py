@@ -151,7 +151,7 @@ def _load_entry(name):
     ("sparsity.keep=1.5", "sparsity.keep"), ("sparsity.keep=half", "sparsity.keep"), ("method.text=sometimes", "method.text"),
     ("generation.max_new_tokens=0", "generation.max_new_tokens"), ("data.batch_size=2.5", "data.batch_size"),
     ("data.limit=0", "data.limit"), ("data.max_length=-1", "data.max_length"), ("data.questions=3", "data.questions"),
-    ("data.answer_kinds=color", "data.answer_kinds"), ("overlays=-1", "overlays"), ("progress=maybe", "progress"),
+    ("data.answer_kinds=color", "data.answer_kinds"), ("overlays=-1", "overlays"), ("progress=maybe", "progress"), ("resume=maybe", "resume"),
     ("device=gpu9", "device"), ("dtype=float64", "dtype"), ("seed=-1", "seed"), ("compare.enabled=1", "compare.enabled"),
     ("compare.keeps=[0.2,2]", r"compare.keeps\[1\]"), ("compare.keeps=[]", "compare.keeps"),
     ("compare.methods=[fastv,foo]", r"compare.methods\[1\]"), ("compare.overlay_keep=0", "compare.overlay_keep"),

@@ -374,11 +374,11 @@ def check_eval_config(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ValueError("ckpt_path is required: ckpt_path=<a .ckpt file or a save_pretrained directory>")
     check_run_keys(cfg)
-    top = {k: _plain(cfg, k) for k in ("ckpt_path", "device", "dtype", "model_id", "overlays", "progress") if k in cfg}
+    top = {k: _plain(cfg, k) for k in ("ckpt_path", "device", "dtype", "model_id", "overlays", "progress", "resume") if k in cfg}
     _apply("", top, {
         "ckpt_path": _str(), "device": check_device, "model_id": _str(optional=True),
         "dtype": lambda key, value: check_choice(key, value, DTYPE_NAMES, optional=True),
-        "overlays": _int(low=0), "progress": _bool(),
+        "overlays": _int(low=0), "progress": _bool(), "resume": _bool(),
     })
     _apply("sparsity", _plain(cfg, "sparsity") or {}, {"keep": _keep(optional=True)})
     _apply("method", _plain(cfg, "method") or {}, {
