@@ -393,6 +393,8 @@ class LlavaLitModule(L.LightningModule):
             if out.budget_loss_text is not None and out.text_keep is not None:
                 eligible = out.text_eligible[valid]
                 found["budget_loss_text"] = (budget_loss(out.text_keep[valid], self.sparsity.text_keep, eligible), real)
+            elif self.sparsity.text:  # no eligible answer in the batch (text predictor skipped): each adds 0
+                found["budget_loss_text"] = (torch.zeros((), device=valid.device), real)
         if out.text_keep is not None and out.text_eligible is not None:
             chosen = out.text_eligible & valid
             if bool(chosen.any()):
