@@ -167,13 +167,19 @@ def explain_collective_timeout(exn: BaseException, timeout_s: float) -> bool:
     """Prefix a timed-out collective's error with its likely cause and the setting; True if it was one."""
     if not is_collective_timeout(exn) or getattr(exn, "_dllava_explained", False):
         return False
-    hint = (
-        f"a collective operation (all-reduce, all-gather, barrier) waited longer than "
-        f"trainer.strategy.timeout_s={timeout_s:g} s for the other ranks. Most likely the ranks ran "
-        "different numbers of collectives (e.g. unequal numbers of batches or forward passes, or another "
-        "rank failed or stopped; see its log); if one rank is just slow at this point (a long checkpoint "
-        "write), raise trainer.strategy.timeout_s."
-    )
+    if isinstance(exn, torch.distributed.DistStoreError):  # the start-up rendezvous, not a collective
+        hint = (
+            f"not every rank joined the process group within trainer.strategy.timeout_s={timeout_s:g} s: a "
+            "rank failed or was slow to start (see its log), or the rendezvous address is wrong."
+        )
+    else:
+        hint = (
+            f"a collective operation (all-reduce, all-gather, barrier) waited longer than "
+            f"trainer.strategy.timeout_s={timeout_s:g} s for the other ranks. Most likely the ranks ran "
+            "different numbers of collectives (e.g. unequal numbers of batches or forward passes, or another "
+            "rank failed or stopped; see its log); if one rank is just slow at this point (a long checkpoint "
+            "write), raise trainer.strategy.timeout_s."
+        )
     exn.args = (f"{hint} Original error: {exn.args[0] if exn.args else exn}", *exn.args[1:])
     exn._dllava_explained = True  # type: ignore[attr-defined]
     return True
