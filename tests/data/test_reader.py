@@ -317,3 +317,37 @@ def test_max_length_that_leaves_no_room_past_the_image_fails_at_setup(shards, ti
     out, _ = shards
     with pytest.raises(ValueError, match=r"data.max_length must exceed \d+ \(system prompt \+ 64 image tokens"):
         _dm(tiny_model_dir, f"{out}/shard-*.tar", max_length=64)
+
+
+def test_an_eval_pass_without_samples_fails_and_one_that_drops_many_warns():
+    import warnings
+
+    from dllava.data.reader import check_eval_pass
+
+    urls = ["/d/val-000000.tar", "/d/val-000001.tar"]
+    with pytest.raises(RuntimeError, match=r"data.val_urls: the val pass used no sample \(40 counted in /d/val-000000.tar, /d/val-000001.tar\)"):
+        check_eval_pass("val", urls, expected=40, real=0, max_skip_share=0.05)
+    with pytest.warns(UserWarning, match=r"data.test_urls: the test pass dropped 3 of 40 samples \(7.5% > data.max_skip_share=0.05\)"):
+        check_eval_pass("test", urls, expected=40, real=37, max_skip_share=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_eval_pass("val", urls, expected=40, real=38, max_skip_share=0.05)  # 5%: not more than the share
+
+
+def test_datamodule_judges_only_a_complete_pass(shards, tiny_model_dir):
+    out, _ = shards
+    dm = _dm(tiny_model_dir, f"{out}/shard-*.tar", world_size=2)
+    dm.val_dataloader()
+    dm.check_eval_pass("val", real=10, rows=15)  # a partial pass (limit_val_batches): not judged
+    with pytest.raises(RuntimeError, match="the val pass used no sample"):
+        dm.check_eval_pass("val", real=0, rows=16)
+    with pytest.raises(ValueError, match=r"data.max_skip_share must be in \[0, 1\], got 2"):
+        _dm(tiny_model_dir, f"{out}/shard-*.tar", max_skip_share=2)
+
+
+def test_training_warnings_name_the_shard_and_the_sample_key(tmp_path, tiny_model_dir):
+    path, images, _, _ = write_bad_cases(tmp_path)
+    convert(path, images, tmp_path / "out", progress=False)  # keeps the text-only record
+    dm = _dm(tiny_model_dir, f"{tmp_path}/out/shard-*.tar", batch_size=1, epoch_samples=6, shuffle_buffer=1)
+    with pytest.warns(UserWarning, match=r"dropped sample '\d+' of shard .*out/shard-000000.tar \(text_only\)"):
+        list(dm.train_dataloader())
