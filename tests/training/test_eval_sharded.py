@@ -98,3 +98,20 @@ def test_a_rank_that_skips_collectives_fails_the_run_within_the_timeout(tiny_mod
     assert "Timed out waiting" in result.stderr  # gloo's own error, from inside validation
     assert elapsed < 300, elapsed  # rank 1 sleeps 600 s: it was killed, not waited for
     print(f"failed after {elapsed:.0f} s")
+
+
+@pytest.mark.slow
+def test_a_validation_split_that_yields_no_sample_fails_naming_the_split_and_shards(tiny_model_dir, odd_shards, tmp_path):
+    """Every validation sample text-only (dropped): the run used to 'complete' without val metrics."""
+    from dllava.data.shards import convert
+    from tests.data.llava_set import single
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "text.json").write_text(json.dumps([single(f"t{i}", None, question="hi ?") for i in range(3)]))
+    convert(tmp_path / "text.json", tmp_path / "images", tmp_path / "text", progress=False)
+    cmd = _cmd(tiny_model_dir, odd_shards, tmp_path / "run", f"data.val_urls={tmp_path}/text/shard-*.tar",
+               "data.epoch_samples=8", "test=false")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV)
+    assert result.returncode != 0
+    assert "data.val_urls: the val pass used no sample (3 counted in " in result.stderr, result.stderr[-3000:]
+    assert "text/shard-000000.tar" in result.stderr

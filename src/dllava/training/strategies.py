@@ -17,11 +17,12 @@ barrier) may wait for the other ranks. Ranks that run different numbers of colle
 under FSDP, a rank that died) would otherwise wait forever, and a blocked collective also defers the
 Python SIGTERM handler, so ``kill`` alone does not end such a run. A timed-out collective fails the run
 with an error that names the likely cause and the setting (:func:`explain_collective_timeout`), and the
-process that launched the other ranks kills them.
+process that launched the other ranks kills them when it exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -187,21 +188,25 @@ def explain_collective_timeout(exn: BaseException, timeout_s: float) -> bool:
 
 class _FailsInsteadOfHanging:
     """Mixin for Lightning's distributed strategies: a collective timeout in seconds (``timeout_s``),
-    explained when it fires, and the ranks this process launched killed when the run fails here (they
-    would otherwise wait in their next collective until their own timeout)."""
+    explained when it fires, and the ranks this process launched killed when it exits after a failure
+    (a rank stalled outside a collective would otherwise outlive it)."""
 
     def __init__(self, *args: Any, timeout_s: float = DEFAULT_TIMEOUT_S, **kwargs: Any) -> None:
         if "timeout" in kwargs:
             raise TypeError(f"{type(self).__name__} takes timeout_s (seconds), not timeout")
         super().__init__(*args, timeout=collective_timeout(timeout_s), **kwargs)
         self.timeout_s = float(timeout_s)
+        self._kill_registered = False
 
     def on_exception(self, exception: BaseException) -> None:
         explain_collective_timeout(exception, self.timeout_s)
         super().on_exception(exception)  # type: ignore[misc]
         launcher = getattr(self, "launcher", None)
-        if isinstance(launcher, _SubprocessScriptLauncher):
-            launcher.kill(signal.SIGKILL)
+        if isinstance(launcher, _SubprocessScriptLauncher) and not self._kill_registered:
+            # at exit, not now: Lightning's child observer kills this process too once a child dies, and
+            # the run's failure must be recorded (logs, summary, W&B) first
+            atexit.register(launcher.kill, signal.SIGKILL)
+            self._kill_registered = True
 
 
 class DDPStrategy(_FailsInsteadOfHanging, _LightningDDPStrategy):
