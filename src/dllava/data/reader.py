@@ -20,14 +20,15 @@ Two modes, both plain webdataset ``DataPipeline`` stages:
 
 Bad data is skipped, never fatal. A shard that cannot be opened or breaks off (truncated, not a tar)
 ends that shard; a sample that cannot be decoded or preprocessed is dropped. Each event is counted by
-the process's :class:`DataCounts` and warned about, naming the shard and the sample key. Counting across DataLoader worker processes: each
+the process's :class:`DataCounts` and warned about, naming the shard and the sample key. Counting
+across DataLoader worker processes: each
 worker holds its own copy of the pipeline and so its own counter, and every batch carries, under
 ``batch["data_counts"]``, what its worker dropped since its previous batch, e.g. ``{"skipped": 1,
 "too_long": 0, "text_only": 0}``. These deltas add up: summing them over batches and ranks gives the
 job's total, so the LightningModule can log them with ``reduce_fx="sum"`` (see :data:`COUNT_KEYS`).
 An exact pass holds each batch back by one sample so that its last batch carries the drops after its
-last sample (padding makes every worker with a share of the split yield at least one sample). A shard cut exactly at a
-member boundary reads as a shorter shard and is not detected.
+last sample (padding makes every worker with a share of the split yield at least one sample). A shard
+cut exactly at a member boundary reads as a shorter shard and is not detected.
 """
 
 from __future__ import annotations
