@@ -159,9 +159,16 @@ def collective_timeout(seconds: float) -> timedelta:
 
 
 def is_collective_timeout(exn: BaseException) -> bool:
-    """A collective that gave up waiting (gloo: "Timed out waiting ...", NCCL: "... timeout ...")."""
+    """A collective or rendezvous that gave up waiting: torch.distributed's own errors (``DistError``)
+    about a timeout, or gloo's plain ``RuntimeError`` ("[.../gloo/...] Timed out waiting ..."); not any
+    error that mentions a timeout (a DataLoader's, a download's). Under NCCL the watchdog usually aborts
+    the process itself at the timeout, with its own "Watchdog caught collective operation timeout"."""
+    if not isinstance(exn, RuntimeError):
+        return False
     message = str(exn).lower()
-    return isinstance(exn, RuntimeError) and ("timed out" in message or "timeout" in message)
+    if isinstance(exn, torch.distributed.DistError):
+        return "timed out" in message or "timeout" in message
+    return "gloo" in message and "timed out" in message
 
 
 def explain_collective_timeout(exn: BaseException, timeout_s: float) -> bool:
