@@ -5,7 +5,6 @@ import json
 import tarfile
 
 import pytest
-import torch
 
 from dllava.data.conversation import IGNORE_INDEX
 from dllava.data.datamodule import LlavaDataModule, decode_sample, expand_to_square, iter_records, resolve_urls
@@ -115,9 +114,10 @@ def test_corrupt_sample_is_skipped_not_fatal(tmp_path, synthetic_dir, tiny_model
     dm = LlavaDataModule(train_urls=str(bad), val_urls=str(bad), processor=str(tiny_model_dir), batch_size=8,
                          num_workers=0)
     dm.setup("validate")
-    with pytest.warns(UserWarning):
-        ids = [i for batch in dm.val_dataloader() for i in batch["ids"]]
-    assert len(ids) == 63
+    with pytest.warns(UserWarning, match=r"dropped sample 'val-0000000' of shard .*val-000000.tar \(skipped\)"):
+        batches = list(dm.val_dataloader())
+    ids = [i for batch in batches for i, ok in zip(batch["ids"], batch["valid"].tolist()) if ok]
+    assert len(ids) == 63 and sum(len(batch["ids"]) for batch in batches) == 64  # one padding row
 
 
 def test_expand_to_square_pads_with_fill_colour():

@@ -25,13 +25,13 @@ def shards(tmp_path_factory):
     return root / "shards", records
 
 
-def _dm(tiny_model_dir, train, val=None, world_size=1, **kw):
+def _dm(tiny_model_dir, train, val=None, world_size=1, rank=0, **kw):
     dm = LlavaDataModule(
         train_urls=train, val_urls=val or train, processor=str(tiny_model_dir),
         batch_size=kw.pop("batch_size", 2), num_workers=kw.pop("num_workers", 0),
         epoch_samples=kw.pop("epoch_samples", 8), **kw,
     )
-    dm.trainer = SimpleNamespace(world_size=world_size)  # what Lightning sets; ranks come from RANK below
+    dm.trainer = SimpleNamespace(world_size=world_size, global_rank=rank)  # what Lightning sets
     dm.setup("fit")
     return dm
 
@@ -46,19 +46,95 @@ def _total_counts(batches):
     return {k: sum(b["data_counts"][k] for b in batches) for k in COUNT_KEYS}
 
 
-def test_exact_mode_two_ranks_two_workers_read_disjoint_sets_covering_the_split(shards, tiny_model_dir, monkeypatch):
+def _ids_per_rank(dm, world_size):
+    """The real sample ids and the number of batches and rows each rank's loader yields."""
+    seen = {}
+    for rank in range(world_size):
+        dm.trainer.global_rank = rank
+        batches = list(dm.val_dataloader())
+        ids = [i for b in batches for i, ok in zip(b["ids"], b["valid"].tolist()) if ok]
+        seen[rank] = {"ids": ids, "batches": len(batches), "rows": sum(len(b["ids"]) for b in batches)}
+    return seen
+
+
+def test_exact_mode_two_ranks_two_workers_read_disjoint_sets_covering_the_split(shards, tiny_model_dir):
     out, records = shards
     dm = _dm(tiny_model_dir, f"{out}/shard-{{000000..000003}}.tar", num_workers=2, eval_batch_size=3,
              world_size=2)
-    seen = {}
-    for rank in (0, 1):
-        _as_rank(monkeypatch, rank)
-        seen[rank] = [i for batch in dm.val_dataloader() for i in batch["ids"]]
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == sorted(r["id"] for r in records)  # each exactly once
-    assert len(seen[0]) == len(seen[1]) == 8
-    _as_rank(monkeypatch, 0)
-    assert [i for batch in dm.val_dataloader() for i in batch["ids"]] == seen[0]  # deterministic order
+    seen = _ids_per_rank(dm, 2)
+    assert not set(seen[0]["ids"]) & set(seen[1]["ids"])
+    assert sorted(seen[0]["ids"] + seen[1]["ids"]) == sorted(r["id"] for r in records)  # each exactly once
+    assert len(seen[0]["ids"]) == len(seen[1]["ids"]) == 8
+    dm.trainer.global_rank = 0
+    assert [i for batch in dm.val_dataloader() for i in batch["ids"]] == seen[0]["ids"]  # deterministic order
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 3])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_exact_mode_splits_samples_not_shards_with_equal_batches_on_every_rank(
+    tmp_path, tiny_model_dir, world_size, num_workers
+):
+    """9 samples in 3 shards (4, 4, 1): fewer shards than ranks x workers, and an odd total. Each rank
+    yields ceil(9 / world) rows, padding marked invalid, and the same number of batches."""
+    path, images, records = write_good_set(tmp_path, 9)
+    convert(path, images, tmp_path / "out", samples_per_shard=4, progress=False)
+    dm = _dm(tiny_model_dir, f"{tmp_path}/out/shard-*.tar", num_workers=num_workers, eval_batch_size=2,
+             world_size=world_size)
+    seen = _ids_per_rank(dm, world_size)
+    ids = [i for rank in seen.values() for i in rank["ids"]]
+    assert sorted(ids) == sorted(r["id"] for r in records)  # every sample exactly once
+    assert {rank["rows"] for rank in seen.values()} == {-(-9 // world_size)}
+    assert len({rank["batches"] for rank in seen.values()}) == 1, seen
+
+
+def test_exact_mode_with_one_shard_gives_every_rank_work(shards, tiny_model_dir):
+    """One shard over two ranks: today's shard split gave rank 1 no batch (a hang under FSDP)."""
+    out, records = shards
+    dm = _dm(tiny_model_dir, f"{out}/shard-000000.tar", world_size=2, eval_batch_size=4)
+    seen = _ids_per_rank(dm, 2)
+    assert seen[0]["batches"] == seen[1]["batches"] == 1
+    assert sorted(seen[0]["ids"] + seen[1]["ids"]) == sorted(r["id"] for r in records[:4])
+
+
+def test_padding_rows_are_marked_invalid_and_supervise_nothing(shards, tiny_model_dir):
+    out, _ = shards
+    dm = _dm(tiny_model_dir, f"{out}/shard-000000.tar", world_size=3, rank=0, eval_batch_size=4)
+    (batch,) = list(dm.val_dataloader())  # 4 over 3 ranks: 2 slots each, rank 0 owns 1 sample
+    assert batch["valid"].tolist() == [True, False]
+    assert (batch["labels"][1] == IGNORE_INDEX).all() and (batch["labels"][0] != IGNORE_INDEX).any()
+    assert batch["pixel_values"].shape[0] == 2 and batch["kinds"][1] == "padding"
+
+
+def test_dropped_samples_are_replaced_by_padding_so_counts_stay_equal(tmp_path, tiny_model_dir):
+    """A corrupt image on rank 0 only: rank 0 pads for it, both ranks still yield the same rows."""
+    import tarfile
+
+    path, images, records = write_good_set(tmp_path, 4)
+    convert(path, images, tmp_path / "ok", samples_per_shard=4, progress=False)
+    (tmp_path / "bad").mkdir()
+    with tarfile.open(tmp_path / "ok" / "shard-000000.tar") as src, \
+            tarfile.open(tmp_path / "bad" / "shard-000000.tar", "w") as dst:
+        for n, member in enumerate(src.getmembers()):
+            data = src.extractfile(member).read()
+            if n == 0:
+                data = b"not an image"
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    dm = _dm(tiny_model_dir, f"{tmp_path}/bad/shard-000000.tar", world_size=2, eval_batch_size=8)
+    with pytest.warns(UserWarning, match=r"dropped sample '000000000' of shard .*bad/shard-000000.tar \(skipped\): ValueError: its jpg"):
+        seen = _ids_per_rank(dm, 2)
+    assert seen[0]["ids"] == ["r001"] and seen[1]["ids"] == ["r002", "r003"]
+    assert seen[0]["rows"] == seen[1]["rows"] == 2
+
+
+def test_count_samples_reads_headers_like_the_reader_groups_members(shards, tmp_path):
+    from dllava.data.reader import count_samples
+
+    out, _ = shards
+    assert count_samples(str(out / "shard-000000.tar")) == 4
+    assert count_samples(f"pipe:cat {out / 'shard-000001.tar'}") == 4  # streamed, not seeked
+    (tmp_path / "junk.tar").write_bytes(b"not a tar" * 100)
+    assert count_samples(str(tmp_path / "junk.tar")) == 0
 
 
 def test_resampled_mode_gives_every_rank_the_same_number_of_full_batches(tmp_path, tiny_model_dir, monkeypatch):
@@ -96,7 +172,7 @@ def test_shard_truncated_in_the_middle_is_skipped_with_a_count(shards, tiny_mode
     dm = _dm(tiny_model_dir, f"{tmp_path}/cut/shard-*.tar", eval_batch_size=3)
     with pytest.warns(UserWarning, match=r"skipped the rest of shard .*shard-000001.tar"):
         batches = list(dm.val_dataloader())
-    ids = [i for b in batches for i in b["ids"]]
+    ids = [i for b in batches for i, ok in zip(b["ids"], b["valid"].tolist()) if ok]
     intact = [r["id"] for n, r in enumerate(records) if n // 4 != 1]
     assert set(intact) <= set(ids) and 12 <= len(ids) < 16  # shard 1 gives only what precedes the cut
     assert _total_counts(batches) == {"skipped": 1, "too_long": 0, "text_only": 0}
@@ -128,7 +204,7 @@ def test_corrupt_samples_are_counted_across_worker_processes(shards, tiny_model_
                 dst.addfile(member, io.BytesIO(data))
     dm = _dm(tiny_model_dir, f"{tmp_path}/bad/shard-*.tar", num_workers=2, eval_batch_size=2)
     batches = list(dm.val_dataloader())
-    assert len([i for b in batches for i in b["ids"]]) == 6
+    assert sum(int(b["valid"].sum()) for b in batches) == 6
     assert _total_counts(batches) == {"skipped": 2, "too_long": 0, "text_only": 0}
 
 
@@ -153,7 +229,7 @@ def test_sample_whose_image_span_would_be_truncated_is_dropped_and_counted(tmp_p
     dm = _dm(tiny_model_dir, f"{tmp_path}/out/shard-000000.tar", max_length=early_end + 4)
     with pytest.warns(UserWarning, match="too_long"):
         batches = list(dm.val_dataloader())
-    assert [i for b in batches for i in b["ids"]] == ["early-image"]
+    assert [i for b in batches for i, ok in zip(b["ids"], b["valid"].tolist()) if ok] == ["early-image"]
     assert batches[0]["input_ids"].shape[1] == early_end + 4  # truncated, image intact
     assert _total_counts(batches) == {"skipped": 0, "too_long": 1, "text_only": 0}
 
@@ -162,9 +238,9 @@ def test_text_only_samples_are_counted_apart_from_corrupt_ones(tmp_path, tiny_mo
     path, images, _, _ = write_bad_cases(tmp_path)
     convert(path, images, tmp_path / "out", progress=False)  # keeps the text-only record
     dm = _dm(tiny_model_dir, f"{tmp_path}/out/shard-*.tar")
-    with pytest.warns(UserWarning, match=r"dropped a sample \(text_only\)"):
+    with pytest.warns(UserWarning, match=r"dropped sample '[^']+' of shard .*shard-000000.tar \(text_only\)"):
         batches = list(dm.val_dataloader())
-    assert [i for b in batches for i in b["ids"]] == ["ok-jpg", "multi-png"]
+    assert [i for b in batches for i, ok in zip(b["ids"], b["valid"].tolist()) if ok] == ["ok-jpg", "multi-png"]
     assert _total_counts(batches) == {"skipped": 0, "too_long": 0, "text_only": 1}
 
 
@@ -241,3 +317,37 @@ def test_max_length_that_leaves_no_room_past_the_image_fails_at_setup(shards, ti
     out, _ = shards
     with pytest.raises(ValueError, match=r"data.max_length must exceed \d+ \(system prompt \+ 64 image tokens"):
         _dm(tiny_model_dir, f"{out}/shard-*.tar", max_length=64)
+
+
+def test_an_eval_pass_without_samples_fails_and_one_that_drops_many_warns():
+    import warnings
+
+    from dllava.data.reader import check_eval_pass
+
+    urls = ["/d/val-000000.tar", "/d/val-000001.tar"]
+    with pytest.raises(RuntimeError, match=r"data.val_urls: the val pass used no sample \(40 counted in /d/val-000000.tar, /d/val-000001.tar\)"):
+        check_eval_pass("val", urls, expected=40, real=0, max_skip_share=0.05)
+    with pytest.warns(UserWarning, match=r"data.test_urls: the test pass dropped 3 of 40 samples \(7.5% > data.max_skip_share=0.05\)"):
+        check_eval_pass("test", urls, expected=40, real=37, max_skip_share=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_eval_pass("val", urls, expected=40, real=38, max_skip_share=0.05)  # 5%: not more than the share
+
+
+def test_datamodule_judges_only_a_complete_pass(shards, tiny_model_dir):
+    out, _ = shards
+    dm = _dm(tiny_model_dir, f"{out}/shard-*.tar", world_size=2)
+    dm.val_dataloader()
+    dm.check_eval_pass("val", real=10, rows=15)  # a partial pass (limit_val_batches): not judged
+    with pytest.raises(RuntimeError, match="the val pass used no sample"):
+        dm.check_eval_pass("val", real=0, rows=16)
+    with pytest.raises(ValueError, match=r"data.max_skip_share must be a number in \[0, 1\], got 2"):
+        _dm(tiny_model_dir, f"{out}/shard-*.tar", max_skip_share=2)
+
+
+def test_training_warnings_name_the_shard_and_the_sample_key(tmp_path, tiny_model_dir):
+    path, images, _, _ = write_bad_cases(tmp_path)
+    convert(path, images, tmp_path / "out", progress=False)  # keeps the text-only record
+    dm = _dm(tiny_model_dir, f"{tmp_path}/out/shard-*.tar", batch_size=1, epoch_samples=6, shuffle_buffer=1)
+    with pytest.warns(UserWarning, match=r"dropped sample '\d+' of shard .*out/shard-000000.tar \(text_only\)"):
+        list(dm.train_dataloader())

@@ -4,7 +4,6 @@ shard and key), the rest answered; answers reach the disk batch by batch; an int
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil

@@ -72,3 +72,48 @@ def test_stages_train_the_named_parts_with_a_predictor_lr(tiny_model_dir, traina
     assert groups["predictors"]["lr"] == 2e-4
     if trainable == ["predictors"]:
         assert not any(p.requires_grad for p in module.llava.parameters())
+
+
+def _eval_module(tiny_model_dir, sharded):
+    predictor = {"d_model": 64, "heads": 4, "ff": 256, "layers": 2}  # conf/model/tiny.yaml
+    module = LlavaLitModule(model={"pretrained": str(tiny_model_dir), "predictor": predictor}, sparsity={"text_min_len": 16},
+                            max_new_tokens=2)
+    torch.manual_seed(0)  # the predictors are freshly initialised: the same weights in every module
+    module.configure_model()
+    module.eval()
+    module._sharded = sharded  # sharded: generation runs on every row, padding included
+    return module
+
+
+def _computed(module, split="val"):
+    return {name: float(m.compute()) for name, m in module.eval_metrics[split].items() if m.update_called}
+
+
+def test_eval_metrics_count_real_samples_once_and_padding_never(tiny_model_dir, synthetic_dir):
+    """The same 6 samples scored as one batch, and as padded batches (one all padding, as a rank whose
+    share ran out gets): equal metrics, no NaN from the padding-only batch's 0/0 loss."""
+    import webdataset as wds
+
+    from dllava.data.datamodule import LlavaDataModule, collate, decode_sample
+
+    dm = LlavaDataModule(train_urls=f"{synthetic_dir}/val-*.tar", val_urls=f"{synthetic_dir}/val-*.tar",
+                         processor=str(tiny_model_dir), num_workers=0)
+    dm.setup("validate")
+    stream = wds.WebDataset(f"{synthetic_dir}/val-000000.tar", shardshuffle=False, empty_check=False, nodesplitter=None)
+    samples = [dm.preprocess(decode_sample(s)) for _, s in zip(range(6), stream)]
+    padding = dm.preprocess.padding()
+    pad_id = dm.processor.tokenizer.pad_token_id
+
+    whole = _eval_module(tiny_model_dir, sharded=False)
+    with torch.no_grad():
+        whole._eval_step(collate(samples, pad_id), "val")
+    padded = _eval_module(tiny_model_dir, sharded=True)
+    with torch.no_grad():
+        for rows in (samples[:4] + [padding], [padding, padding], [padding] + samples[4:]):
+            padded._eval_step(collate(rows, pad_id), "val")
+    expected, got = _computed(whole), _computed(padded)
+    assert {"loss", "answer_acc", "vision_keep", "budget_loss_vision", "lm_loss"} <= set(expected)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), name
+    assert padded._eval_tally["val"][:2] == [6, 10]  # scored samples, rows seen

@@ -134,3 +134,42 @@ def test_fsdp2_strategy_shards_over_all_processes_only():
         FSDP2Strategy(tensor_parallel_size=2)
     strategy = FSDP2Strategy(activation_checkpointing=True)
     assert strategy.activation_checkpointing and strategy._writes_directory()
+
+
+def test_collective_timeout_is_seconds_above_zero():
+    from datetime import timedelta
+
+    from dllava.training.strategies import collective_timeout
+
+    assert collective_timeout(90) == timedelta(seconds=90)
+    for bad in (0, -1, "soon", True):
+        with pytest.raises(ValueError, match="trainer.strategy.timeout_s must be a number of seconds > 0"):
+            collective_timeout(bad)
+
+
+def test_a_timed_out_collective_is_explained_once_and_other_errors_are_left_alone():
+    from dllava.training.strategies import explain_collective_timeout
+
+    gloo = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete")
+    assert explain_collective_timeout(gloo, 5)
+    assert str(gloo).startswith("a collective operation (all-reduce, all-gather, barrier) waited longer than "
+                                "trainer.strategy.timeout_s=5 s")
+    assert "different numbers of collectives" in str(gloo) and str(gloo).endswith("for recv operation to complete")
+    assert not explain_collective_timeout(gloo, 5)  # once
+    store = torch.distributed.DistStoreError("Timed out after 6 seconds waiting for clients. 1/2 clients joined.")
+    assert explain_collective_timeout(store, 5) and "not every rank joined" in str(store)
+    for other in (ValueError("bad value"), RuntimeError("DataLoader worker timed out after 5 seconds")):
+        message = str(other)
+        assert not explain_collective_timeout(other, 5) and str(other) == message
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp2"])
+def test_distributed_trainer_configs_set_a_collective_timeout(trainer, tmp_path):
+    import hydra
+
+    from tests.helpers import compose
+
+    cfg = compose("train", [f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.strategy.timeout_s=42"],
+                  output_dir=tmp_path)
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert strategy.timeout_s == 42 and strategy._timeout.total_seconds() == 42

@@ -2,7 +2,8 @@
 
 Training reads a resampled, endless stream split by node and worker and cut into epochs of a fixed
 number of samples, so every rank sees the same number of batches (unequal shard counts otherwise hang
-DDP). Validation and test read every sample exactly once, in order. The streams and how dropped data is
+DDP). Validation and test read every sample exactly once, in order, split by sample over ranks and padded
+to the same number of batches on every rank (padding rows have ``batch["valid"]`` False). The streams and how dropped data is
 counted (``batch["data_counts"]``) are in :mod:`dllava.data.reader`. Samples are decoded by our own
 ``decode_sample`` (image bytes through PIL, ``json`` through ``json.loads``): webdataset's default
 decoders also unpickle ``.pyd``/``.pickle`` members, and nothing read from a shard may execute code.
@@ -18,7 +19,6 @@ import io
 import json
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -29,9 +29,11 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from dllava.data.conversation import IGNORE_INDEX, encode_conversation, final_exchange
-from dllava.data.reader import TextOnlySample, exact_stream, resampled_stream, shards_per_rank_warning
+from dllava.data.reader import (
+    TextOnlySample, check_eval_pass, count_samples, exact_stream, name_origin, rank_share, resampled_stream,
+)
 from dllava.data.records import IMAGE_KEYS
-from dllava.utils.checks import check_int, check_keys, check_mapping, check_str, check_str_list, check_urls
+from dllava.utils.checks import check_float, check_int, check_keys, check_mapping, check_str, check_str_list, check_urls
 
 
 def resolve_urls(spec: str | Sequence[str], key: str = "data.urls", synthetic: bool = False) -> list[str]:
@@ -95,18 +97,30 @@ def check_synthetic_spec(spec: Any) -> None:
 
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Raw tar members -> ``{"key", "image": PIL RGB or None, "record": dict}`` without any pickle."""
+    """Raw tar members -> ``{"key", "url", "image": PIL RGB or None, "record": dict}`` without any pickle.
+
+    An error names the sample's shard and key for the reader's warning (:func:`name_origin`)."""
+    try:
+        return _decode(sample)
+    except Exception as exn:
+        raise name_origin(exn, sample.get("__url__"), sample.get("__key__"))
+
+
+def _decode(sample: dict[str, Any]) -> dict[str, Any]:
     if "json" not in sample:
         raise ValueError(f"sample {sample.get('__key__')!r} has no json member")
     record = json.loads(sample["json"])
     image = None
     for key in IMAGE_KEYS:
         if key in sample:
-            image = Image.open(io.BytesIO(sample[key]))
+            try:
+                image = Image.open(io.BytesIO(sample[key]))
+            except Image.UnidentifiedImageError:  # PIL's message names a BytesIO by its address
+                raise ValueError(f"its {key} member is not an image PIL can read") from None
             image.load()
             image = image.convert("RGB")
             break
-    return {"key": sample.get("__key__"), "image": image, "record": record}
+    return {"key": sample.get("__key__"), "url": sample.get("__url__"), "image": image, "record": record}
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -143,6 +157,21 @@ class SamplePreprocessor:
         return self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._encode(sample)
+        except Exception as exn:  # the reader's warning names the shard and key
+            raise name_origin(exn, sample.get("url"), sample.get("key"))
+
+    def padding(self) -> dict[str, Any]:
+        """A sample that only fills an exact pass up to its rank's share (``valid`` False, nothing
+        supervised): a blank image and a one-word exchange, preprocessed like every sample so the batch
+        runs through the same forward and generation."""
+        blank = Image.new("RGB", (32, 32), self.fill)
+        conv = [{"from": "human", "value": "<image>\n?"}, {"from": "gpt", "value": "-"}]
+        sample = self._encode({"key": "padding", "image": blank, "record": {"id": "padding", "conversations": conv}})
+        return {**sample, "labels": [IGNORE_INDEX] * len(sample["labels"]), "kind": "padding", "valid": False}
+
+    def _encode(self, sample: dict[str, Any]) -> dict[str, Any]:
         record = sample["record"]
         if sample["image"] is None:
             raise TextOnlySample(f"sample {sample['key']!r} has no image member ({'/'.join(IMAGE_KEYS)})")
@@ -168,7 +197,8 @@ class SamplePreprocessor:
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Right-pad training ids/labels, left-pad generation prompts, stack images."""
+    """Right-pad training ids/labels, left-pad generation prompts, stack images; ``valid`` is False for
+    the padding rows of an exact pass (:meth:`SamplePreprocessor.padding`)."""
     longest = max(len(s["input_ids"]) for s in samples)
     longest_prompt = max(len(s["prompt_ids"]) for s in samples)
     batch = len(samples)
@@ -197,6 +227,7 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         "questions": [s["question"] for s in samples],
         "answers": [s["answer"] for s in samples],
         "kinds": [s["kind"] for s in samples],
+        "valid": torch.tensor([s.get("valid", True) for s in samples], dtype=torch.bool),
     }
 
 
@@ -237,9 +268,12 @@ class LlavaDataModule(L.LightningDataModule):
         seed: int = 0,
         synthetic: dict[str, Any] | None = None,
         answer_kinds: Sequence[str] | None = None,
+        max_skip_share: float = 0.05,
     ) -> None:
         """``answer_kinds``: the record ``kinds`` whose final answers are scored by exact match (the
-        synthetic task's short answers); None for free-form data. ``module.answer_kinds`` reads it."""
+        synthetic task's short answers); None for free-form data. ``module.answer_kinds`` reads it.
+        ``max_skip_share``: a validation/test pass that drops more than this share of its samples warns
+        (one that uses none fails)."""
         super().__init__()
         check_urls("data.train_urls", train_urls)
         check_urls("data.val_urls", val_urls)
@@ -258,6 +292,8 @@ class LlavaDataModule(L.LightningDataModule):
         check_int("data.seed", seed, low=0, optional=True)  # null (with seed=null): not reproducible
         if synthetic is not None:
             check_synthetic_spec(synthetic)
+        check_float("data.max_skip_share", max_skip_share, low=0, high=1)
+        self.max_skip_share = max_skip_share
         self.train_urls, self.val_urls, self.test_urls = train_urls, val_urls, test_urls
         self.processor_path = processor
         self.batch_size = batch_size
@@ -270,6 +306,8 @@ class LlavaDataModule(L.LightningDataModule):
         self.synthetic = synthetic
         self.processor: Any = None
         self.preprocess: SamplePreprocessor | None = None
+        self._sizes: dict[tuple[str, ...], list[int]] = {}
+        self._eval_passes: dict[str, tuple[list[str], int]] = {}
 
     def prepare_data(self) -> None:
         """Generate the synthetic shards on first use (once per node, before any rank reads them)."""
@@ -298,6 +336,10 @@ class LlavaDataModule(L.LightningDataModule):
     def world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
 
+    @property
+    def global_rank(self) -> int:
+        return getattr(self.trainer, "global_rank", 0) if self.trainer is not None else 0
+
     def train_batches_per_worker(self) -> int:
         """Batches each dataloader worker yields per epoch (open_clip's recipe, see module docstring)."""
         batches = math.ceil(self.epoch_samples / (self.batch_size * self.world_size))
@@ -312,26 +354,50 @@ class LlavaDataModule(L.LightningDataModule):
         return wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers,
                              persistent_workers=self.num_workers > 0)
 
-    def _exact_loader(self, spec: str | Sequence[str], key: str) -> wds.WebLoader:
-        urls = resolve_urls(spec, key, self.synthetic is not None)
-        uneven = shards_per_rank_warning(len(urls), self.world_size, key)
-        if uneven:
-            warnings.warn(uneven, stacklevel=2)
-        per_rank = max(1, len(urls) // self.world_size)
-        workers = min(self.num_workers, per_rank)  # a worker without a shard would yield nothing
+    def shard_sizes(self, urls: Sequence[str]) -> list[int]:
+        """Samples per shard (tar headers only), counted once per url list and taken from rank 0, so
+        every rank cuts the split identically even if its view of the files differed."""
+        key = tuple(urls)
+        if key not in self._sizes:
+            sizes = [count_samples(url) for url in urls]
+            strategy = getattr(self.trainer, "strategy", None)
+            if self.world_size > 1 and strategy is not None:
+                sizes = strategy.broadcast(sizes, src=0)
+            self._sizes[key] = sizes
+        return self._sizes[key]
+
+    def _exact_loader(self, spec: str | Sequence[str], split: str) -> wds.WebLoader:
+        """Every sample once, the same number of batches on every rank (``dllava.data.reader``)."""
+        urls = resolve_urls(spec, f"data.{split}_urls", self.synthetic is not None)
+        sizes = self.shard_sizes(urls)
+        self._eval_passes[split] = (urls, sum(sizes))
+        share = rank_share(sum(sizes), self.world_size)
+        workers = min(self.num_workers, share)  # a worker without a slot would only cost a process
         dataset = exact_stream(
-            urls, decode_sample, self.preprocess, _Collate(self.processor.tokenizer.pad_token_id),
-            self.eval_batch_size,
+            urls, sizes, decode_sample, self.preprocess, _Collate(self.processor.tokenizer.pad_token_id),
+            self.eval_batch_size, self.preprocess.padding(), self.global_rank, self.world_size,
         )
         return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
 
+    def check_eval_pass(self, split: str, real: int, rows: int) -> None:
+        """Called by the LightningModule after a validation/test pass with the samples it scored and the
+        rows it saw (padding included), summed over ranks: fails when the pass used no sample, warns
+        when more than ``max_skip_share`` were dropped. A partial pass (sanity check, limit_*_batches) is
+        not judged."""
+        if split not in self._eval_passes:
+            return
+        urls, expected = self._eval_passes[split]
+        if rows < rank_share(expected, self.world_size) * self.world_size:
+            return
+        check_eval_pass(split, urls, expected, real, self.max_skip_share)
+
     def val_dataloader(self) -> wds.WebLoader:
-        return self._exact_loader(self.val_urls, "data.val_urls")
+        return self._exact_loader(self.val_urls, "val")
 
     def test_dataloader(self) -> wds.WebLoader:
         if self.test_urls is None:
             raise ValueError("data.test_urls is not set; set it or run with test=false")
-        return self._exact_loader(self.test_urls, "data.test_urls")
+        return self._exact_loader(self.test_urls, "test")
 
 
 def ensure_synthetic(out: str, **spec: Any) -> dict[str, Any]:

@@ -7,30 +7,44 @@ Two modes, both plain webdataset ``DataPipeline`` stages:
   bytes (before decode), and yields exactly ``batches_per_worker`` full batches per epoch. Every rank
   therefore gets the same number of batches whatever the shard sizes, so DDP never waits on a rank
   that ran dry.
-* :func:`exact_stream` (validation, test): the shard list split by rank, then by worker, read once in
-  order, the last batch partial. Deterministic; every sample once across ranks and workers.
+* :func:`exact_stream` (validation, test): every sample once across ranks and workers, and the same
+  number of batches on every rank whatever the shard count. The split is by SAMPLE, not by shard: the
+  shards' samples are counted up front from their tar headers (:func:`count_samples`, no decoding), the
+  global sample sequence is cut into one contiguous block per rank (sizes differ by at most one) and each
+  rank's block into one per dataloader worker. Every rank yields exactly ``ceil(total / world_size)``
+  samples, split over its workers the same way on every rank; a rank whose block is shorter, or whose
+  samples were dropped (unreadable, too long, text-only), fills up with *padding* samples (a blank image
+  and a one-word conversation, every label ignored, ``batch["valid"]`` False). Under FSDP every forward
+  is a collective, so a rank with fewer batches would hang the others; the metrics skip padding rows.
+  A rank reads only the shards its block overlaps, skipping (without decoding) the samples before it.
 
 Bad data is skipped, never fatal. A shard that cannot be opened or breaks off (truncated, not a tar)
 ends that shard; a sample that cannot be decoded or preprocessed is dropped. Each event is counted by
-the process's :class:`DataCounts` and warned about. Counting across DataLoader worker processes: each
+the process's :class:`DataCounts` and warned about, naming the shard and the sample key. Counting
+across DataLoader worker processes: each
 worker holds its own copy of the pipeline and so its own counter, and every batch carries, under
 ``batch["data_counts"]``, what its worker dropped since its previous batch, e.g. ``{"skipped": 1,
 "too_long": 0, "text_only": 0}``. These deltas add up: summing them over batches and ranks gives the
 job's total, so the LightningModule can log them with ``reduce_fx="sum"`` (see :data:`COUNT_KEYS`).
 An exact pass holds each batch back by one sample so that its last batch carries the drops after its
-last sample; only a worker with no readable sample at all reports nothing. A shard cut exactly at a
-member boundary reads as a shorter shard and is not detected.
+last sample (padding makes every worker with a share of the split yield at least one sample). A shard
+cut exactly at a member boundary reads as a shorter shard and is not detected.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import random
+import re
+import tarfile
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import torch
 import webdataset as wds
 from webdataset.handlers import reraise_exception
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 from webdataset.utils import pytorch_worker_info
 
 from dllava.data.conversation import ImageSpanTruncated
@@ -46,29 +60,48 @@ class TextOnlySample(ValueError):
     """A sample without an image: the model splices exactly one image into every sample of a batch."""
 
 
+# Attribute under which decode/preprocess stages attach (shard url, sample key) to the exception of a
+# dropped sample, so the warning names it (webdataset hands a stage's handler the exception only).
+SAMPLE_ORIGIN = "dllava_sample_origin"
+
+
+def name_origin(exn: Exception, url: Any, key: Any) -> Exception:
+    """Record on ``exn`` which shard and sample it came from (see :data:`SAMPLE_ORIGIN`); returns ``exn``."""
+    if getattr(exn, SAMPLE_ORIGIN, None) is None:
+        try:
+            setattr(exn, SAMPLE_ORIGIN, (url, key))
+        except AttributeError:  # an exception type with __slots__: the warning then names no sample
+            pass
+    return exn
+
+
 class DataCounts:
     """Per-process counts of dropped data; also the webdataset ``handler`` of the decode/preprocess stages.
 
     Raises once ``max_consecutive`` unreadable samples or shards (or empty shards) come without a good
     sample in between: a stream that is all errors (wrong paths, a wrong tokenizer) must fail, not spin
-    forever.
+    forever. ``None`` for a finite pass, which cannot spin (an exact pass checks at its end instead that
+    it read something, see :func:`check_eval_pass`).
     """
 
-    def __init__(self, max_consecutive: int = MAX_CONSECUTIVE_SKIPS) -> None:
+    def __init__(self, max_consecutive: int | None = MAX_CONSECUTIVE_SKIPS) -> None:
         self.max_consecutive = max_consecutive
         self.totals = dict.fromkeys(COUNT_KEYS, 0)
         self._reported = dict.fromkeys(COUNT_KEYS, 0)
         self._consecutive = 0
 
     def __call__(self, exn: Exception) -> bool:
-        """Count and warn about one dropped sample; return True so the stream continues."""
+        """Count and warn about one dropped sample (naming its shard and key when known); return True so
+        the stream continues."""
         if isinstance(exn, ImageSpanTruncated):
             kind = "too_long"
         elif isinstance(exn, TextOnlySample):
             kind = "text_only"
         else:
             kind = "skipped"
-        self.record(kind, f"data: dropped a sample ({kind}): {type(exn).__name__}: {exn}", exn)
+        origin = getattr(exn, SAMPLE_ORIGIN, None)
+        which = f"sample {origin[1]!r} of shard {origin[0]}" if origin else "a sample"
+        self.record(kind, f"data: dropped {which} ({kind}): {type(exn).__name__}: {exn}", exn)
         return True
 
     def shard_failed(self, url: str, exn: Exception) -> None:
@@ -90,7 +123,7 @@ class DataCounts:
 
     def _no_progress(self, message: str, exn: Exception | None) -> None:
         self._consecutive += 1
-        if self._consecutive >= self.max_consecutive:
+        if self.max_consecutive is not None and self._consecutive >= self.max_consecutive:
             raise RuntimeError(
                 f"data: {self._consecutive} samples or shards in a row gave nothing (last: {message}); "
                 "check data.*_urls, the shards and data.processor"
@@ -206,32 +239,176 @@ def resampled_stream(
     return wds.DataPipeline(*[s for s in stages if s is not None]).with_epoch(batches_per_worker)
 
 
+# -- exact passes (validation, test) ---------------------------------------------------------------
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these members
+
+
+def _sample_prefix(name: str) -> str | None:
+    """The sample key a tar member belongs to, or None for a member webdataset skips."""
+    if "/" not in name and name.startswith("__") and name.endswith("__"):
+        return None
+    if _META.match(name):
+        return None
+    return base_plus_ext(name)[0]
+
+
+def count_samples(url: str) -> int:
+    """Samples in one shard as :class:`ReadShards` groups them (consecutive members sharing a key).
+
+    A local file is counted from its tar headers alone (seeking past the data); other urls (``pipe:``,
+    ``http``) are streamed through without decoding. A shard that breaks off counts what precedes the
+    break, an unreadable one counts 0 (the reader meets the same error, warns and counts it, and the
+    exact pass pads for what it could not read).
+    """
+    keys = _KeyCounter()
+    try:
+        if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+            opened = list(url_opener([{"url": url}], handler=reraise_exception))
+            try:
+                for member in tar_file_expander(opened, handler=reraise_exception):
+                    keys.add(member["fname"])
+            finally:
+                for source in opened:
+                    source["stream"].close()
+        else:
+            with tarfile.open(url, "r:*") as archive:
+                for info in archive:
+                    if info.isreg():
+                        keys.add(info.name)
+    except Exception:
+        pass
+    return keys.count
+
+
+class _KeyCounter:
+    """Counts the samples of a member sequence: a new key starts a new sample."""
+
+    def __init__(self) -> None:
+        self.count, self.current = 0, None
+
+    def add(self, name: str) -> None:
+        prefix = _sample_prefix(name)
+        if prefix is not None and prefix != self.current:
+            self.count, self.current = self.count + 1, prefix
+
+
+def block(total: int, parts: int, index: int) -> tuple[int, int]:
+    """``[start, stop)`` of part ``index`` when ``total`` items are cut into ``parts`` contiguous blocks
+    whose sizes differ by at most one."""
+    return total * index // parts, total * (index + 1) // parts
+
+
+def rank_share(total: int, world_size: int) -> int:
+    """Samples (real or padding) every rank yields in an exact pass over ``total`` samples."""
+    return math.ceil(total / world_size)
+
+
+class ExactSlice:
+    """The samples of one (rank, dataloader worker) in an exact pass: a source stage and a padding stage.
+
+    Rank ``r`` owns global samples ``block(total, world_size, r)`` and yields ``rank_share`` samples; the
+    rank's slots are cut over its workers with :func:`block` again, identically on every rank, so every
+    rank's workers yield the same numbers of samples and the loader the same number of batches. The
+    worker is known only when iteration starts (inside the worker process), hence the methods.
+    """
+
+    def __init__(self, urls: Sequence[str], sizes: Sequence[int], rank: int, world_size: int,
+                 counts: DataCounts, padding: dict[str, Any]) -> None:
+        if len(urls) != len(sizes):
+            raise ValueError(f"{len(urls)} urls but {len(sizes)} shard sizes")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.urls, self.sizes = list(urls), [int(n) for n in sizes]
+        self.rank, self.world_size = rank, world_size
+        self.counts, self.padding = counts, padding
+
+    def slots(self) -> tuple[int, int, int]:
+        """``(start, stop, slots)``: this worker's real global samples and how many samples it yields."""
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        total = sum(self.sizes)
+        share = rank_share(total, self.world_size)
+        rank_start, rank_stop = block(total, self.world_size, self.rank)
+        first, last = block(share, workers, worker)  # this worker's slots within the rank's share
+        real = rank_stop - rank_start
+        return rank_start + min(first, real), rank_start + min(last, real), last - first
+
+    def read(self) -> Iterator[dict[str, Any]]:
+        """Source: the raw samples of this worker's block, undecoded; a broken shard counts once."""
+        start, stop, _ = self.slots()
+        offset = 0
+        for url, size in zip(self.urls, self.sizes):
+            lo, hi = max(start, offset) - offset, min(stop, offset + size) - offset
+            offset += size
+            if lo >= hi:
+                continue
+            opened: list[dict[str, Any]] = []
+            try:
+                opened = list(url_opener([{"url": url}], handler=reraise_exception))
+                members = tar_file_expander(opened, handler=reraise_exception)
+                for index, sample in enumerate(group_by_keys(members, handler=reraise_exception)):
+                    if index >= hi:
+                        break
+                    if index >= lo:
+                        yield sample
+            except Exception as exn:
+                self.counts.shard_failed(url, exn)
+            finally:  # the block may end before the shard does
+                for source in opened:
+                    source["stream"].close()
+
+    def pad(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Stage: pass the preprocessed samples through, then pad up to this worker's number of slots."""
+        _, _, slots = self.slots()
+        yielded = 0
+        for sample in src:
+            yielded += 1
+            yield sample
+        for _ in range(slots - yielded):
+            yield self.padding
+
+
 def exact_stream(
     urls: Sequence[str],
+    sizes: Sequence[int],
     decode: Callable[[dict[str, Any]], Any],
     preprocess: Callable[[Any], Any],
     collate: Callable[[list[Any]], dict[str, Any]],
     batch_size: int,
+    padding: dict[str, Any],
+    rank: int = 0,
+    world_size: int = 1,
 ) -> wds.DataPipeline:
-    """One in-order pass: shards split by rank then by worker, every sample once, last batch partial."""
-    counts = DataCounts()
+    """One in-order pass, split by sample over ranks then workers (see :class:`ExactSlice`): every real
+    sample once, ``rank_share(sum(sizes), world_size)`` samples per rank, the last batch of each worker
+    partial. ``sizes`` are the shards' sample counts (:func:`count_samples`), the same on every rank;
+    ``padding`` is a preprocessed sample with ``valid`` False."""
+    counts = DataCounts(max_consecutive=None)
+    part = ExactSlice(urls, sizes, rank, world_size, counts, padding)
     return wds.DataPipeline(
-        wds.SimpleShardList(list(urls)),
-        wds.split_by_node,
-        wds.split_by_worker,
-        ReadShards(counts),
+        part.read,
         wds.map(decode, handler=counts),
         wds.map(preprocess, handler=counts),
+        part.pad,
         BatchWithCounts(batch_size, collate, counts, partial=True),
     )
 
 
-def shards_per_rank_warning(num_shards: int, world_size: int, key: str) -> str | None:
-    """Why an exact pass over ``num_shards`` on ``world_size`` ranks is uneven, or None when it is even."""
-    if world_size <= 1 or num_shards % world_size == 0:
-        return None
-    return (
-        f"{key}: {num_shards} shard(s) over {world_size} ranks: ranks read unequal numbers of batches "
-        f"({'some read none' if num_shards < world_size else 'shards are split whole'}). Fine for validation "
-        "(no collective per step), but use a multiple of the world size for equal work."
-    )
+def check_eval_pass(split: str, urls: Sequence[str], expected: int, real: int, max_skip_share: float) -> None:
+    """After a complete exact pass over ``expected`` samples of which ``real`` were used (summed over
+    ranks): fail when none was, warn when more than ``max_skip_share`` of them were dropped."""
+    shown = ", ".join(urls[:3]) + (f" and {len(urls) - 3} more" if len(urls) > 3 else "")
+    if real == 0:
+        raise RuntimeError(
+            f"data.{split}_urls: the {split} pass used no sample ({expected} counted in {shown}): every "
+            "shard or sample was unreadable, too long or text-only (see the data warnings above). Check "
+            f"data.{split}_urls, the shards, data.max_length and data.processor."
+        )
+    dropped = expected - real
+    if dropped > max_skip_share * expected:
+        warnings.warn(
+            f"data.{split}_urls: the {split} pass dropped {dropped} of {expected} samples "
+            f"({dropped / expected:.1%} > data.max_skip_share={max_skip_share}); its metrics cover the "
+            f"other {real} only. See the data warnings above, and {split}/data_* for the reasons.",
+            stacklevel=2,
+        )

@@ -26,9 +26,12 @@ import torch
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 
+from dllava.data.conversation import IGNORE_INDEX
+from dllava.data.reader import COUNT_KEYS
 from dllava.metrics.answers import exact_match
 from dllava.model.loading import ModelSource, load_llava, load_processor
 from dllava.sparse.config import PredictorConfig, SparsityConfig
+from dllava.sparse.decisions import budget_loss
 from dllava.sparse.model import PREDICTORS_FILE, DynamicLlava
 from dllava.training.sharding import empty_llava, is_sharded, shard_fsdp2
 from dllava.utils.checks import check_float, check_int, check_mapping, check_str_list, describe
@@ -169,6 +172,8 @@ class LlavaLitModule(L.LightningModule):
         )
         self.val_acc_best = MaxMetric()
         self._resumed_best: float | None = None
+        # per split, this rank's [scored samples, rows incl. padding, *COUNT_KEYS drops] of the pass
+        self._eval_tally = {split: [0] * (2 + len(COUNT_KEYS)) for split in ("val", "test")}
         self._step_started = 0.0
         self._base_seed = 0
         self._sharded: bool | None = None
@@ -362,24 +367,73 @@ class LlavaLitModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> Any:
+        """Score one validation/test batch. Every real sample counts once and padding rows (``valid``
+        False, which fill an exact pass so every rank runs the same forwards) never: the loss is the
+        mean over supervised tokens (padding has none), the other metrics are means over samples, so a
+        split scores the same however it is cut into batches and ranks."""
         metrics = self.eval_metrics[split]
         out = self(batch, mode="eval")
-        metrics["loss"].update(out.lm_loss)
-        for name, value in self.sparse_metrics(out).items():
-            metrics[name].update(value)
+        valid = batch.get("valid")
+        if valid is None:
+            valid = torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
+        valid = valid.to(batch["input_ids"].device)
+        self._tally(split, batch, valid)
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if tokens:  # an all-padding batch has no supervised token: its lm_loss is 0/0
+            metrics["loss"].update(out.lm_loss.detach().float(), weight=tokens)
+        for name, (value, weight) in self.eval_sparse_metrics(out, valid, tokens).items():
+            metrics[name].update(value, weight=weight)
         if self.tokenizer is None:
             return out
-        selected = [i for i, k in enumerate(batch["kinds"]) if self.answer_kinds is None or k in self.answer_kinds]
-        if not selected:
+        scored = [
+            i for i, k in enumerate(batch["kinds"])
+            if bool(valid[i]) and (self.answer_kinds is None or k in self.answer_kinds)
+        ]
+        # sharded, generation is a collective: every rank generates every batch, padding included
+        rows = list(range(len(batch["kinds"]))) if self.sharded else scored
+        if not rows:
             return out
-        predictions = self.generate_answers(batch, selected)
-        for i, prediction in zip(selected, predictions):
-            hit = float(exact_match(prediction, batch["answers"][i]))
+        predictions = dict(zip(rows, self.generate_answers(batch, rows)))
+        for i in scored:
+            hit = float(exact_match(predictions[i], batch["answers"][i]))
             metrics["answer_acc"].update(hit)
             kind_metric = f"acc_{batch['kinds'][i]}"
             if kind_metric in metrics:
                 metrics[kind_metric].update(hit)
         return out
+
+    def _tally(self, split: str, batch: dict[str, Any], valid: torch.Tensor) -> None:
+        tally = self._eval_tally[split]
+        tally[0] += int(valid.sum())
+        tally[1] += int(valid.numel())
+        for n, name in enumerate(COUNT_KEYS):
+            tally[2 + n] += int(batch.get("data_counts", {}).get(name, 0))
+
+    def eval_sparse_metrics(self, out: Any, valid: torch.Tensor, tokens: int) -> dict[str, tuple[torch.Tensor, int]]:
+        """``name -> (value, weight)`` of the sparsity metrics over the batch's real samples: per-sample
+        ratios and budget errors (as :func:`budget_loss` averages them), lm_loss per supervised token."""
+        if not self.sparsity.enabled:
+            return {}
+        found: dict[str, tuple[torch.Tensor, int]] = {}
+        if tokens:
+            found["lm_loss"] = (out.lm_loss, tokens)
+        real = int(valid.sum())
+        if real:
+            for name in ("vision_keep", "vision_keep_threshold", "vision_keep_expected"):
+                if getattr(out, name) is not None:
+                    found[name] = (getattr(out, name)[valid].mean(), real)
+            if out.budget_loss_vision is not None and out.vision_keep is not None:
+                found["budget_loss_vision"] = (budget_loss(out.vision_keep[valid], self.sparsity.keep), real)
+            if out.budget_loss_text is not None and out.text_keep is not None:
+                eligible = out.text_eligible[valid]
+                found["budget_loss_text"] = (budget_loss(out.text_keep[valid], self.sparsity.text_keep, eligible), real)
+            elif self.sparsity.text:  # no eligible answer in the batch (text predictor skipped): each adds 0
+                found["budget_loss_text"] = (torch.zeros((), device=valid.device), real)
+        if out.text_keep is not None and out.text_eligible is not None:
+            chosen = out.text_eligible & valid
+            if bool(chosen.any()):
+                found["text_keep"] = (out.text_keep[chosen].mean(), int(chosen.sum()))
+        return {k: (v.detach().float(), w) for k, (v, w) in found.items()}
 
     @property
     def sharded(self) -> bool:
@@ -429,6 +483,23 @@ class LlavaLitModule(L.LightningModule):
             if updated[name]:
                 self.log(f"{split}/{name}", metric.compute(), sync_dist=False)
             metric.reset()
+        self._log_eval_counts(split)
+
+    def _log_eval_counts(self, split: str) -> None:
+        """Log the pass's scored samples and dropped data (``<split>/samples``, ``<split>/data_<kind>``)
+        summed over ranks, and let the datamodule judge the pass (no sample: fail; many dropped: warn)."""
+        tally = torch.tensor(self._eval_tally[split], dtype=torch.float64, device=self.device)
+        self._eval_tally[split] = [0] * len(self._eval_tally[split])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            tally = self.trainer.strategy.reduce(tally, reduce_op="sum")
+        real, rows, *drops = (int(v) for v in tally.tolist())
+        self.log(f"{split}/samples", float(real), sync_dist=False)
+        for name, value in zip(COUNT_KEYS, drops):
+            self.log(f"{split}/data_{name}", float(value), sync_dist=False)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        check = getattr(datamodule, "check_eval_pass", None)
+        if check is not None and not self.trainer.sanity_checking:
+            check(split, real, rows)
 
     def on_validation_epoch_end(self) -> None:
         updated = self._updated_on_any_rank("val")

@@ -19,19 +19,33 @@ Loading runs no code from the checkpoint and refuses a damaged one (:mod:`dllava
 files are CRC-checked and unpickled weights-only (whatever ``weights_only`` the caller passes); sharded
 directories are read through :class:`~dllava.training.safe_load.SafeFileSystemReader` (FSDP2) or
 checked by the same reads before Lightning's loader (FSDP1).
+
+No hang: every strategy here takes ``timeout_s``, the longest a collective (all-reduce, all-gather,
+barrier) may wait for the other ranks. Ranks that run different numbers of collectives (unequal batches
+under FSDP, a rank that died) would otherwise wait forever, and a blocked collective also defers the
+Python SIGTERM handler, so ``kill`` alone does not end such a run. A timed-out collective fails the run
+with an error that names the likely cause and the setting (:func:`explain_collective_timeout`), and the
+process that launched the other ranks kills them when it exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import signal
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any, Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy as _LightningDDPStrategy
 from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+DEFAULT_TIMEOUT_S = 1800.0  # torch's own default; a 7B checkpoint write on rank 0 fits well inside
 
 from dllava.training.safe_load import (
     load_checkpoint_file,
@@ -141,7 +155,76 @@ def _check_file_loads_weights_only(path: Path) -> None:
     load_weights_only(path, str(path), map_location="cpu", mmap=True)
 
 
-class FSDPStrategy(_AtomicShardedSave, _LightningFSDPStrategy):
+def collective_timeout(seconds: float) -> timedelta:
+    """``trainer.strategy.timeout_s`` as the ``timedelta`` torch.distributed takes; must be > 0."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"trainer.strategy.timeout_s must be a number of seconds > 0, got {seconds!r}")
+    return timedelta(seconds=float(seconds))
+
+
+def is_collective_timeout(exn: BaseException) -> bool:
+    """A collective or rendezvous that gave up waiting: torch.distributed's own errors (``DistError``)
+    about a timeout, or gloo's plain ``RuntimeError`` ("[.../gloo/...] Timed out waiting ..."); not any
+    error that mentions a timeout (a DataLoader's, a download's). Under NCCL the watchdog usually aborts
+    the process itself at the timeout, with its own "Watchdog caught collective operation timeout"."""
+    if not isinstance(exn, RuntimeError):
+        return False
+    message = str(exn).lower()
+    if isinstance(exn, torch.distributed.DistError):
+        return "timed out" in message or "timeout" in message
+    return "gloo" in message and "timed out" in message
+
+
+def explain_collective_timeout(exn: BaseException, timeout_s: float) -> bool:
+    """Prefix a timed-out collective's error with its likely cause and the setting; True if it was one."""
+    if not is_collective_timeout(exn) or getattr(exn, "_dllava_explained", False):
+        return False
+    if isinstance(exn, torch.distributed.DistStoreError):  # the start-up rendezvous, not a collective
+        hint = (
+            f"not every rank joined the process group within trainer.strategy.timeout_s={timeout_s:g} s: a "
+            "rank failed or was slow to start (see its log), or the rendezvous address is wrong."
+        )
+    else:
+        hint = (
+            f"a collective operation (all-reduce, all-gather, barrier) waited longer than "
+            f"trainer.strategy.timeout_s={timeout_s:g} s for the other ranks. Most likely the ranks ran "
+            "different numbers of collectives (e.g. unequal numbers of batches or forward passes, or another "
+            "rank failed or stopped; see its log); if one rank is just slow at this point (a long checkpoint "
+            "write), raise trainer.strategy.timeout_s."
+        )
+    exn.args = (f"{hint} Original error: {exn.args[0] if exn.args else exn}", *exn.args[1:])
+    exn._dllava_explained = True  # type: ignore[attr-defined]
+    return True
+
+
+class _FailsInsteadOfHanging:
+    """Mixin for Lightning's distributed strategies: a collective timeout in seconds (``timeout_s``),
+    explained when it fires, and the ranks this process launched killed when it exits after a failure
+    (a rank stalled outside a collective would otherwise outlive it)."""
+
+    def __init__(self, *args: Any, timeout_s: float = DEFAULT_TIMEOUT_S, **kwargs: Any) -> None:
+        if "timeout" in kwargs:
+            raise TypeError(f"{type(self).__name__} takes timeout_s (seconds), not timeout")
+        super().__init__(*args, timeout=collective_timeout(timeout_s), **kwargs)
+        self.timeout_s = float(timeout_s)
+        self._kill_registered = False
+
+    def on_exception(self, exception: BaseException) -> None:
+        explain_collective_timeout(exception, self.timeout_s)
+        super().on_exception(exception)  # type: ignore[misc]
+        launcher = getattr(self, "launcher", None)
+        if isinstance(launcher, _SubprocessScriptLauncher) and not self._kill_registered:
+            # at exit, not now: Lightning's child observer kills this process too once a child dies, and
+            # the run's failure must be recorded (logs, summary, W&B) first
+            atexit.register(launcher.kill, signal.SIGKILL)
+            self._kill_registered = True
+
+
+class DDPStrategy(_FailsInsteadOfHanging, _LightningDDPStrategy):
+    """Lightning's ``DDPStrategy`` with a collective timeout in seconds that fails the run clearly."""
+
+
+class FSDPStrategy(_FailsInsteadOfHanging, _AtomicShardedSave, _LightningFSDPStrategy):
     """Lightning's ``FSDPStrategy`` (GPU only) whose sharded checkpoints are written atomically.
 
     Loading: Lightning's loader builds its own DCP reader, and unpickles a full-state file with its lazy
@@ -162,7 +245,7 @@ class FSDPStrategy(_AtomicShardedSave, _LightningFSDPStrategy):
         return super().load_checkpoint(path, weights_only=True)
 
 
-class FSDP2Strategy(_AtomicShardedSave, ModelParallelStrategy):
+class FSDP2Strategy(_FailsInsteadOfHanging, _AtomicShardedSave, ModelParallelStrategy):
     """FSDP2 (``fully_shard``) over all processes: Lightning's ``ModelParallelStrategy`` with pure data
     parallelism (``data_parallel_size = world size``, no tensor parallelism) and atomic sharded saves.
 
