@@ -302,43 +302,50 @@ class LlavaDataModule(L.LightningDataModule):
                 "batches_per_worker": self.train_batches_per_worker(), "seed": self.seed}
 
     def _next_train_epoch(self) -> EpochStart:
-        """Where the next pass over the training loader starts: the epoch after the previous pass, or,
-        the first time after a checkpoint was loaded, its recorded epoch where its trained batches
-        stopped (the next epoch once every worker had given all its batches).
+        """Where a pass over the training loader starts: at the recorded position (restored from a
+        checkpoint, or recorded as batches are trained) when its epoch has batches left, else at the
+        start of the next epoch.
 
-        The recorded position decides at a resume, not Lightning's epoch counter: Lightning iterates the
-        loader before its restart bookkeeping has settled which epoch it runs (a checkpoint written at
-        an epoch's last batch still says that epoch then), while a position either has batches left in
-        its epoch or has none.
+        Only trained batches move the position, so Lightning's epoch counter is not consulted: at a
+        resume Lightning iterates the loader twice before training from it, while its restart
+        bookkeeping is unsettled (resumed from an epoch-end checkpoint of epoch 0, its
+        ``epoch_progress.current.processed`` reads 2 at the second ``iter()`` while it trains epoch 1).
+        A pass that ends before its epoch does (``limit_train_batches``) is continued by the next one.
         """
         workers = max(1, self.num_workers)
-        restored = self._take_restored_position()
-        if restored is not None and any(b < self.train_batches_per_worker() for _, b in restored[1]):
-            epoch, consumed = restored
+        self._apply_restored_position()
+        position = self._train_position
+        if position is None:
+            epoch, consumed = 0, [(0, 0)] * workers
+        elif any(batches < self.train_batches_per_worker() for _, batches in position[1]):
+            epoch, consumed = position[0], list(position[1])
         else:
-            previous = restored[0] if restored is not None else self._train_position and self._train_position[0]
-            epoch, consumed = (-1 if previous is None else previous) + 1, [(0, 0)] * workers
-        self._train_position = (epoch, list(consumed))
+            epoch, consumed = position[0] + 1, [(0, 0)] * workers
+        self._train_position = (epoch, consumed)
         trained = sum(batches for _, batches in consumed)
         return EpochStart(epoch, tuple(consumed) if trained else (), trained % workers)
 
-    def _take_restored_position(self) -> tuple[int, list[tuple[int, int]]] | None:
-        """This rank's position from a loaded checkpoint, once: (epoch, per worker (raw samples, batches))."""
+    def _apply_restored_position(self) -> None:
+        """Make a loaded checkpoint's position this rank's, once (the layout is known only now)."""
         if self._restored_position is None:
-            return None
+            return
         state, self._restored_position = self._restored_position, None
         layout = self._layout()
         if state["layout"] != layout:
-            warnings.warn(
-                f"data: the checkpoint's training data position was recorded with {state['layout']}, this run "
-                f"has {layout}: epoch {state['epoch']} is streamed again from its start, not from where it "
-                "stopped (keep trainer.devices, data.num_workers, data.batch_size, data.epoch_samples and "
-                "data.seed to resume exactly)",
-                stacklevel=2,
-            )
-            return state["epoch"], [(0, 0)] * layout["num_workers"]
+            finished = all(b >= state["layout"]["batches_per_worker"] for rank in state["consumed"] for _, b in rank)
+            if not finished:
+                warnings.warn(
+                    f"data: the checkpoint's training data position was recorded with {state['layout']}, this "
+                    f"run has {layout}: epoch {state['epoch']} is streamed again from its start, not from where "
+                    "it stopped (keep trainer.devices, data.num_workers, data.batch_size, data.epoch_samples "
+                    "and data.seed to resume exactly)",
+                    stacklevel=3,
+                )
+            done = layout["batches_per_worker"] if finished else 0
+            self._train_position = (state["epoch"], [(0, done)] * layout["num_workers"])
+            return
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        return state["epoch"], [(int(raw), int(b)) for raw, b in state["consumed"][rank]]
+        self._train_position = (state["epoch"], [(int(raw), int(b)) for raw, b in state["consumed"][rank]])
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the position of each training batch as it is trained (Lightning calls this for the

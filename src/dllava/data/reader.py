@@ -6,7 +6,14 @@ Two modes, both plain webdataset ``DataPipeline`` stages:
   from its own RNG, seeded by ``(seed, rank, worker, epoch)``, shuffles samples while they are still
   bytes (before decode), and yields exactly ``batches_per_worker`` full batches per epoch. Every rank
   therefore gets the same number of batches whatever the shard sizes, so DDP never waits on a rank
-  that ran dry.
+  that ran dry. The epoch is given (:meth:`ResampledStream.set_epoch`, which the datamodule calls before
+  each pass), never counted by the stream: a worker's copy would restart its count at 0 in a resumed
+  process and replay epoch 0 (as webdataset's ``ResampledShards`` does, so shards are drawn here by
+  :func:`draw_shards`). Each batch carries ``batch["data_position"] = (epoch, worker, raw, batches)``:
+  after it, that worker has consumed ``raw`` shuffled raw samples of the epoch (dropped ones included)
+  and given ``batches`` batches. A pass can start there (:class:`EpochStart`): the worker re-draws its
+  shards and shuffle and skips ``raw`` samples as bytes, without decoding them, then yields the
+  epoch's remaining batches, the same as the uninterrupted epoch's.
 * :func:`exact_stream` (validation, test): the shard list split by rank, then by worker, read once in
   order, the last batch partial. Deterministic; every sample once across ranks and workers.
 
