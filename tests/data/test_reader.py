@@ -311,3 +311,16 @@ def test_resumed_epoch_skips_the_consumed_raw_samples_and_yields_exactly_the_res
     rest, _ = _train_pass(resumed, resumed.train_dataloader())
     assert _fingerprint(rest) == _fingerprint(whole[trained:])
     assert resumed.state_dict() == dm.state_dict()  # the resumed pass ends where the whole one did
+
+
+def test_a_position_recorded_under_another_layout_warns_and_restarts_its_epoch(shards_with_drops, tiny_model_dir):
+    dm = _resumable_dm(tiny_model_dir, shards_with_drops)
+    loader = dm.train_dataloader()
+    _train_pass(dm, loader)
+    whole, state = _train_pass(dm, loader, stop_after=3)  # epoch 1, mid-way
+    other = _dm(tiny_model_dir, shards_with_drops, num_workers=1, batch_size=2, epoch_samples=16, shuffle_buffer=8)
+    other.trainer = SimpleNamespace(world_size=1, global_rank=0)
+    other.load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"data.num_workers.*resume exactly"):
+        batches, end = _train_pass(other, other.train_dataloader(), stop_after=1)
+    assert end["train_position"]["epoch"] == 1 and len(batches) == 8  # all of epoch 1, from its start

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-EPOCH_STEPS, EPOCHS = 4, 4  # 16 samples / batch 4 = 4 batches an epoch, 2 per worker
+EPOCH_STEPS, EPOCHS = 4, 4  # 8 samples / batch 2 = 4 batches an epoch, 2 per worker
 STEPS = EPOCH_STEPS * EPOCHS
 MID = 2 * EPOCH_STEPS + 3  # 3 batches into epoch 3: odd, so the next batch is worker 1's
 
@@ -20,7 +20,7 @@ def _overrides(tiny_model_dir, synthetic_dir, run_dir, *extra):
         f"model.pretrained={tiny_model_dir}", "data.synthetic=null",
         f"data.train_urls={synthetic_dir}/train-*.tar", f"data.val_urls={synthetic_dir}/val-*.tar",
         f"data.test_urls={synthetic_dir}/test-*.tar",
-        "data.num_workers=2", "data.batch_size=4", "data.epoch_samples=16", "data.shuffle_buffer=16",
+        "data.num_workers=2", "data.batch_size=2", "data.epoch_samples=8", "data.shuffle_buffer=16",
         "data.eval_batch_size=4", "+trainer.limit_val_batches=1", "module.max_new_tokens=1",
         f"trainer.max_steps={STEPS}", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
         "callbacks.model_summary=null", "logger=csv", "test=false", *extra,

@@ -362,6 +362,7 @@ class LlavaDataModule(L.LightningDataModule):
         """The training data position of every rank, gathered (a collective: Lightning builds a
         checkpoint on every rank). Each rank's workers drop different samples, so their positions
         differ; a tensor all_gather carries them without pickling."""
+        self._apply_restored_position()  # a checkpoint written before the resumed run trained keeps it
         if self._train_position is None:
             return {}
         epoch, consumed = self._train_position
