@@ -287,14 +287,14 @@ def test_llava_shards_config_streams_converted_shards(shards, tiny_model_dir, tm
 def test_training_stream_pickles_for_spawned_workers_and_keeps_one_counter(shards, tiny_model_dir):
     import pickle
 
-    from dllava.data.reader import BatchWithCounts, ReadShards
-
     out, _ = shards
-    dataset = _dm(tiny_model_dir, f"{out}/shard-*.tar").train_dataloader().pipeline[0].dataset
+    dataset = _dm(tiny_model_dir, f"{out}/shard-*.tar").train_dataloader().dataset
     restored = pickle.loads(pickle.dumps(dataset))
-    stages = {type(s): s for s in restored.pipeline}
-    assert stages[ReadShards].counts is stages[BatchWithCounts].counts
-    assert len(next(iter(restored))["ids"]) == 2
+    batch = next(iter(restored))
+    assert len(batch["ids"]) == 2 and set(batch["data_counts"]) == set(COUNT_KEYS)
+    # the stages built at each iter() all count into the dataset's one counter
+    restored.counts(ValueError("bad sample"))
+    assert next(iter(restored))["data_counts"]["skipped"] == 1
 
 
 def test_warnings_stop_after_a_few_per_kind_but_counting_goes_on():
@@ -351,3 +351,86 @@ def test_training_warnings_name_the_shard_and_the_sample_key(tmp_path, tiny_mode
     dm = _dm(tiny_model_dir, f"{tmp_path}/out/shard-*.tar", batch_size=1, epoch_samples=6, shuffle_buffer=1)
     with pytest.warns(UserWarning, match=r"dropped sample '\d+' of shard .*out/shard-000000.tar \(text_only\)"):
         list(dm.train_dataloader())
+
+
+# -- resuming the training stream: epochs from the caller, consumed samples skipped ----------------------
+@pytest.fixture(scope="module")
+def shards_with_drops(shards, tmp_path_factory):
+    """The 16 good samples in 4 shards plus 4 shards of 2 good samples and a text-only one, which training drops."""
+    out, _ = shards
+    root = tmp_path_factory.mktemp("drops")
+    path, images, _, _ = write_bad_cases(root)
+    convert(path, images, root / "bad", progress=False)  # ok-jpg, multi-png, text-only
+    shutil.copytree(out, root / "train")
+    for n in range(4):  # drawn often enough that every epoch drops some
+        shutil.copy(next((root / "bad").glob("shard-*.tar")), root / "train" / f"shard-bad{n}.tar")
+    return f"{root}/train/shard-*.tar"
+
+
+def _resumable_dm(tiny_model_dir, urls):
+    dm = _dm(tiny_model_dir, urls, num_workers=2, batch_size=2, epoch_samples=16, shuffle_buffer=8)
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0)
+    return dm
+
+
+def _train_pass(dm, loader, stop_after=None):
+    """One pass as Lightning makes it: each batch's position recorded as it is handed to training."""
+    batches, state = [], None
+    for batch in loader:
+        batches.append(dm.on_before_batch_transfer(batch, 0))
+        if len(batches) == stop_after:
+            state = dm.state_dict()
+    return batches, state
+
+
+def _fingerprint(batches):
+    return [(b["ids"], b["input_ids"].tolist(), b["data_counts"]) for b in batches]
+
+
+def test_each_training_epoch_is_a_function_of_its_index_not_of_earlier_passes(shards_with_drops, tiny_model_dir):
+    """Epoch 2 read after epochs 0 and 1 in the same process equals epoch 2 read first by a new process
+    (today's workers count their own epochs and start at 0 again)."""
+    dm = _resumable_dm(tiny_model_dir, shards_with_drops)
+    loader = dm.train_dataloader()
+    epochs = [_train_pass(dm, loader)[0] for _ in range(3)]
+    assert len(epochs[2]) == 8 and _fingerprint(epochs[1]) != _fingerprint(epochs[2])
+    state = dm.state_dict()
+    assert state["train_position"]["epoch"] == 2
+
+    fresh = _resumable_dm(tiny_model_dir, shards_with_drops)
+    fresh.load_state_dict({"train_position": {**state["train_position"], "epoch": 1}})  # epoch 1 finished
+    assert _fingerprint(_train_pass(fresh, fresh.train_dataloader())[0]) == _fingerprint(epochs[2])
+    again = _resumable_dm(tiny_model_dir, shards_with_drops)
+    assert _fingerprint(_train_pass(again, again.train_dataloader())[0]) == _fingerprint(epochs[0])
+
+
+@pytest.mark.parametrize("trained", [1, 3, 4, 7])
+def test_resumed_epoch_skips_the_consumed_raw_samples_and_yields_exactly_the_rest(shards_with_drops, tiny_model_dir, trained):
+    """Two workers; after ``trained`` batches of epoch 1 (odd: the other worker's batch is next) a new
+    loader restored from the recorded position yields the uninterrupted epoch's remaining batches, and
+    the drops they report add up to the uninterrupted epoch's."""
+    dm = _resumable_dm(tiny_model_dir, shards_with_drops)
+    loader = dm.train_dataloader()
+    _train_pass(dm, loader)
+    whole, state = _train_pass(dm, loader, stop_after=trained)
+    assert state["train_position"]["epoch"] == 1
+    assert sum(_total_counts(whole).values()) > 0  # the text-only sample was drawn and dropped
+
+    resumed = _resumable_dm(tiny_model_dir, shards_with_drops)
+    resumed.load_state_dict(state)
+    rest, _ = _train_pass(resumed, resumed.train_dataloader())
+    assert _fingerprint(rest) == _fingerprint(whole[trained:])
+    assert resumed.state_dict() == dm.state_dict()  # the resumed pass ends where the whole one did
+
+
+def test_a_position_recorded_under_another_layout_warns_and_restarts_its_epoch(shards_with_drops, tiny_model_dir):
+    dm = _resumable_dm(tiny_model_dir, shards_with_drops)
+    loader = dm.train_dataloader()
+    _train_pass(dm, loader)
+    whole, state = _train_pass(dm, loader, stop_after=3)  # epoch 1, mid-way
+    other = _dm(tiny_model_dir, shards_with_drops, num_workers=1, batch_size=2, epoch_samples=16, shuffle_buffer=8)
+    other.trainer = SimpleNamespace(world_size=1, global_rank=0)
+    other.load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"data.num_workers.*resume exactly"):
+        batches, end = _train_pass(other, other.train_dataloader(), stop_after=1)
+    assert end["train_position"]["epoch"] == 1 and len(batches) == 8  # all of epoch 1, from its start

@@ -65,3 +65,18 @@ class ZeroWeightsOnTrainStart(L.Callback):
         with torch.no_grad():
             for param in pl_module.parameters():
                 param.zero_()
+
+
+class TrainedBatches(L.Callback):
+    """Appends one JSON line per trained batch to ``<out>/rank<r>.jsonl``: global step, epoch, the
+    batch index Lightning passes to the step (it seeds the step's randomness) and the sample ids."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        line = {"step": trainer.global_step, "epoch": trainer.current_epoch, "batch_idx": batch_idx,
+                "ids": list(batch["ids"])}
+        with (self.out / f"rank{trainer.global_rank}.jsonl").open("a") as handle:
+            handle.write(json.dumps(line) + "\n")

@@ -19,18 +19,21 @@ import io
 import json
 import math
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from dllava.data.conversation import IGNORE_INDEX, encode_conversation, final_exchange
 from dllava.data.reader import (
-    TextOnlySample, check_eval_pass, count_samples, exact_stream, name_origin, rank_share, resampled_stream,
+    EpochStart, ResampledStream, TextOnlySample, check_eval_pass, count_samples, exact_stream, name_origin,
+    rank_share, resampled_stream,
 )
 from dllava.data.records import IMAGE_KEYS
 from dllava.utils.checks import check_float, check_int, check_keys, check_mapping, check_str, check_str_list, check_urls
@@ -250,6 +253,20 @@ def iter_records(urls: Sequence[str]) -> Iterator[dict[str, Any]]:
             yield json.loads(sample["json"])
 
 
+class TrainLoader(DataLoader):
+    """The training DataLoader: at every ``iter()`` it asks ``next_epoch()`` where the stream starts and
+    hands that to the dataset before the workers copy it. Workers are therefore not persistent (a
+    persistent worker keeps the copy of the first epoch); starting them costs little per epoch."""
+
+    def __init__(self, dataset: ResampledStream, next_epoch: Callable[[], EpochStart], num_workers: int = 0) -> None:
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
+        self.next_epoch = next_epoch
+
+    def __iter__(self) -> Any:
+        self.dataset.set_epoch(self.next_epoch())
+        return super().__iter__()
+
+
 class LlavaDataModule(L.LightningDataModule):
     """Lightning wrapper over the shard streams; the processor is loaded from the model directory."""
 
@@ -308,6 +325,9 @@ class LlavaDataModule(L.LightningDataModule):
         self.preprocess: SamplePreprocessor | None = None
         self._sizes: dict[tuple[str, ...], list[int]] = {}
         self._eval_passes: dict[str, tuple[list[str], int]] = {}
+        # training data position: (epoch, per logical worker (raw samples, batches) trained this epoch)
+        self._train_position: tuple[int, list[tuple[int, int]]] | None = None
+        self._restored_position: dict[str, Any] | None = None
 
     def prepare_data(self) -> None:
         """Generate the synthetic shards on first use (once per node, before any rank reads them)."""
@@ -345,14 +365,96 @@ class LlavaDataModule(L.LightningDataModule):
         batches = math.ceil(self.epoch_samples / (self.batch_size * self.world_size))
         return math.ceil(batches / max(1, self.num_workers))
 
-    def train_dataloader(self) -> wds.WebLoader:
+    def train_dataloader(self) -> TrainLoader:
         urls = resolve_urls(self.train_urls, "data.train_urls", self.synthetic is not None)
         dataset = resampled_stream(
             urls, decode_sample, self.preprocess, _Collate(self.processor.tokenizer.pad_token_id),
             self.batch_size, self.train_batches_per_worker(), self.shuffle_buffer, self.seed,
         )
-        return wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                             persistent_workers=self.num_workers > 0)
+        return TrainLoader(dataset, self._next_train_epoch, num_workers=self.num_workers)
+
+    # -- the training data position (see "Resuming" in the README) ---------------------------------
+    def _layout(self) -> dict[str, int]:
+        """What a recorded position is only valid under: another layout draws other streams."""
+        return {"world_size": self.world_size, "num_workers": max(1, self.num_workers), "batch_size": self.batch_size,
+                "batches_per_worker": self.train_batches_per_worker(), "seed": self.seed}
+
+    def _next_train_epoch(self) -> EpochStart:
+        """Where a pass over the training loader starts: at the recorded position (restored from a
+        checkpoint, or recorded as batches are trained) when its epoch has batches left, else at the
+        start of the next epoch.
+
+        Only trained batches move the position, so Lightning's epoch counter is not consulted: at a
+        resume Lightning iterates the loader twice before training from it, while its restart
+        bookkeeping is unsettled (resumed from an epoch-end checkpoint of epoch 0, its
+        ``epoch_progress.current.processed`` reads 2 at the second ``iter()`` while it trains epoch 1).
+        A pass that ends before its epoch does (``limit_train_batches``) is continued by the next one.
+        """
+        workers = max(1, self.num_workers)
+        self._apply_restored_position()
+        position = self._train_position
+        if position is None:
+            epoch, consumed = 0, [(0, 0)] * workers
+        elif any(batches < self.train_batches_per_worker() for _, batches in position[1]):
+            epoch, consumed = position[0], list(position[1])
+        else:
+            epoch, consumed = position[0] + 1, [(0, 0)] * workers
+        self._train_position = (epoch, consumed)
+        trained = sum(batches for _, batches in consumed)
+        return EpochStart(epoch, tuple(consumed) if trained else (), trained % workers)
+
+    def _apply_restored_position(self) -> None:
+        """Make a loaded checkpoint's position this rank's, once (the layout is known only now)."""
+        if self._restored_position is None:
+            return
+        state, self._restored_position = self._restored_position, None
+        layout = self._layout()
+        if state["layout"] != layout:
+            finished = all(b >= state["layout"]["batches_per_worker"] for rank in state["consumed"] for _, b in rank)
+            if not finished:
+                warnings.warn(
+                    f"data: the checkpoint's training data position was recorded with {state['layout']}, this "
+                    f"run has {layout}: epoch {state['epoch']} is streamed again from its start, not from where "
+                    "it stopped (keep trainer.devices, data.num_workers, data.batch_size, data.epoch_samples "
+                    "and data.seed to resume exactly)",
+                    stacklevel=3,
+                )
+            done = layout["batches_per_worker"] if finished else 0
+            self._train_position = (state["epoch"], [(0, done)] * layout["num_workers"])
+            return
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        self._train_position = (state["epoch"], [(int(raw), int(b)) for raw, b in state["consumed"][rank]])
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the position of each training batch as it is trained (Lightning calls this for the
+        batch about to be trained, not for those its fetcher or the workers hold in advance)."""
+        if isinstance(batch, dict) and "data_position" in batch:
+            epoch, worker, raw, batches = batch.pop("data_position")
+            if self._train_position is None or self._train_position[0] != epoch:
+                raise RuntimeError(f"data: a batch of epoch {epoch} arrived while the loader streams "
+                                   f"{self._train_position and self._train_position[0]}")
+            self._train_position[1][worker] = (raw, batches)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training data position of every rank, gathered (a collective: Lightning builds a
+        checkpoint on every rank). Each rank's workers drop different samples, so their positions
+        differ; a tensor all_gather carries them without pickling."""
+        self._apply_restored_position()  # a checkpoint written before the resumed run trained keeps it
+        if self._train_position is None:
+            return {}
+        epoch, consumed = self._train_position
+        mine = torch.tensor(consumed, dtype=torch.long)
+        if self.world_size > 1:
+            gathered = self.trainer.strategy.all_gather(mine.to(self.trainer.strategy.root_device)).cpu()
+        else:
+            gathered = mine.unsqueeze(0)
+        return {"train_position": {"epoch": epoch, "consumed": gathered.tolist(), "layout": self._layout()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the training stream where the checkpoint's trained batches stopped."""
+        if "train_position" in state_dict:
+            self._restored_position = state_dict["train_position"]
 
     def shard_sizes(self, urls: Sequence[str]) -> list[int]:
         """Samples per shard (tar headers only), counted once per url list and taken from rank 0, so

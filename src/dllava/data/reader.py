@@ -6,7 +6,14 @@ Two modes, both plain webdataset ``DataPipeline`` stages:
   from its own RNG, seeded by ``(seed, rank, worker, epoch)``, shuffles samples while they are still
   bytes (before decode), and yields exactly ``batches_per_worker`` full batches per epoch. Every rank
   therefore gets the same number of batches whatever the shard sizes, so DDP never waits on a rank
-  that ran dry.
+  that ran dry. The epoch is given (:meth:`ResampledStream.set_epoch`, which the datamodule calls before
+  each pass), never counted by the stream: a worker's copy would restart its count at 0 in a resumed
+  process and replay epoch 0 (as webdataset's ``ResampledShards`` does, so shards are drawn here by
+  :func:`draw_shards`). Each batch carries ``batch["data_position"] = (epoch, worker, raw, batches)``:
+  after it, that worker has consumed ``raw`` shuffled raw samples of the epoch (dropped ones included)
+  and given ``batches`` batches. A pass can start there (:class:`EpochStart`): the worker re-draws its
+  shards and shuffle and skips ``raw`` samples as bytes, without decoding them, then yields the
+  epoch's remaining batches, the same as the uninterrupted epoch's.
 * :func:`exact_stream` (validation, test): every sample once across ranks and workers, and the same
   number of batches on every rank whatever the shard count. The split is by SAMPLE, not by shard: the
   shards' samples are counted up front from their tar headers (:func:`count_samples`, no decoding), the
@@ -39,10 +46,13 @@ import random
 import re
 import tarfile
 import warnings
+from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import webdataset as wds
+from torch.utils.data import IterableDataset
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 from webdataset.utils import pytorch_worker_info
@@ -164,18 +174,95 @@ class ReadShards:
                 self.counts.empty_shard(url)
 
 
-class SeededShuffle:
-    """Stage: webdataset's buffer shuffle (of undecoded bytes) with an RNG per (seed, rank, worker, epoch)."""
+def draw_shards(urls: Sequence[str], rng: random.Random) -> Iterator[dict[str, Any]]:
+    """Stage source: shards drawn with replacement, endlessly (webdataset's ``ResampledShards`` draws the
+    same ``randint`` sequence, but counts its epoch itself; ours takes its RNG from the caller)."""
+    while True:
+        yield {"url": urls[rng.randint(0, len(urls) - 1)]}
 
-    def __init__(self, bufsize: int, seed: int) -> None:
-        self.bufsize, self.seed, self.epoch = bufsize, seed, -1
+
+def seeded_shuffle(src: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    """Stage: webdataset's buffer shuffle of undecoded samples, drawing from ``rng``."""
+    # webdataset's own buffer shuffle (private in 1.0.x; webdataset is pinned <1.1 in pyproject)
+    yield from wds.filters._shuffle(iter(src), bufsize, initial=min(100, bufsize), rng=rng)
+
+
+class RawCount:
+    """Stage: counts the raw samples leaving the shuffle, after dropping the first ``skip`` of them.
+
+    ``consumed`` is this worker's position in its epoch's shuffled raw stream; a batch records it when
+    its last sample completes it (the stages after this one pull one sample at a time), so a resume
+    skips exactly the raw samples that reached trained batches or were dropped before them.
+    """
+
+    def __init__(self, skip: int) -> None:
+        self.skip, self.consumed = skip, 0
 
     def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
-        self.epoch += 1  # this worker's copy persists across epochs (persistent workers, or in-process)
-        rank, _, worker, _ = pytorch_worker_info()
-        rng = random.Random(wds.utils.make_seed(self.seed, rank, worker, self.epoch))
-        # webdataset's own buffer shuffle (private in 1.0.x; webdataset is pinned <1.1 in pyproject)
-        yield from wds.filters._shuffle(iter(src), self.bufsize, initial=min(100, self.bufsize), rng=rng)
+        for sample in src:
+            self.consumed += 1
+            if self.consumed > self.skip:  # skipped samples are never decoded: a resume is cheap
+                yield sample
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    """Where the training stream starts: its epoch, and per logical worker ``(raw samples, batches)``
+    already consumed in that epoch (empty: from the start).
+
+    DataLoader worker ``slot`` plays logical worker ``(slot + first_worker) % workers``: the DataLoader
+    takes batches round-robin from worker 0, so after ``k`` trained batches the uninterrupted run's next
+    batch comes from logical worker ``k % workers``, and the resumed loader's worker 0 must be that one.
+    """
+
+    epoch: int = 0
+    consumed: tuple[tuple[int, int], ...] = ()
+    first_worker: int = 0
+
+
+class ResampledStream(IterableDataset):
+    """The training stream: each epoch a pure function of ``(seed, epoch, rank, worker)``, see module doc.
+
+    ``set_epoch`` (called in the main process before the DataLoader starts its workers, which copy the
+    dataset at each ``iter()``: workers must not be persistent) chooses the epoch and where it starts.
+    Each batch carries ``batch["data_position"] = (epoch, worker, raw samples consumed, batches)``.
+    """
+
+    def __init__(self, urls: Sequence[str], decode: Callable[[dict[str, Any]], Any],
+                 preprocess: Callable[[Any], Any], collate: Callable[[list[Any]], dict[str, Any]],
+                 batch_size: int, batches_per_worker: int, shuffle_buffer: int, seed: int) -> None:
+        super().__init__()
+        if not urls:
+            raise ValueError("the training stream needs at least one shard")
+        self.urls, self.decode, self.preprocess, self.collate = list(urls), decode, preprocess, collate
+        self.batch_size, self.batches_per_worker = batch_size, batches_per_worker
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.counts = DataCounts()  # per process: each worker's copy counts its own drops
+        self.start = EpochStart()
+
+    def set_epoch(self, start: EpochStart | int) -> None:
+        """Stream epoch ``start`` (an int: from its beginning) at the next ``iter()``."""
+        self.start = EpochStart(start) if isinstance(start, int) else start
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, _, slot, workers = pytorch_worker_info()
+        epoch = self.start.epoch
+        worker = (slot + self.start.first_worker) % workers
+        raw_done, batches_done = self.start.consumed[worker] if self.start.consumed else (0, 0)
+        # the seeds webdataset's ResampledShards(deterministic=True) and our former shuffle stage used
+        # for the epoch they counted: an uninterrupted run draws the same data as before
+        shard_rng = random.Random(wds.utils.make_seed(rank * 1000 + worker, epoch, self.seed))
+        samples: Iterable[Any] = ReadShards(self.counts)(draw_shards(self.urls, shard_rng))
+        if self.shuffle_buffer > 1:
+            shuffle_rng = random.Random(wds.utils.make_seed(self.seed, rank, worker, epoch))
+            samples = seeded_shuffle(samples, self.shuffle_buffer, shuffle_rng)
+        raw = RawCount(raw_done)
+        samples = wds.map(self.decode, handler=self.counts)(raw(samples))
+        samples = wds.map(self.preprocess, handler=self.counts)(samples)
+        batches = BatchWithCounts(self.batch_size, self.collate, self.counts, partial=False)(samples)
+        for done, batch in enumerate(islice(batches, self.batches_per_worker - batches_done), batches_done + 1):
+            batch["data_position"] = (epoch, worker, raw.consumed, done)
+            yield batch
 
 
 class BatchWithCounts:
@@ -225,18 +312,9 @@ def resampled_stream(
     batches_per_worker: int,
     shuffle_buffer: int = 1000,
     seed: int = 0,
-) -> wds.DataPipeline:
+) -> ResampledStream:
     """Endless training stream cut into epochs of ``batches_per_worker`` full batches per worker."""
-    counts = DataCounts()
-    stages = [
-        wds.ResampledShards(list(urls), seed=seed, deterministic=True),  # seeded per rank, worker, epoch
-        ReadShards(counts),
-        SeededShuffle(shuffle_buffer, seed) if shuffle_buffer > 1 else None,
-        wds.map(decode, handler=counts),
-        wds.map(preprocess, handler=counts),
-        BatchWithCounts(batch_size, collate, counts, partial=False),
-    ]
-    return wds.DataPipeline(*[s for s in stages if s is not None]).with_epoch(batches_per_worker)
+    return ResampledStream(urls, decode, preprocess, collate, batch_size, batches_per_worker, shuffle_buffer, seed)
 
 
 # -- exact passes (validation, test) ---------------------------------------------------------------
