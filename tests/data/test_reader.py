@@ -121,7 +121,7 @@ def test_dropped_samples_are_replaced_by_padding_so_counts_stay_equal(tmp_path, 
             member.size = len(data)
             dst.addfile(member, io.BytesIO(data))
     dm = _dm(tiny_model_dir, f"{tmp_path}/bad/shard-000000.tar", world_size=2, eval_batch_size=8)
-    with pytest.warns(UserWarning, match=r"dropped sample '000000000' of shard .*bad/shard-000000.tar \(skipped\): ValueError: its jpg"):
+    with pytest.warns(UserWarning, match=r"dropped sample '000000000' of shard .*bad/shard-000000.tar \(skipped\): UnreadableImage: its jpg"):
         seen = _ids_per_rank(dm, 2)
     assert seen[0]["ids"] == ["r001"] and seen[1]["ids"] == ["r002", "r003"]
     assert seen[0]["rows"] == seen[1]["rows"] == 2

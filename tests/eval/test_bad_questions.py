@@ -162,7 +162,7 @@ def test_corrupt_samples_in_eval_shards_are_skipped_with_shard_and_key(tmp_path,
         (str(first), keys[5], [5], "wrong_type"),
         (str(tmp_path / "a-000001.tar"), keys[6], None, "broken_shard"),
     ]
-    assert skipped[0]["detail"] == "cannot identify image file (not an image format PIL reads)"
+    assert skipped[0]["detail"].endswith("member: cannot identify image file (not an image format PIL reads)")
     assert ids[5] == [5] and "after key" in skipped[-1]["detail"]
     summary = json.loads((out / "eval.json").read_text())
     assert summary["samples"] == 2 and summary["skipped"] == 6

@@ -35,7 +35,7 @@ from dllava.data.reader import (
     EpochStart, ResampledStream, TextOnlySample, check_eval_pass, count_samples, exact_stream, name_origin,
     rank_share, resampled_stream,
 )
-from dllava.data.records import IMAGE_KEYS
+from dllava.data.records import IMAGE_KEYS, UnreadableImage, image_error
 from dllava.utils.checks import check_float, check_int, check_keys, check_mapping, check_str, check_str_list, check_urls
 
 
@@ -118,8 +118,8 @@ def _decode(sample: dict[str, Any]) -> dict[str, Any]:
         if key in sample:
             try:
                 image = Image.open(io.BytesIO(sample[key]))
-            except Image.UnidentifiedImageError:  # PIL's message names a BytesIO by its address
-                raise ValueError(f"its {key} member is not an image PIL can read") from None
+            except Image.UnidentifiedImageError as err:  # PIL's message names a BytesIO by its address
+                raise UnreadableImage(f"its {key} member: {image_error(err)}") from None
             image.load()
             image = image.convert("RGB")
             break

@@ -140,12 +140,18 @@ def check_record(record: Any, image_root: str | Path, requires_image: bool = Fal
     return CheckedRecord(record, data, key)
 
 
+class UnreadableImage(ValueError):
+    """An image member PIL cannot read; its message is already stable (see :func:`image_error`)."""
+
+
 def image_error(err: Exception) -> str:
     """A stable, readable description of a PIL failure: PIL's "cannot identify image file" message
     embeds the repr of the in-memory file (``<_io.BytesIO object at 0x...>``), which changes from run to
     run, so it is replaced by a fixed text; other PIL messages carry no addresses."""
     if isinstance(err, UnidentifiedImageError):
         return "cannot identify image file (not an image format PIL reads)"
+    if isinstance(err, UnreadableImage):
+        return str(err)
     return f"{type(err).__name__}: {err}"
 
 
