@@ -88,7 +88,7 @@ def test_slurm_launcher_takes_its_size_from_the_trainer(tmp_path):
 
 
 def test_keep_sweep_is_a_multirun_over_keep_ratios(tmp_path):
-    cfg = compose("train", ["hparams_search=keep_sweep"], output_dir=tmp_path)
+    compose("train", ["hparams_search=keep_sweep"], output_dir=tmp_path)
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()

@@ -45,3 +45,24 @@ def lightning_ckpt(tiny_model_dir, tmp_path_factory) -> Path:
     hparams = {k: (dict(v) if isinstance(v, dict) else v) for k, v in module.hparams.items()}
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams, "global_step": 10}, path)
     return path
+
+
+def synthetic_question_lines(synthetic_dir: Path, image_folder: Path, count: int) -> list[dict]:
+    """The first ``count`` questions of the synthetic test split as LLaVA question-file lines (ids
+    1000, 1001, ..., the reference answer under ``answer``), their images saved into ``image_folder``."""
+    import webdataset as wds
+
+    from dllava.data.datamodule import decode_sample, resolve_urls
+
+    image_folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    dataset = wds.WebDataset(resolve_urls(str(synthetic_dir / "test-*.tar")), shardshuffle=False, empty_check=False)
+    for i, raw in enumerate(dataset):
+        if i == count:
+            break
+        sample = decode_sample(raw)
+        sample["image"].save(image_folder / f"{i}.png")
+        conversation = sample["record"]["conversations"]
+        question = conversation[0]["value"].replace("<image>", "").strip()
+        lines.append({"question_id": 1000 + i, "image": f"{i}.png", "text": question, "answer": conversation[1]["value"]})
+    return lines

@@ -19,27 +19,15 @@ import webdataset as wds
 from dllava.eval.answers import AnswerFileError, read_answer_file, read_partial_answer_file
 from dllava.eval.runner import NoQuestions
 from tests.conftest import ROOT
+from tests.eval.conftest import synthetic_question_lines
 from tests.eval.test_eval_entry import _run
 
 
 @pytest.fixture(scope="module")
 def synthetic_questions(synthetic_dir, tmp_path_factory):
     """Eight questions of the synthetic test split: (image folder, JSONL lines as dicts with answers)."""
-    from dllava.data.datamodule import decode_sample, resolve_urls
-
     folder = tmp_path_factory.mktemp("robust") / "images"
-    folder.mkdir()
-    lines = []
-    dataset = wds.WebDataset(resolve_urls(str(synthetic_dir / "test-*.tar")), shardshuffle=False, empty_check=False)
-    for i, raw in enumerate(dataset):
-        if i == 8:
-            break
-        sample = decode_sample(raw)
-        sample["image"].save(folder / f"{i}.png")
-        conversation = sample["record"]["conversations"]
-        question = conversation[0]["value"].replace("<image>", "").strip()
-        lines.append({"question_id": 1000 + i, "image": f"{i}.png", "text": question, "answer": conversation[1]["value"]})
-    return folder, lines
+    return folder, synthetic_question_lines(synthetic_dir, folder, 8)
 
 
 def _args(ckpt, questions, images, *more):

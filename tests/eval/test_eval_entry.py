@@ -14,6 +14,7 @@ from PIL import Image
 
 from dllava.eval.answers import ANSWER_FIELDS, METADATA_FIELDS, read_answer_file
 from tests.conftest import ROOT
+from tests.eval.conftest import synthetic_question_lines
 from tests.helpers import compose
 
 _spec = importlib.util.spec_from_file_location("eval_entry", ROOT / "eval.py")
@@ -29,20 +30,9 @@ def _run(tmp_path, overrides):
 @pytest.fixture(scope="module")
 def question_file(synthetic_dir, tmp_path_factory):
     """A LLaVA question file (and image folder) made from the synthetic test split, ids as integers."""
-    from dllava.data.datamodule import decode_sample, resolve_urls
-    import webdataset as wds
-
     folder = tmp_path_factory.mktemp("questions")
-    (folder / "images").mkdir()
-    lines = []
-    dataset = wds.WebDataset(resolve_urls(str(synthetic_dir / "test-*.tar")), shardshuffle=False, empty_check=False)
-    for i, raw in enumerate(dataset):
-        if i == 6:
-            break
-        sample = decode_sample(raw)
-        sample["image"].save(folder / "images" / f"{i}.png")
-        question = sample["record"]["conversations"][0]["value"].replace("<image>", "").strip()
-        lines.append({"question_id": 1000 + i, "image": f"{i}.png", "text": question, "category": "default"})
+    lines = [{**{k: v for k, v in line.items() if k != "answer"}, "category": "default"}
+             for line in synthetic_question_lines(synthetic_dir, folder / "images", 6)]
     path = folder / "llava_synthetic.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path

@@ -97,8 +97,9 @@ def test_fsdp2_trains_sharded_on_two_cpu_processes_and_exports(uninterrupted):
 
 
 @pytest.mark.slow
-# epochs 1 and 3 were measured too (0.0); each resume is a pair of processes, so the suite checks two
-@pytest.mark.parametrize("resume_step", [2 * EPOCH_STEPS, MID], ids=["epoch2", "mid_epoch3"])
+@pytest.mark.parametrize(
+    "resume_step", [EPOCH_STEPS, 2 * EPOCH_STEPS, 3 * EPOCH_STEPS, MID], ids=["epoch1", "epoch2", "epoch3", "mid_epoch3"]
+)
 def test_fsdp2_resume_reproduces_the_uninterrupted_run_exactly(uninterrupted, tiny_model_dir, even_shards, tmp_path, resume_step):
     """Stop at ``resume_step`` (the uninterrupted run's checkpoint there), resume in a fresh pair of processes."""
     full, run_dir = uninterrupted

@@ -126,15 +126,19 @@ def load_weights_only(source: Any, name: str, **kwargs: Any) -> Any:
 
 def verify_archive(path: str | Path) -> None:
     """Check the CRC32 of every member of the torch archive at ``path`` (reads the whole file once)."""
-    path = Path(path)
+    _check_crcs(path, str(path))
+
+
+def _check_crcs(source: Any, name: str) -> None:
+    """Every member's CRC32 of the torch archive ``source`` (a path or a file object), errors naming ``name``."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(source) as archive:
             bad = archive.testzip()
     except zipfile.BadZipFile as err:
-        raise NotAnArchiveError(f"{path} is not a torch checkpoint archive ({err})") from None
+        raise NotAnArchiveError(f"{name} is not a torch checkpoint archive ({err})") from None
     if bad is not None:
         raise CorruptCheckpointError(
-            f"{path} is damaged: archive member {bad!r} fails its CRC32 check (its bytes changed after it was "
+            f"{name} is damaged: archive member {bad!r} fails its CRC32 check (its bytes changed after it was "
             "written: a disk, copy or transfer error). Use another checkpoint (an earlier step_*.ckpt) or copy it again."
         )
 
@@ -163,13 +167,7 @@ class _WeightsOnlyBytes:
 
 def _checked_bytes(value: io.BytesIO, name: str) -> io.BytesIO:
     """A non-tensor DCP item, CRC-checked and unpickled weights-only, then written again by torch.save."""
-    try:
-        with zipfile.ZipFile(value) as archive:
-            bad = archive.testzip()
-    except zipfile.BadZipFile as err:
-        raise CorruptCheckpointError(f"{name}: not a torch archive ({err})") from None
-    if bad is not None:
-        raise CorruptCheckpointError(f"{name}: archive member {bad!r} fails its CRC32 check")
+    _check_crcs(value, name)
     value.seek(0)
     obj = load_weights_only(value, name, map_location="cpu")
     clean = io.BytesIO()
