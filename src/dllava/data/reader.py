@@ -46,6 +46,7 @@ import random
 import re
 import tarfile
 import warnings
+from contextlib import closing
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -151,6 +152,19 @@ class DataCounts:
 
 # Stages are small classes rather than closures so a pipeline pickles (spawned DataLoader workers);
 # stages of one pipeline share its DataCounts, and pickling the pipeline whole keeps them sharing it.
+def shard_samples(url: str) -> Iterator[dict[str, Any]]:
+    """The raw samples of one shard, in order: tar members grouped by key (with ``__key__`` and
+    ``__url__``), undecoded. An unreadable or broken shard raises; the file is closed when the iteration
+    ends or the generator is closed, so a caller may stop early (``contextlib.closing``)."""
+    opened = list(url_opener([{"url": url}], handler=reraise_exception))
+    try:
+        members = tar_file_expander(opened, handler=reraise_exception)
+        yield from group_by_keys(members, handler=reraise_exception)
+    finally:
+        for source in opened:
+            source["stream"].close()
+
+
 class ReadShards:
     """Stage: ``{"url"}`` dicts -> raw samples (tar members grouped by key); a broken shard counts once."""
 
@@ -162,9 +176,7 @@ class ReadShards:
             url = source.get("url", "?")
             samples = 0
             try:
-                streams = url_opener([source], handler=reraise_exception)
-                members = tar_file_expander(streams, handler=reraise_exception)
-                for sample in group_by_keys(members, handler=reraise_exception):
+                for sample in shard_samples(url):
                     samples += 1
                     yield sample
             except Exception as exn:
@@ -334,25 +346,24 @@ def count_samples(url: str) -> int:
     """Samples in one shard as :class:`ReadShards` groups them (consecutive members sharing a key).
 
     A local file is counted from its tar headers alone (seeking past the data); other urls (``pipe:``,
-    ``http``) are streamed through without decoding. A shard that breaks off counts what precedes the
+    ``http``) are streamed through :func:`shard_samples` without decoding. A shard that breaks off counts what precedes the
     break, an unreadable one counts 0 (the reader meets the same error, warns and counts it, and the
     exact pass pads for what it could not read).
     """
+    if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+        count = 0
+        try:
+            for _ in shard_samples(url):
+                count += 1
+        except Exception:
+            pass
+        return count
     keys = _KeyCounter()
     try:
-        if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
-            opened = list(url_opener([{"url": url}], handler=reraise_exception))
-            try:
-                for member in tar_file_expander(opened, handler=reraise_exception):
-                    keys.add(member["fname"])
-            finally:
-                for source in opened:
-                    source["stream"].close()
-        else:
-            with tarfile.open(url, "r:*") as archive:
-                for info in archive:
-                    if info.isreg():
-                        keys.add(info.name)
+        with tarfile.open(url, "r:*") as archive:
+            for info in archive:
+                if info.isreg():
+                    keys.add(info.name)
     except Exception:
         pass
     return keys.count
@@ -420,20 +431,11 @@ class ExactSlice:
             offset += size
             if lo >= hi:
                 continue
-            opened: list[dict[str, Any]] = []
             try:
-                opened = list(url_opener([{"url": url}], handler=reraise_exception))
-                members = tar_file_expander(opened, handler=reraise_exception)
-                for index, sample in enumerate(group_by_keys(members, handler=reraise_exception)):
-                    if index >= hi:
-                        break
-                    if index >= lo:
-                        yield sample
+                with closing(shard_samples(url)) as samples:  # the block may end before the shard does
+                    yield from islice(samples, lo, hi)
             except Exception as exn:
                 self.counts.shard_failed(url, exn)
-            finally:  # the block may end before the shard does
-                for source in opened:
-                    source["stream"].close()
 
     def pad(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Stage: pass the preprocessed samples through, then pad up to this worker's number of slots."""

@@ -33,12 +33,9 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from PIL import Image
 
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
-
 from dllava.data.conversation import ImageSpanTruncated, encode_conversation
 from dllava.data.datamodule import SamplePreprocessor, count_image_tokens, decode_sample, resolve_urls
-from dllava.data.reader import TextOnlySample
+from dllava.data.reader import TextOnlySample, shard_samples
 from dllava.data.records import image_error
 
 
@@ -191,9 +188,7 @@ class ShardQuestions:
         """Raw samples of one shard; a shard that cannot be read or breaks off is listed, not fatal."""
         key = None
         try:
-            streams = url_opener([{"url": url}], handler=reraise_exception)
-            members = tar_file_expander(streams, handler=reraise_exception)
-            for raw in group_by_keys(members, handler=reraise_exception):
+            for raw in shard_samples(url):
                 key = raw.get("__key__")
                 yield raw
         except Exception as err:  # tarfile, gzip and I/O errors: the rest of this shard is lost
