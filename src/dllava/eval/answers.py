@@ -21,6 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from dllava.utils.files import atomic_write_text
+
 ANSWER_FIELDS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
 METADATA_FIELDS = ("method", "keep", "image_tokens", "image_tokens_kept", "text_tokens_fed", "text_tokens_kept")
 _NAMESPACE = uuid.UUID("6f1c3e55-3b7d-4f53-9a53-0d1a5c2b8e11")
@@ -45,15 +47,9 @@ def answer_record(question_id: Any, prompt: str, text: str, model_id: str, metad
 
 def write_answer_file(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     """Write the whole file at once: a temporary file beside it, then a rename, so a crash leaves the
-    previous version (eval.py rewrites the appended file in question order at the end)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
-    return path
+    previous version (eval.py rewrites the appended file in question order at the end); the file gets the
+    umask's permissions (:func:`dllava.utils.files.atomic_write`)."""
+    return atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 class AnswerAppender:
