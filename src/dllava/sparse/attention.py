@@ -14,6 +14,8 @@ model switched to it still runs HF's own ``forward`` and ``generate`` unchanged.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -73,7 +75,7 @@ def gated_softmax_attention(
 def gate_exponent_cap(dtype: torch.dtype) -> float:
     """The largest exponent a dropped key's weight is computed with: half of log(max float) (44.4 in
     fp32, 354.9 in fp64), so exp of it times a gradient factor of up to exp(cap) stays finite."""
-    return 0.5 * float(torch.log(torch.tensor(torch.finfo(dtype).max, dtype=torch.float64)))
+    return 0.5 * math.log(torch.finfo(dtype).max)
 
 
 def gated_attention_forward(
