@@ -298,7 +298,7 @@ def check_run_keys(cfg: DictConfig) -> None:
 
 def check_train_config(cfg: DictConfig) -> None:
     """Every value of train.py's composed config that it or the classes it builds read."""
-    from dllava.training.module import LlavaLitModule, OptimConfig, check_trainable
+    from dllava.training.module import LlavaLitModule, OptimConfig
 
     check_run_keys(cfg)
     _apply("", {k: _plain(cfg, k) for k in ("train", "test", "export", "ckpt_path") if k in cfg}, {
@@ -316,13 +316,9 @@ def check_train_config(cfg: DictConfig) -> None:
         check_keys("data", _arguments_of(data), _arguments(LlavaDataModule.__init__))
         LlavaDataModule(**_arguments_of(data))
     module = check_mapping("module", _plain(cfg, "module"))
-    if _target_is(module, "LlavaLitModule"):
+    if _target_is(module, "LlavaLitModule"):  # its constructor checks its values; the model is built later
         check_keys("module", _arguments_of(module), _arguments(LlavaLitModule.__init__))
-        _apply("module", module, {
-            "trainable": lambda key, value: check_trainable(value),
-            "max_new_tokens": _int(low=1),
-            "answer_kinds": lambda key, value: check_str_list(key, value, optional=True),
-        })
+        LlavaLitModule(**_arguments_of(module))
     check_paths(cfg)
     check_trainer(check_mapping("trainer", _plain(cfg, "trainer")))
     check_callbacks(_plain(cfg, "callbacks"))

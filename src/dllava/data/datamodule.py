@@ -97,8 +97,6 @@ def check_synthetic_spec(spec: Any) -> None:
         check_str_list("data.synthetic.kinds", spec["kinds"], nonempty=True)
 
 
-
-
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """Raw tar members -> ``{"key", "url", "image": PIL RGB or None, "record": dict}`` without any pickle.
 
@@ -422,8 +420,7 @@ class LlavaDataModule(L.LightningDataModule):
             done = layout["batches_per_worker"] if finished else 0
             self._train_position = (state["epoch"], [(0, done)] * layout["num_workers"])
             return
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        self._train_position = (state["epoch"], [(int(raw), int(b)) for raw, b in state["consumed"][rank]])
+        self._train_position = (state["epoch"], [(int(raw), int(b)) for raw, b in state["consumed"][self.global_rank]])
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the position of each training batch as it is trained (Lightning calls this for the

@@ -18,6 +18,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Iterable
 
+
 def describe(value: Any) -> str:
     """``2.5 (float)``: the value and its type name, for error messages."""
     return f"{value!r} ({type(value).__name__})"
