@@ -197,7 +197,7 @@ def evaluate_arm(
                 "method": arm.method,
                 "keep": arm.keep,
                 "text": arm.text,
-                "image_tokens": result.image_tokens,
+                "image_tokens": result.image_tokens[i],
                 "image_tokens_kept": kept,
                 "text_tokens_fed": result.text_tokens_fed[i],
                 "text_tokens_kept": result.text_tokens_kept[i],

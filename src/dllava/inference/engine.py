@@ -1,9 +1,11 @@
-"""Physically sparse inference for (Dynamic-)LLaVA: pruned prefill, decoding with or without KV cache.
+"""Physically sparse inference for Dynamic-LLaVA on any family: pruned prefill, decoding with or without KV cache.
 
 Training only masks; here the dropped tokens are gone (PAPER.md section 7). Layers 0..K-1 run on the
-whole prompt; at layer K the image tokens are cut to ``int(n_image * keep)`` per sample (learned,
-FastV, random or none, see :mod:`dllava.inference.selection`), and layers K..L-1 run on the shorter
-sequence with the kept tokens' original RoPE positions. While decoding, each new token attends to
+whole prompt; at layer K each sample's image tokens are cut to ``int(n_image * keep)`` of its own
+``n_image`` (learned, FastV, random or none, see :mod:`dllava.inference.selection`), and layers
+K..L-1 run on the shorter sequence with the kept tokens' original positions: the family's position ids
+(1-D, or M-RoPE's 3-D) are computed once on the unpruned prompt, the kept columns gathered, and
+decoding continues from the full prompt's last position (never renumbered). While decoding, each new token attends to
 itself in its own step and is stored in the caches of layers >= K only when the text decision keeps it
 (:class:`~dllava.inference.cache.SparseKVCache`). Without a cache every step re-runs the whole
 sequence, pruned the same way (section 7.2).
@@ -27,17 +29,17 @@ import torch.nn.functional as F
 
 from dllava.inference.cache import DENSE, SPARSE, SparseKVCache
 from dllava.inference.flops import DecoderShape, cache_tokens, kv_bytes
+from dllava.families import ImageFeatures, gather_columns, next_positions
 from dllava.inference.selection import (
     check_method,
     check_text_policy,
     image_budget,
     last_token_attention,
     num_kept,
-    random_indices,
     text_rate_keep,
-    topk_sorted,
 )
-from dllava.sparse.model import DynamicLlava, positions_from_mask
+from dllava.sparse.decisions import image_columns
+from dllava.sparse.model import DynamicVLM
 
 
 @dataclass
@@ -47,9 +49,10 @@ class RequestState:
     input_ids: torch.Tensor  # (B, N) prompt + fed tokens (no-cache path re-reads it)
     attention_mask: torch.Tensor  # (B, N)
     prompt_len: int
-    image_features: torch.Tensor | None
+    image_features: ImageFeatures | None
+    position_ids: torch.Tensor  # (R, B, N) of the unpruned sequence so far (prompt + fed tokens)
     cache: SparseKVCache | None = None
-    image_keep: torch.Tensor | None = None  # (B, n_image) bool, fixed after prefill
+    image_keep: torch.Tensor | None = None  # (B, n_image) bool, fixed after prefill (False on padding slots)
     text_kept: list[list[bool]] = field(default_factory=list)  # per fed token: (B,) decisions
     generator: torch.Generator | None = None
     newest_decision: list[bool] | None = None  # no-cache path: the decision for the token just fed
@@ -66,7 +69,7 @@ class GenerationResult:
 
     sequences: torch.Tensor  # (B, T) new tokens; finished samples continue with pad
     lengths: list[int]  # new tokens up to and including EOS
-    image_tokens: int  # image tokens per sample in the prompt
+    image_tokens: list[int]  # image tokens per sample in the prompt
     image_tokens_kept: list[int]
     image_keep: torch.Tensor | None  # (B, n_image) bool: which image tokens survived prefill
     text_tokens_fed: list[int]  # generated tokens that went back into the model (before EOS)
@@ -82,7 +85,7 @@ class SparseEngine:
 
     def __init__(
         self,
-        model: DynamicLlava,
+        model: DynamicVLM,
         method: str = "dynamic",
         keep: float | None = None,
         text: str | float = "learned",
@@ -102,29 +105,46 @@ class SparseEngine:
         if self.text == "learned" and model.text_predictor is None:
             raise ValueError("text='learned' needs a model with a text predictor; use text='off' or a rate")
         self.seed = seed
-        llava = model.llava
-        self.lm = llava.model.language_model
-        self.image_token_id = llava.config.image_token_id
+        self.adapter = model.adapter
+        self.lm = self.adapter.decoder(model.base)
+        self.image_token_id = self.adapter.image_token_id(model.base.config)
 
     # -- building blocks -------------------------------------------------------------------------
-    def _embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None, prompt_len: int):
-        """Token embeddings with the image features in place; also the (B, n_image) image columns.
+    def _embed(self, input_ids: torch.Tensor, features: ImageFeatures | None, prompt_len: int):
+        """Token embeddings with the image features in place; also the (B, n_image) image columns
+        (each row's image columns first, then filler where a sample has fewer image tokens).
 
         Image columns are found with a stable sort rather than boolean indexing, so shapes never depend
         on data and the same code runs on the meta device.
         """
         hidden = self.lm.embed_tokens(input_ids)
-        if image_features is None:
+        if features is None:
             return hidden, None
         image_mask = input_ids == self.image_token_id
         image_mask[:, prompt_len:] = False  # a generated image-token id is text
-        columns = image_columns(image_mask, image_features.shape[1])
-        hidden = hidden.scatter(1, columns[..., None].expand(-1, -1, hidden.shape[-1]), image_features.to(hidden.dtype))
-        return hidden, columns
+        columns = image_columns(image_mask, features.most)
+        index = columns[..., None].expand(-1, -1, hidden.shape[-1])
+        placed = features.padded().to(hidden.dtype)
+        if len(set(features.counts)) > 1:  # filler columns keep their own embedding
+            placed = torch.where(features.valid(hidden.device)[..., None], placed, hidden.gather(1, index))
+        return hidden.scatter(1, index, placed), columns
 
-    def _layers(self, first: int, last: int, hidden, mask, rotary, cache):
-        for layer in self.lm.layers[first:last]:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache)
+    def _additions(self, features: ImageFeatures | None, columns: torch.Tensor | None, like: torch.Tensor) -> dict:
+        """Per-layer image additions (DeepStack) as (B, N, H) tensors over the sequence's columns."""
+        if features is None or not features.layer_additions:
+            return {}
+        index = columns[..., None].expand(-1, -1, like.shape[-1])
+        valid = features.valid(like.device)[..., None]
+        return {
+            i: torch.zeros_like(like).scatter(1, index, torch.where(valid, features.padded(flat).to(like.dtype), 0))
+            for i, flat in features.layer_additions.items()
+        }
+
+    def _layers(self, first, last, hidden, mask, rotary, cache, additions=None):
+        for i in range(first, last):
+            hidden = self.lm.layers[i](hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache)
+            if additions and i in additions:
+                hidden = hidden + additions[i]
         return hidden
 
     @staticmethod
@@ -135,23 +155,30 @@ class SparseEngine:
         return ((key_valid[:, None, :] & earlier) | own)[:, None]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.llava.lm_head(self.lm.norm(hidden)).float()
+        return self.adapter.lm_head(self.model.base)(self.lm.norm(hidden)).float()
 
-    def _select_images(self, state: RequestState, image_hidden: torch.Tensor, fastv_score: torch.Tensor | None) -> torch.Tensor:
-        """(B, n_image) bool keep of the image tokens, made once per request."""
+    def _select_images(
+        self, state: RequestState, image_hidden: torch.Tensor, fastv_score: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, n_image) bool keep of the image tokens, made once per request: each sample keeps
+        ``int(n_b * keep)`` of its own ``n_b`` tokens (padding slots are never kept)."""
         batch, n, _ = image_hidden.shape
-        keep = torch.zeros(batch, n, dtype=torch.bool, device=image_hidden.device)
+        features = state.image_features
+        valid = features.valid(image_hidden.device)
+        ragged = len(set(features.counts)) > 1
         if self.method == "dense":
-            return keep.fill_(True)
-        k = num_kept(n, self.keep)
+            return valid
         if self.method == "dynamic":
-            score = F.log_softmax(self.model.image_predictor(image_hidden).float(), dim=-1)[..., 0]
-            index = topk_sorted(score, k)
+            logits = self.model.image_predictor(image_hidden, valid=valid if ragged else None)
+            score = F.log_softmax(logits.float(), dim=-1)[..., 0]
         elif self.method == "fastv":
-            index = topk_sorted(fastv_score, k)
+            score = fastv_score.float()
         else:
-            index = random_indices(batch, n, k, state.generator, image_hidden.device)
-        return keep.scatter(1, index, True)
+            score = torch.rand(batch, n, generator=state.generator).to(image_hidden.device)
+        budgets = [image_budget(self.method, c, self.keep) for c in features.counts]
+        order = score.masked_fill(~valid, float("-inf")).topk(max(budgets), dim=-1).indices
+        chosen = torch.arange(order.shape[1], device=order.device)[None] < torch.tensor(budgets, device=order.device)[:, None]
+        return torch.zeros(batch, n, dtype=torch.bool, device=image_hidden.device).scatter(1, order, chosen)
 
     def _text_decisions(self, hidden: torch.Tensor, first_step: int) -> torch.Tensor:
         """(B, m) bool keep for fed generated tokens ``first_step .. first_step + m - 1``."""
@@ -171,17 +198,26 @@ class SparseEngine:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
+        image_features: torch.Tensor | ImageFeatures | None = None,
         use_cache: bool = True,
+        **image_inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, RequestState]:
-        """Prefill a left-padded batch: last-position logits (B, V) and the request state."""
+        """Prefill a left-padded batch: last-position logits (B, V) and the request state.
+
+        ``image_inputs`` are the family's other pixel inputs (Qwen: ``image_grid_thw``), needed for the
+        positions too; ``image_features`` (precomputed, e.g. on the meta device) skips the vision tower.
+        """
+        images = {k: v for k, v in {"pixel_values": pixel_values, **image_inputs}.items() if v is not None}
+        if isinstance(image_features, torch.Tensor):
+            image_features = ImageFeatures.from_stacked(image_features)
         if image_features is None and pixel_values is not None:
-            image_features = self.model.image_features(pixel_values)
+            image_features = self.model.encode_images(images)
         if image_features is not None and input_ids.device.type != "meta":
-            counts = (input_ids == self.image_token_id).sum(-1)
-            if not bool((counts == image_features.shape[1]).all()):
+            counts = (input_ids == self.image_token_id).sum(-1).tolist()
+            if counts != image_features.counts:
                 raise ValueError(
-                    f"every prompt needs exactly {image_features.shape[1]} image tokens (one image), got {counts.tolist()}"
+                    f"every prompt needs exactly its image's tokens (one image per prompt): the images give "
+                    f"{image_features.counts}, the prompts hold {counts}"
                 )
             if bool((input_ids[:, -1] == self.image_token_id).any()):
                 raise ValueError("a prompt must end with text after its image (the last token is always kept)")
@@ -191,6 +227,7 @@ class SparseEngine:
             attention_mask=attention_mask,
             prompt_len=input_ids.shape[1],
             image_features=image_features,
+            position_ids=self.adapter.prompt_positions(self.model.base, input_ids, attention_mask, images),
             cache=SparseKVCache(self.model.num_layers, self.layer, input_ids.shape[0]) if use_cache else None,
             generator=generator,
         )
@@ -205,32 +242,33 @@ class SparseEngine:
         input_ids, attention_mask, cache = state.input_ids, state.attention_mask, state.cache
         batch, length = input_ids.shape
         hidden, image_cols = self._embed(input_ids, state.image_features, state.prompt_len)
-        position_ids = positions_from_mask(attention_mask)
-        rotary = self.lm.rotary_emb(hidden, position_ids)
+        position_ids = state.position_ids
+        rotary = self.adapter.rotary(self.model.base, hidden, position_ids)
+        additions = self._additions(state.image_features, image_cols, hidden)
         key_valid = attention_mask.bool()
         order = torch.arange(length, device=hidden.device)[None].expand(batch, length)
         mask = cache.open(DENSE, key_valid) if cache is not None else self._mask(key_valid, order)
-        hidden = self._layers(0, self.layer - 1, hidden, mask, rotary, cache)
+        hidden = self._layers(0, self.layer - 1, hidden, mask, rotary, cache, additions)
         fastv_score = None
         if self.method == "fastv" and state.image_keep is None and image_cols is not None:
             fastv_score = last_token_attention(
-                self.lm.layers[self.layer - 1], hidden, rotary, key_valid, query_index=state.prompt_len - 1
+                self.lm.layers[self.layer - 1], hidden, rotary, key_valid, query_index=state.prompt_len - 1,
+                query_key=self.adapter.query_key,
             )
             fastv_score = fastv_score.gather(1, image_cols)
-        hidden = self._layers(self.layer - 1, self.layer, hidden, mask, rotary, cache)
+        hidden = self._layers(self.layer - 1, self.layer, hidden, mask, rotary, cache, additions)
         if cache is not None:
             cache.commit(DENSE)
 
         keep_cols = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
-        n_image = 0 if image_cols is None else image_cols.shape[1]
-        kept_images = n_image
-        if n_image:
+        n_keep = length
+        if image_cols is not None and image_cols.shape[1]:
+            features = state.image_features
             if state.image_keep is None:
                 image_hidden = hidden.gather(1, image_cols[..., None].expand(-1, -1, hidden.shape[-1]))
                 state.image_keep = self._select_images(state, image_hidden, fastv_score)
-            keep_cols = keep_cols.scatter(1, image_cols, state.image_keep)
-            kept_images = image_budget(self.method, n_image, self.keep)
-        n_keep = length - n_image + kept_images
+            keep_cols = keep_cols.scatter(1, image_cols, state.image_keep | ~features.valid(hidden.device))
+            n_keep = max(length - c + image_budget(self.method, c, self.keep) for c in features.counts)
         if state.fed:  # fed tokens face the text decision; the newest is kept for its own step
             decided = self._text_decisions(hidden[:, state.prompt_len :], 0)
             keep_cols[:, state.prompt_len : length - 1] = decided[:, :-1]
@@ -241,10 +279,10 @@ class SparseEngine:
         index = torch.sort((~keep_cols).to(torch.uint8), dim=-1, stable=True).indices[:, :n_keep]
         hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         key_valid = (key_valid & keep_cols).gather(1, index)
-        position_ids = position_ids.gather(1, index)
-        rotary = self.lm.rotary_emb(hidden, position_ids)
+        rotary = self.adapter.rotary(self.model.base, hidden, gather_columns(position_ids, index))
+        additions = {i: a.gather(1, index[..., None].expand(-1, -1, a.shape[-1])) for i, a in additions.items()}
         mask = cache.open(SPARSE, key_valid, order=index) if cache is not None else self._mask(key_valid, index)
-        hidden = self._layers(self.layer, len(self.lm.layers), hidden, mask, rotary, cache)
+        hidden = self._layers(self.layer, len(self.lm.layers), hidden, mask, rotary, cache, additions)
         if cache is not None:
             cache.commit(SPARSE)
         if every_position:
@@ -258,6 +296,7 @@ class SparseEngine:
         step = state.fed
         state.input_ids = torch.cat([state.input_ids, tokens[:, None]], dim=1)
         state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(tokens.shape[0], 1)], 1)
+        state.position_ids = torch.cat([state.position_ids, next_positions(state.position_ids)], dim=-1)
         if state.cache is None:
             logits = self._sequence_forward(state)
             decided = state.newest_decision
@@ -270,8 +309,8 @@ class SparseEngine:
         cache = state.cache
         batch = tokens.shape[0]
         hidden = self.lm.embed_tokens(tokens[:, None])
-        position_ids = positions_from_mask(state.attention_mask)[:, -1:]  # the new token's true position
-        rotary = self.lm.rotary_emb(hidden, position_ids)
+        position_ids = state.position_ids[..., -1:]  # the new token's true position
+        rotary = self.adapter.rotary(self.model.base, hidden, position_ids)
         ones = torch.ones(batch, 1, dtype=torch.bool, device=hidden.device)
         mask = cache.open(DENSE, ones)
         hidden = self._layers(0, self.layer, hidden, mask, rotary, cache)
@@ -299,11 +338,12 @@ class SparseEngine:
         top_p: float = 1.0,
         use_cache: bool = True,
         seed: int | None = None,
+        **image_inputs: torch.Tensor,
     ) -> GenerationResult:
         """Greedy or sampled decoding of a left-padded batch; stops when every sample hit EOS."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        logits, state = self.start(input_ids, attention_mask, pixel_values, image_features, use_cache)
+        logits, state = self.start(input_ids, attention_mask, pixel_values, image_features, use_cache, **image_inputs)
         sampler = torch.Generator().manual_seed(self.seed if seed is None else seed)
         batch = input_ids.shape[0]
         done = [False] * batch
@@ -328,16 +368,16 @@ class SparseEngine:
         """Per-sample statistics as a single-sample run would give them: a sample's own tokens fed
         before its EOS count, the pad tokens a finished sample keeps feeding in a batch do not."""
         batch = sequences.shape[0]
-        n_image = 0 if state.image_keep is None else state.image_keep.shape[1]
-        kept_images = image_budget(self.method, n_image, self.keep)
+        n_image = state.image_features.counts if state.image_features is not None else [0] * batch
+        kept_images = [image_budget(self.method, n, self.keep) for n in n_image]
         prompt = state.attention_mask[:, : state.prompt_len].sum(-1).tolist()
         fed = [max(0, n - 1) for n in lengths]
         kept = [sum(int(state.text_kept[t][b]) for t in range(fed[b])) for b in range(batch)]
-        counts = [cache_tokens(p, n_image, kept_images, f, k) for p, f, k in zip(prompt, fed, kept)]
+        counts = [cache_tokens(p, n, i, f, k) for p, n, i, f, k in zip(prompt, n_image, kept_images, fed, kept)]
         dense_tokens, sparse_tokens = [d for d, _ in counts], [s for _, s in counts]
         kv = kv_dense = None
         if state.cache is not None:
-            shape = DecoderShape.from_config(self.model.llava.config.text_config)
+            shape = DecoderShape.from_config(self.model.text_config)
             size = state.cache.element_size()
             kv = [kv_bytes(shape, self.layer, d, s, size) for d, s in counts]
             kv_dense = [kv_bytes(shape, self.layer, d, d, size) for d in dense_tokens]
@@ -345,7 +385,7 @@ class SparseEngine:
             sequences=sequences,
             lengths=lengths,
             image_tokens=n_image,
-            image_tokens_kept=[kept_images] * batch,
+            image_tokens_kept=kept_images,
             image_keep=state.image_keep,
             text_tokens_fed=fed,
             text_tokens_kept=kept,
@@ -354,11 +394,6 @@ class SparseEngine:
             kv_tokens_sparse_layer=sparse_tokens,
             kv_tokens_dense_layer=dense_tokens,
         )
-
-
-def image_columns(image_mask: torch.Tensor, n_image: int) -> torch.Tensor:
-    """(B, n_image) column indices of the image tokens, in order; every row must hold ``n_image``."""
-    return torch.sort((~image_mask).to(torch.uint8), dim=-1, stable=True).indices[:, :n_image]
 
 
 def pick_token(

@@ -17,6 +17,7 @@ keeps every token, a float ``r`` keeps a fixed fraction ``r`` in a fixed pattern
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
@@ -50,36 +51,29 @@ def image_budget(method: str, n_image: int, keep: float) -> int:
     return n_image if method == "dense" or not n_image else num_kept(n_image, keep)
 
 
-def topk_sorted(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest scores per row, in ascending (original) order: (B, n) -> (B, k)."""
-    return score.topk(k, dim=-1).indices.sort(dim=-1).values
-
-
-def random_indices(batch: int, n: int, k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """A uniformly random ``k``-subset of ``range(n)`` per row, in original order."""
-    score = torch.rand(batch, n, generator=generator)
-    return topk_sorted(score, k).to(device)
-
-
 def last_token_attention(
     layer: torch.nn.Module,
     hidden: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     key_valid: torch.Tensor,
     query_index: int = -1,
+    query_key: Any = None,
 ) -> torch.Tensor:
     """FastV's score: softmax attention of one query (default: the last column) over all keys in
     ``layer`` (a Llama decoder layer, given the hidden states entering it), mean over heads: (B, N).
 
-    Recomputes q/k from the layer's own projections; it reads nothing from the forward pass, so any
+    Recomputes q/k from the layer's own projections (``query_key``: the family adapter's, which adds
+    e.g. Qwen3-VL's q/k norms; default Llama's); it reads nothing from the forward pass, so any
     attention kernel can run the layer itself.
     """
     attn = layer.self_attn
     normed = layer.input_layernorm(hidden)
-    batch, n, _ = normed.shape
-    head_dim = attn.head_dim
-    query = attn.q_proj(normed[:, query_index:][:, :1]).view(batch, 1, -1, head_dim).transpose(1, 2)
-    key = attn.k_proj(normed).view(batch, n, -1, head_dim).transpose(1, 2)
+    n = normed.shape[1]
+    if query_key is None:
+        from dllava.families.base import FamilyAdapter
+
+        query_key = FamilyAdapter().query_key
+    query, key = query_key(attn, normed, query_index)
     cos, sin = position_embeddings
     q_pos = n + query_index if query_index < 0 else query_index
     query, _ = apply_rotary_pos_emb(query, query, cos[:, q_pos : q_pos + 1], sin[:, q_pos : q_pos + 1])

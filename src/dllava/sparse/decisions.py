@@ -28,13 +28,26 @@ def num_kept(n: int, keep: float) -> int:
     return max(1, int(n * keep))
 
 
-def topk_keep(logits: torch.Tensor, keep: float) -> torch.Tensor:
-    """Keep the ``int(n * keep)`` tokens with the highest keep log-probability per row: (B, n, 2) -> (B, n)."""
+def topk_keep(logits: torch.Tensor, keep: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the ``int(n_b * keep)`` tokens with the highest keep log-probability in each row b:
+    (B, n, 2) -> (B, n). ``valid`` (B, n) marks each row's real tokens (``n_b`` of them, first in the
+    row) when rows hold different counts; padding slots are never kept."""
     n = logits.shape[-2]
-    k = num_kept(n, keep)
     score = F.log_softmax(logits.float(), dim=-1)[..., 0]
     kept = torch.zeros_like(score)
-    return kept.scatter(-1, score.topk(k, dim=-1).indices, 1.0)
+    if valid is None:
+        return kept.scatter(-1, score.topk(num_kept(n, keep), dim=-1).indices, 1.0)
+    budgets = torch.tensor([num_kept(int(c), keep) if c else 0 for c in valid.sum(-1).tolist()], device=score.device)
+    order = score.masked_fill(~valid, float("-inf")).topk(int(budgets.max()), dim=-1).indices
+    chosen = torch.arange(order.shape[1], device=score.device)[None] < budgets[:, None]
+    return kept.scatter(-1, order, chosen.to(kept.dtype))
+
+
+def image_columns(image_mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) column indices of each row's image tokens in order, then (for rows with fewer than
+    ``width``) other columns as filler. A stable sort, not boolean indexing, so shapes never depend on
+    data and the same code runs on the meta device."""
+    return torch.sort((~image_mask).to(torch.uint8), dim=-1, stable=True).indices[:, :width]
 
 
 def keep_ratio(kept: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,15 +1,20 @@
-"""Dynamic-LLaVA around an unmodified HF ``LlavaForConditionalGeneration``.
+"""Dynamic-LLaVA around an unmodified HF multimodal model of any supported family.
 
-The forward pass is an explicit loop over the HF decoder layers (PAPER.md section 12, no fork of the
-Llama modeling file): embed text, scatter in the projected image features, run layers 0..K-1 normally,
+The base model (LLaVA-1.5, Qwen2.5-VL, Qwen3-VL, ...) is reached only through its family adapter
+(:mod:`dllava.families`). The forward pass is an explicit loop over the HF decoder layers (PAPER.md
+section 12, no fork of a modeling file): embed text, scatter in the projected image features, run
+layers 0..K-1 normally (adding any per-layer image features the family has, e.g. DeepStack),
 score tokens with the predictors on the hidden states entering layer K, and pass the resulting keep gate
 to layers K..L-1, whose attention is :mod:`dllava.sparse.attention`. Nothing is removed here; the gate
 masks keys inside the softmax, which is what training needs and what the physically pruned inference
 engine must reproduce.
 
-Saved layout (``save_pretrained``): the stock HF files (so ``LlavaForConditionalGeneration.from_pretrained``
+Image-token counts may differ per sample (dynamic resolution): the image predictor runs on each
+sample's tokens padded to the batch's largest count, with the padding masked.
+
+Saved layout (``save_pretrained``): the stock HF files (so the family's HF class ``from_pretrained``
 still loads the dense model) plus ``predictors.safetensors`` and ``sparsity.json``. The latter two alone
-(``export_predictors``) attach to any llava-hf checkpoint of the same hidden size.
+(``export_predictors``) attach to any checkpoint of the same family and hidden size.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlavaForConditionalGeneration
 
+from dllava.families import FamilyAdapter, ImageFeatures, adapter_for, get_adapter, next_positions
+from dllava.families.llava import positions_from_mask  # noqa: F401  (re-exported: its former home)
 from dllava.sparse.attention import ATTENTION_NAME, register_gated_attention
 from dllava.sparse.config import PredictorConfig, SparsityConfig
-from dllava.sparse.decisions import budget_loss, gumbel_keep, keep_ratio, threshold_keep, topk_keep
+from dllava.sparse.decisions import budget_loss, gumbel_keep, image_columns, keep_ratio, threshold_keep, topk_keep
 from dllava.sparse.predictors import ImagePredictor, TextPredictor, init_predictor_weights
 
 PREDICTORS_FILE = "predictors.safetensors"
@@ -46,7 +52,8 @@ class DynamicOutput:
 
     logits: torch.Tensor
     lm_loss: torch.Tensor | None = None
-    image_keep: torch.Tensor | None = None  # (B, n_image) 0/1 decisions
+    image_keep: torch.Tensor | None = None  # (B, n_image) 0/1 decisions (0 in a sample's padding slots)
+    image_valid: torch.Tensor | None = None  # (B, n_image) bool: real image tokens (counts may differ)
     vision_keep: torch.Tensor | None = None  # (B,) realised by the decisions this mode applies
     vision_keep_threshold: torch.Tensor | None = None  # (B,) share whose keep logit wins
     vision_keep_expected: torch.Tensor | None = None  # (B,) mean keep probability
@@ -72,27 +79,28 @@ def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> tor
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding (as HF ``generate`` does); arange for right padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+class DynamicVLM(nn.Module):
+    """An HF multimodal model plus the image and output-text predictors, with the gated training forward.
 
-
-class DynamicLlava(nn.Module):
-    """An HF LLaVA plus the image and output-text predictors, with the gated training forward."""
+    ``base`` is the HF ``...ForConditionalGeneration`` of any family with an adapter
+    (:mod:`dllava.families`); ``self.adapter`` is that family's. Checkpoints written when this class was
+    ``DynamicLlava`` (keys ``llava.*``) load unchanged: the prefix is mapped to ``base.*`` on load.
+    """
 
     def __init__(
         self,
-        llava: LlavaForConditionalGeneration,
+        base: nn.Module,
         sparsity: SparsityConfig | dict[str, Any] | None = None,
         predictor: PredictorConfig | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.llava = llava
+        self.base = base
         self.sparsity = sparsity if isinstance(sparsity, SparsityConfig) else SparsityConfig(**(sparsity or {}))
-        text_config = llava.config.text_config
+        text_config = self.adapter.text_config(base.config)
         self.image_predictor: ImagePredictor | None = None
         self.text_predictor: TextPredictor | None = None
         self.predictor_config: PredictorConfig | None = None
+        self.register_load_state_dict_pre_hook(_rename_llava_prefix)
         if not self.sparsity.enabled:
             return
         if predictor is None:
@@ -103,7 +111,7 @@ class DynamicLlava(nn.Module):
         self.sparsity.check_layers(text_config.num_hidden_layers)
         self.predictor_config = predictor if isinstance(predictor, PredictorConfig) else PredictorConfig(**predictor)
         hidden = text_config.hidden_size
-        dtype = next(llava.parameters()).dtype
+        dtype = next(base.parameters()).dtype
         if self.sparsity.vision:
             self.image_predictor = ImagePredictor(hidden, self.predictor_config).to(dtype)
         if self.sparsity.text:
@@ -113,25 +121,37 @@ class DynamicLlava(nn.Module):
         text_config._attn_implementation = ATTENTION_NAME
 
     # -- structure -------------------------------------------------------------------------------
+    @property
+    def adapter(self) -> FamilyAdapter:
+        """The base model's family adapter (stateless; found from ``config.model_type``)."""
+        return get_adapter(self.base)
+
+    @property
+    def llava(self) -> nn.Module:
+        """The base model under its former name (kept for code written against ``DynamicLlava``)."""
+        return self.base
+
     def predictors(self) -> nn.ModuleDict:
         """The predictor modules present, by their state-dict prefix."""
         found = {"image_predictor": self.image_predictor, "text_predictor": self.text_predictor}
         return nn.ModuleDict({k: v for k, v in found.items() if v is not None})
 
     @property
-    def num_layers(self) -> int:
-        return self.llava.config.text_config.num_hidden_layers
+    def text_config(self) -> Any:
+        return self.adapter.text_config(self.base.config)
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected CLIP features (B, n_image, H), exactly as ``LlavaModel`` computes them."""
-        config = self.llava.config
-        features = self.llava.model.get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-            return_dict=True,
-        ).pooler_output
-        return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    def encode_images(self, images: dict[str, torch.Tensor]) -> ImageFeatures:
+        """The projected image tokens of a batch (one image per sample), as the family's HF model
+        computes them: flat features, per-sample counts and grids, any per-layer additions."""
+        return self.adapter.encode_images(self.base, images)
+
+    def image_features(self, pixel_values: torch.Tensor, **image_inputs: torch.Tensor) -> torch.Tensor:
+        """Image features padded per sample, (B, n_image, H) (LLaVA: exactly ``LlavaModel``'s)."""
+        return self.encode_images({"pixel_values": pixel_values, **image_inputs}).padded()
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(
@@ -144,52 +164,63 @@ class DynamicLlava(nn.Module):
         mode: str = "train",
         tau: float = 1.0,
         generated_from: int | None = None,
-        image_features: torch.Tensor | None = None,
+        image_features: torch.Tensor | ImageFeatures | None = None,
         keep: float | None = None,
+        position_ids: torch.Tensor | None = None,
+        **image_inputs: torch.Tensor,
     ) -> DynamicOutput:
         """Gated forward over the whole sequence.
 
         ``mode``: ``train`` samples Gumbel decisions for image tokens and for final answers of at least
         ``text_min_len`` tokens (``answer_span`` (B, 2)); ``eval`` applies the inference policy to the
-        same tokens: top ``int(n_image * keep)`` image tokens, thresholded text; ``generate`` keeps the top ``int(n_image * keep)`` image tokens and thresholds every token from
+        same tokens: top ``int(n_image * keep)`` image tokens per sample, thresholded text; ``generate``
+        keeps the top ``int(n_image * keep)`` image tokens and thresholds every token from
         ``generated_from`` on; ``all`` keeps everything (the gated path with G = 1). Without sparsity
-        this is the plain HF forward.
+        this is the plain HF forward. ``image_inputs`` are the family's other pixel inputs (Qwen:
+        ``image_grid_thw``); ``position_ids`` (R, B, N) default to the family's for the whole sequence.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        images = {k: v for k, v in {"pixel_values": pixel_values, **image_inputs}.items() if v is not None}
         if not self.sparsity.enabled:
-            out = self.llava(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask, **images)
             return DynamicOutput(logits=out.logits, lm_loss=None if labels is None else lm_loss(out.logits, labels))
-        model = self.llava.model
-        lm = model.language_model
-        hidden = model.get_input_embeddings()(input_ids)
-        image_mask = input_ids == self.llava.config.image_token_id
+        adapter = self.adapter
+        decoder = adapter.decoder(self.base)
+        hidden = decoder.embed_tokens(input_ids)
+        image_mask = input_ids == adapter.image_token_id(self.base.config)
         if generated_from is not None:  # a generated image-token id is text, not a placeholder
             image_mask[:, generated_from:] = False
-        if image_features is None and pixel_values is not None:
-            image_features = self.image_features(pixel_values)
+        if isinstance(image_features, torch.Tensor):
+            image_features = ImageFeatures.from_stacked(image_features)
+        if image_features is None and "pixel_values" in images:
+            image_features = self.encode_images(images)
         if image_features is not None:
-            n_image = image_features.shape[0] * image_features.shape[1]
-            if int(image_mask.sum()) != n_image:
-                raise ValueError(f"image features and image tokens do not match: {int(image_mask.sum())} tokens, {n_image} features")
-            hidden = hidden.masked_scatter(image_mask[..., None], image_features.to(hidden.dtype))
-        position_ids = positions_from_mask(attention_mask)
+            found = int(image_mask.sum())
+            if found != image_features.flat.shape[0]:
+                raise ValueError(f"image features and image tokens do not match: {found} tokens, "
+                                 f"{image_features.flat.shape[0]} features")
+            hidden = hidden.masked_scatter(image_mask[..., None], image_features.flat.to(hidden.dtype))
+        if position_ids is None:
+            position_ids = adapter.prompt_positions(self.base, input_ids, attention_mask, images)
         mask = causal_padding_mask(attention_mask, hidden.dtype)
-        position_embeddings = lm.rotary_emb(hidden, position_ids)
+        position_embeddings = adapter.rotary(self.base, hidden, position_ids)
+        additions = {} if image_features is None else image_features.layer_additions
         out = DynamicOutput(logits=hidden)
         policy = None
-        for index, layer in enumerate(lm.layers):
+        for index, layer in enumerate(decoder.layers):
             if index == self.sparsity.layer:
                 policy = self._decide(hidden, image_mask, attention_mask, answer_span, mode, tau, generated_from, keep, out)
             hidden = layer(
                 hidden,
                 attention_mask=mask,
-                position_ids=position_ids,
                 position_embeddings=position_embeddings,
                 policy=policy,
                 sparse_layer=self.sparsity.layer,
             )
-        out.logits = self.llava.lm_head(lm.norm(hidden))
+            if index in additions:
+                hidden = add_at(hidden, image_mask, additions[index])
+        out.logits = adapter.lm_head(self.base)(decoder.norm(hidden))
         if labels is not None:
             out.lm_loss = lm_loss(out.logits, labels)
         return out
@@ -210,22 +241,26 @@ class DynamicLlava(nn.Module):
         batch, length = image_mask.shape
         policy = hidden.new_ones(batch, length, dtype=torch.float32)
         if self.image_predictor is not None and image_mask.any():
-            per_sample = int(image_mask[0].sum())
-            if not bool((image_mask.sum(-1) == per_sample).all()):
-                raise ValueError("every sample in a batch must have the same number of image tokens")
-            logits = self.image_predictor(hidden[image_mask].view(batch, per_sample, -1))
+            counts = image_mask.sum(-1)
+            columns = image_columns(image_mask, int(counts.max()))
+            valid = torch.arange(columns.shape[1], device=columns.device)[None] < counts[:, None]
+            ragged = not bool(valid.all())
+            image_hidden = hidden.gather(1, columns[..., None].expand(-1, -1, hidden.shape[-1]))
+            logits = self.image_predictor(image_hidden, valid=valid if ragged else None)
             if mode == "train":
                 kept = gumbel_keep(logits, tau)
             elif mode in ("eval", "generate"):
-                kept = topk_keep(logits, self.sparsity.keep if keep is None else keep)
+                kept = topk_keep(logits, self.sparsity.keep if keep is None else keep, valid)
             else:
                 kept = torch.ones_like(logits[..., 0])
-            policy = policy.masked_scatter(image_mask, kept.float())
+            kept = kept * valid
+            policy = policy.scatter(1, columns, torch.where(valid, kept.float(), policy.gather(1, columns)))
             out.image_keep = kept
-            out.vision_keep = keep_ratio(kept)
+            out.image_valid = valid
+            out.vision_keep = keep_ratio(kept, valid)
             with torch.no_grad():
-                out.vision_keep_threshold = keep_ratio(threshold_keep(logits))
-                out.vision_keep_expected = logits.float().softmax(-1)[..., 0].mean(-1)
+                out.vision_keep_threshold = keep_ratio(threshold_keep(logits), valid)
+                out.vision_keep_expected = keep_ratio(logits.float().softmax(-1)[..., 0], valid)
             out.budget_loss_vision = budget_loss(out.vision_keep, self.sparsity.keep)
         if self.text_predictor is not None:
             text_mask, eligible = self._text_positions(attention_mask, answer_span, mode, generated_from)
@@ -268,29 +303,34 @@ class DynamicLlava(nn.Module):
         eos_token_id: int,
         pad_token_id: int,
         keep: float | None = None,
+        **image_inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Greedy decoding without KV cache on the gated forward (left-padded prompts).
 
-        Image tokens: top ``int(n * keep)``; generated tokens: the text predictor's threshold. Returns
+        Image tokens: top ``int(n * keep)`` per sample; generated tokens: the text predictor's
+        threshold; positions continue from the full prompt's (never from the pruned one). Returns
         the new tokens (B, T) and the per-sample count of kept image tokens (None without predictors).
         A finished sample continues with ``pad_token_id``, as HF ``generate`` does.
         """
-        features = self.image_features(pixel_values)
+        images = {k: v for k, v in {"pixel_values": pixel_values, **image_inputs}.items() if v is not None}
+        features = self.encode_images(images)
+        positions = self.adapter.prompt_positions(self.base, input_ids, attention_mask, images)
         prompt_len = input_ids.shape[1]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         kept_images = None
         for _ in range(max_new_tokens):
             out = self(
                 input_ids, attention_mask, image_features=features, mode="generate",
-                generated_from=prompt_len, keep=keep,
+                generated_from=prompt_len, keep=keep, position_ids=positions,
             )
             if kept_images is None and out.image_keep is not None:
-                kept_images = out.image_keep.sum(-1)
+                kept_images = out.image_keep.sum(-1).round().long()
             token = out.logits[:, -1].argmax(-1)
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
             done |= token == eos_token_id
             input_ids = torch.cat([input_ids, token[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(token.shape[0], 1)], dim=1)
+            positions = torch.cat([positions, next_positions(positions)], dim=-1)
             if bool(done.all()):
                 break
         return input_ids[:, prompt_len:], kept_images
@@ -300,7 +340,7 @@ class DynamicLlava(nn.Module):
         return {
             "sparsity": self.sparsity.to_dict(),
             "predictor": None if self.predictor_config is None else self.predictor_config.to_dict(),
-            "hidden_size": self.llava.config.text_config.hidden_size,
+            "hidden_size": self.text_config.hidden_size,
         }
 
     def export_predictors(self, directory: str | Path) -> Path:
@@ -315,13 +355,13 @@ class DynamicLlava(nn.Module):
         return directory
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """HF files of the LLaVA (dense-loadable) plus the predictors and sparsity config."""
+        """HF files of the base model (dense-loadable) plus the predictors and sparsity config."""
         directory = Path(directory)
-        text_config = self.llava.config.text_config
+        text_config = self.text_config
         saved_impl = text_config._attn_implementation
         text_config._attn_implementation = "sdpa"  # a stock loader must not need our registration
         try:
-            self.llava.save_pretrained(directory)
+            self.base.save_pretrained(directory)
         finally:
             text_config._attn_implementation = saved_impl
         if self.sparsity.enabled:
@@ -347,8 +387,9 @@ class DynamicLlava(nn.Module):
         predictors: str | Path | None = None,
         sparsity: SparsityConfig | dict[str, Any] | None = None,
         **hf_kwargs: Any,
-    ) -> "DynamicLlava":
-        """Load a saved Dynamic-LLaVA, or a stock llava-hf checkpoint with ``predictors`` attached.
+    ) -> "DynamicVLM":
+        """Load a saved Dynamic-LLaVA, or a stock HF checkpoint of a supported family with ``predictors``
+        attached (the family comes from the saved config's ``model_type``).
 
         ``predictors`` names a directory written by :meth:`export_predictors` (default: ``directory``
         itself). ``sparsity`` overrides the saved targets (sizes always come from the saved record).
@@ -358,12 +399,32 @@ class DynamicLlava(nn.Module):
         if not record_path.is_file():
             raise FileNotFoundError(f"{record_path} not found: not a Dynamic-LLaVA save or predictor export")
         record = json.loads(record_path.read_text())
-        llava = LlavaForConditionalGeneration.from_pretrained(str(directory), **hf_kwargs)
-        if llava.config.text_config.hidden_size != record["hidden_size"]:
+        from transformers import AutoConfig
+
+        adapter = adapter_for(AutoConfig.from_pretrained(str(directory)).model_type)
+        base = adapter.model_class().from_pretrained(str(directory), **hf_kwargs)
+        hidden = adapter.text_config(base.config).hidden_size
+        if hidden != record["hidden_size"]:
             raise ValueError(
                 f"predictors in {source} expect hidden size {record['hidden_size']}, "
-                f"the model in {directory} has {llava.config.text_config.hidden_size}"
+                f"the model in {directory} has {hidden}"
             )
-        model = cls(llava, sparsity if sparsity is not None else record["sparsity"], record["predictor"])
+        model = cls(base, sparsity if sparsity is not None else record["sparsity"], record["predictor"])
         model.load_predictors(source)
         return model
+
+
+DynamicLlava = DynamicVLM  # the name before the family seam; same class
+
+
+def _rename_llava_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: keys ``<prefix>llava.*`` (written as ``DynamicLlava``) -> ``<prefix>base.*``."""
+    old = prefix + "llava."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "base." + key[len(old):]] = state_dict.pop(key)
+
+
+def add_at(hidden: torch.Tensor, mask: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``hidden`` plus ``flat`` (T, H) at the True positions of ``mask`` (B, N), row by row (DeepStack)."""
+    addition = torch.zeros_like(hidden).masked_scatter(mask[..., None], flat.to(hidden.dtype))
+    return hidden + addition

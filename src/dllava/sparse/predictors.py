@@ -37,10 +37,12 @@ class PredictorBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, ff), nn.GELU(), nn.Linear(ff, d_model))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``valid`` (B, n) bool: only these tokens are attended to (padding of shorter samples)."""
         b, n, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        mask = None if valid is None else valid[:, None, None, :]
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, d)
         x = x + self.proj(attended)
         return x + self.mlp(self.norm2(x))
 
@@ -56,14 +58,20 @@ class ImagePredictor(nn.Module):
         self.blocks = nn.ModuleList(PredictorBlock(d, config.heads, config.ff) for _ in range(config.layers))
         self.head = _score_head(d)
 
-    def forward(self, image_hidden: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
-        """``policy`` (B, n_image, 1) is a previous keep decision; all ones (None) at the first call."""
+    def forward(
+        self, image_hidden: torch.Tensor, policy: torch.Tensor | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``policy`` (B, n_image, 1) is a previous keep decision; all ones (None) at the first call.
+        ``valid`` (B, n_image) bool marks real tokens when samples hold different counts (padded to the
+        longest): padding is neither attended to nor pooled, so each sample's logits are its own."""
         h = F.gelu(self.embed(self.norm(image_hidden)))
         if policy is None:
             policy = h.new_ones(h.shape[:2] + (1,))
+        if valid is not None:
+            policy = policy * valid[..., None].to(policy.dtype)
         h = h * policy
         for block in self.blocks:
-            h = block(h)
+            h = block(h, valid)
         local, summary = h.chunk(2, dim=-1)
         summary = (summary * policy).sum(1, keepdim=True) / policy.sum(1, keepdim=True).clamp_min(1e-6)
         return self.head(torch.cat([local, summary.expand_as(local)], dim=-1))

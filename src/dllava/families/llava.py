@@ -1,0 +1,71 @@
+"""LLaVA-1.5 (HF ``model_type`` "llava"): CLIP tower, MLP projector, Llama decoder, 1-D RoPE.
+
+Every image gives the same number of tokens (576 for 336 px CLIP-L/14, 64 for the tiny model), laid
+out on a square grid; positions skip left padding as HF ``generate`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from dllava.families.base import FamilyAdapter, ImageFeatures
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding (as HF ``generate`` does); arange for right padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class LlavaAdapter(FamilyAdapter):
+    model_type = "llava"
+    pixel_keys = ("pixel_values",)
+    part_prefixes = {"projector": ("model.multi_modal_projector.",), "vision": ("model.vision_tower.",)}
+    rope_rows = 1
+
+    def model_class(self) -> type[nn.Module]:
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    def config_class(self) -> type:
+        from transformers import LlavaConfig
+
+        return LlavaConfig
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.model.vision_tower
+
+    def vision_layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        tower = self.vision_tower(model)
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    def encode_images(self, model: nn.Module, images: dict[str, torch.Tensor]) -> ImageFeatures:
+        """Projected CLIP features, exactly as ``LlavaModel`` computes them."""
+        config = model.config
+        features = model.model.get_image_features(
+            pixel_values=images["pixel_values"],
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            return_dict=True,
+        ).pooler_output
+        stacked = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+        return ImageFeatures.from_stacked(stacked)
+
+    def prompt_positions(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        images: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        return positions_from_mask(attention_mask)[None]
+
+    def vision_flops(self, config: Any, features: ImageFeatures) -> int:
+        from dllava.inference.flops import vision_flops
+
+        return vision_flops(config.vision_config, config.text_config.hidden_size, batch=len(features.counts))
+
+    def load_processor(self, path: str) -> Any:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path)
