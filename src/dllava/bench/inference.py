@@ -35,9 +35,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from dllava.inference import flops
 from dllava.inference.engine import SparseEngine
 from dllava.inference.selection import image_budget, text_rate_keep
-from dllava.model.loading import ModelSource, load_llava
+from dllava.model.loading import ModelSource, load_base_model
 from dllava.sparse.config import SparsityConfig
-from dllava.sparse.model import DynamicLlava
+from dllava.sparse.model import DynamicVLM
 
 log = logging.getLogger(__name__)
 BASELINES = ("fastv", "random")
@@ -58,13 +58,13 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 def build_model(
     model_cfg: dict[str, Any], sparsity: dict[str, Any], predictors: str | None, device: str, cpu_max_gib: float
-) -> tuple[DynamicLlava, str]:
-    """The DynamicLlava to benchmark, on the chosen device (built on meta first to size it)."""
+) -> tuple[DynamicVLM, str]:
+    """The DynamicVLM to benchmark, on the chosen device (built on meta first to size it)."""
     model_cfg = dict(model_cfg)
     predictor = model_cfg.pop("predictor", None)
     source = ModelSource(**model_cfg)
     with torch.device("meta"):
-        probe = load_llava(ModelSource(**{**source.to_dict(), "random_init": True}))
+        probe = load_base_model(ModelSource(**{**source.to_dict(), "random_init": True}))
     size = parameter_count(probe)
     chosen = choose_device(device, size, torch.empty(0, dtype=source.torch_dtype).element_size(), cpu_max_gib)
     log.info("model %s: %.2f B parameters, running on %s", source.name, size / 1e9, chosen)
@@ -73,8 +73,8 @@ def build_model(
             raise ValueError("a pretrained model cannot run on the meta device: set model.random_init=true or bench.device=cpu")
         llava = probe
     else:
-        llava = load_llava(source).to(chosen)
-    model = DynamicLlava(llava, SparsityConfig(**sparsity), predictor).to(chosen).eval()
+        llava = load_base_model(source).to(chosen)
+    model = DynamicVLM(llava, SparsityConfig(**sparsity), predictor).to(chosen).eval()
     if predictors:
         model.load_predictors(predictors)
     return model, chosen
@@ -120,7 +120,7 @@ def timed_rounds(arms: dict[str, Callable[[], Any]], device: str, warmup: int, r
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def arm_engines(model: DynamicLlava, keep: float, text_rate: float | None, seed: int) -> dict[str, SparseEngine]:
+def arm_engines(model: DynamicVLM, keep: float, text_rate: float | None, seed: int) -> dict[str, SparseEngine]:
     """One engine per arm; the text policy only matters once decoding starts (prefill drops image tokens only)."""
     dynamic_text: str | float = "learned" if text_rate is None else text_rate
     arms = {"dense": ("dense", "off"), "dynamic": ("dynamic", dynamic_text), "fastv": ("fastv", "off"), "random": ("random", "off")}
@@ -128,7 +128,7 @@ def arm_engines(model: DynamicLlava, keep: float, text_rate: float | None, seed:
 
 
 def run_bench(
-    model: DynamicLlava,
+    model: DynamicVLM,
     device: str,
     keep: float,
     batch_size: int = 1,
@@ -140,7 +140,7 @@ def run_bench(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Measure every arm; returns the ``bench.json`` record (see the module docstring)."""
-    config = model.llava.config
+    config = model.base.config
     shape = flops.DecoderShape.from_config(config.text_config)
     n_image = config.image_seq_length
     layer = model.sparsity.layer
@@ -221,7 +221,7 @@ def decode_accounting(engine: SparseEngine, ids: torch.Tensor, new_tokens: int, 
     against (tests/inference/test_engine.py); needs a fixed text rate or text off."""
     if engine.text == "learned":
         raise ValueError("on the meta device text decisions cannot be read: set bench.text_keep_rate")
-    config = engine.model.llava.config
+    config = engine.model.base.config
     shape = flops.DecoderShape.from_config(config.text_config)
     n_image, prompt, fed = config.image_seq_length, ids.shape[1], new_tokens - 1
     kept_images = image_budget(engine.method, n_image, engine.keep)
@@ -271,7 +271,7 @@ def report(
 
     dynamic = arm("dynamic")
     return {
-        "model": getattr(model.llava.config, "_name_or_path", None) or "random-init",
+        "model": getattr(model.base.config, "_name_or_path", None) or "random-init",
         "device": device,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "batch_size": batch_size,

@@ -1,14 +1,14 @@
 """Load a model to evaluate: a Lightning checkpoint (``.ckpt``) or a ``save_pretrained`` directory.
 
 * ``.ckpt`` (written by ``train.py``): the model is built as :class:`~dllava.training.module.LlavaLitModule`
-  builds it (``load_llava`` of the hyper-parameters' ``model`` source, then ``DynamicLlava`` with their
+  builds it (``load_base_model`` of the hyper-parameters' ``model`` source, then ``DynamicVLM`` with their
   ``sparsity`` and predictor sizes), and the checkpoint's ``state_dict`` (keys ``model.*``) is loaded
   into it, strictly. The tokenizer and image processor come from ``model.pretrained``. The archive's
   CRCs are checked first (a damaged file is refused naming the member), then it is loaded with
   ``torch.load(weights_only=True)``: nothing in the file can execute code. A file that is no such
   checkpoint (``ckpt_path=README.md``) is refused saying what eval.py accepts.
-* A directory with ``sparsity.json`` (``DynamicLlava.save_pretrained``, ``train.py export=true``):
-  ``DynamicLlava.from_pretrained``; processor from the same directory.
+* A directory with ``sparsity.json`` (``DynamicVLM.save_pretrained``, ``train.py export=true``):
+  ``DynamicVLM.from_pretrained``; processor from the same directory.
 * A directory without it (a stock llava-hf checkpoint, or a dense export): a dense model (no
   predictors), so ``method=dense``, ``fastv`` and ``random`` work and ``dynamic`` says what is missing.
 
@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from dllava.model.loading import DTYPES, ModelSource, load_llava, load_processor
+from dllava.model.loading import DTYPES, ModelSource, load_base_model, load_processor
 from dllava.sparse.config import SparsityConfig
-from dllava.sparse.model import SPARSITY_FILE, DynamicLlava
+from dllava.sparse.model import SPARSITY_FILE, DynamicVLM
 from dllava.training.safe_load import CorruptCheckpointError, NotAnArchiveError, UnsafeCheckpointError, load_checkpoint_file
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class LoadedModel:
     """A model ready for the engine, its processor, and where it came from."""
 
-    model: DynamicLlava
+    model: DynamicVLM
     processor: Any
     name: str  # short, for answer files and tables: "<run dir>/<checkpoint>" or the directory name
     path: str
@@ -108,7 +108,7 @@ def read_lightning_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _from_lightning(path: Path, dtype: str | None) -> tuple[DynamicLlava, Any]:
+def _from_lightning(path: Path, dtype: str | None) -> tuple[DynamicVLM, Any]:
     checkpoint = read_lightning_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
     source = dict(hparams["model"])
@@ -117,8 +117,8 @@ def _from_lightning(path: Path, dtype: str | None) -> tuple[DynamicLlava, Any]:
         source["dtype"] = dtype
     source = ModelSource(**source)
     sparsity = SparsityConfig(**(hparams.get("sparsity") or {"vision": False, "text": False}))
-    llava = load_llava(source)
-    model = DynamicLlava(llava, sparsity, predictor)
+    llava = load_base_model(source)
+    model = DynamicVLM(llava, sparsity, predictor)
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -133,12 +133,12 @@ def _from_lightning(path: Path, dtype: str | None) -> tuple[DynamicLlava, Any]:
     return model, load_processor(source.pretrained)
 
 
-def _from_directory(path: Path, dtype: str | None) -> tuple[DynamicLlava, Any]:
+def _from_directory(path: Path, dtype: str | None) -> tuple[DynamicVLM, Any]:
     kwargs = {} if dtype is None else {"dtype": DTYPES[dtype]}
     if (path / SPARSITY_FILE).is_file():
-        model = DynamicLlava.from_pretrained(path, **kwargs)
+        model = DynamicVLM.from_pretrained(path, **kwargs)
     else:
         log.info("%s has no %s: evaluating it as a dense LLaVA (no predictors)", path, SPARSITY_FILE)
         source = ModelSource(pretrained=str(path), dtype=dtype or "float32")
-        model = DynamicLlava(load_llava(source), SparsityConfig(vision=False, text=False))
+        model = DynamicVLM(load_base_model(source), SparsityConfig(vision=False, text=False))
     return model, load_processor(str(path))

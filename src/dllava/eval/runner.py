@@ -86,7 +86,7 @@ class CostModel:
     """Prefill FLOPs of one question from its prompt length and kept image tokens (see module docstring)."""
 
     def __init__(self, loaded: LoadedModel, arm: Arm, layer: int) -> None:
-        config = loaded.model.llava.config
+        config = loaded.model.base.config
         self.shape = flops.DecoderShape.from_config(config.text_config)
         self.layer = layer
         self.arm = arm

@@ -124,6 +124,13 @@ class FamilyAdapter:
             found = {k: v.to(dtype) if v.is_floating_point() else v for k, v in found.items()}
         return found
 
+    def select_rows(self, images: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+        """The pixel inputs of samples ``rows`` only (default: every tensor is batch-first)."""
+        if not images:
+            return images
+        index = torch.tensor(rows, device=next(iter(images.values())).device)
+        return {k: v.index_select(0, index) for k, v in images.items()}
+
     def encode_images(self, model: nn.Module, images: dict[str, torch.Tensor]) -> ImageFeatures:
         raise NotImplementedError
 

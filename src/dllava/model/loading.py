@@ -1,8 +1,10 @@
-"""One loading path for every base model: the committed tiny LLaVA and llava-hf/llava-1.5-7b-hf alike.
+"""One loading path for every base model: the committed tiny models, llava-1.5-7b and Qwen alike.
 
 A model config (``conf/model/*.yaml``) names a ``pretrained`` directory or hub id, loaded with HF's
-``from_pretrained``, or an ``architecture`` (``LlavaConfig`` keyword arguments) to build with random
-weights (``random_init``), which is how 7B-shaped models are benchmarked without a download.
+``from_pretrained``, or an ``architecture`` (the family's HF config keyword arguments, its family named
+by ``model_type``; default ``llava``) to build with random weights (``random_init``), which is how
+7B-shaped models are benchmarked without a download. The family (and so the HF class) always comes
+from the config's ``model_type`` through :mod:`dllava.families`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoConfig
+
+from dllava.families import adapter_for
 
 from dllava.utils.checks import check_bool, check_choice, check_mapping, check_str
 
@@ -98,37 +102,53 @@ def _from_hub(load: Any, pretrained: str, **kwargs: Any) -> Any:
         raise error from err
 
 
-def load_config(source: ModelSource) -> LlavaConfig:
-    """The ``LlavaConfig`` for ``source``: from the pretrained directory, else from ``architecture``."""
+def load_config(source: ModelSource) -> Any:
+    """The HF config for ``source``: from the pretrained directory, else from ``architecture`` (built
+    by the config class of the family its ``model_type`` names, default ``llava``)."""
     _check_pretrained(source)
     if source.pretrained is not None and (_is_local(source.pretrained) or source.architecture is None):
         return _from_hub(AutoConfig.from_pretrained, source.pretrained)
     arch = dict(source.architecture or {})
-    return LlavaConfig(**arch)
+    return adapter_for(arch.pop("model_type", "llava")).config_class()(**arch)
 
 
-def load_llava(source: ModelSource | dict[str, Any]) -> LlavaForConditionalGeneration:
-    """Build or load the HF LLaVA described by ``source`` (a ``ModelSource`` or its dict)."""
+def build_empty(source: ModelSource, device: str | torch.device | None = None) -> torch.nn.Module:
+    """The base model of ``source`` with freshly initialised weights (on ``device``; ``meta``: shapes
+    and dtype only, no memory), in ``source``'s dtype and attention implementation."""
+    config = load_config(source)
+    config._attn_implementation = source.attn_implementation
+    model_class = adapter_for(config.model_type).model_class()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(source.torch_dtype)
+    try:
+        if device is None:
+            return model_class(config)
+        with torch.device(device):
+            return model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_base_model(source: ModelSource | dict[str, Any]) -> torch.nn.Module:
+    """Build or load the HF base model described by ``source`` (a ``ModelSource`` or its dict)."""
     if isinstance(source, dict):
         source = ModelSource(**source)
     _check_pretrained(source)
     if source.random_init:
-        config = load_config(source)
-        config._attn_implementation = source.attn_implementation
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(source.torch_dtype)
-        try:
-            return LlavaForConditionalGeneration(config)
-        finally:
-            torch.set_default_dtype(previous)
+        return build_empty(source)
+    model_type = load_config(source).model_type
     return _from_hub(
-        LlavaForConditionalGeneration.from_pretrained, source.pretrained, dtype=source.torch_dtype,
+        adapter_for(model_type).model_class().from_pretrained, source.pretrained, dtype=source.torch_dtype,
         attn_implementation=source.attn_implementation,
     )
 
 
+load_llava = load_base_model  # its name before the family seam
+
+
 def load_processor(pretrained: str) -> Any:
-    """HF ``LlavaProcessor`` (tokenizer + image processor) saved beside the weights."""
+    """The family's processor (tokenizer + image processor) saved beside the weights."""
     if pretrained.startswith(("/", ".", "~")) and not _is_local(pretrained):
         raise FileNotFoundError(f"processor directory {pretrained!r} does not exist")
-    return _from_hub(AutoProcessor.from_pretrained, pretrained)
+    model_type = _from_hub(AutoConfig.from_pretrained, pretrained).model_type
+    return _from_hub(adapter_for(model_type).load_processor, pretrained)

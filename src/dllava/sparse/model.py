@@ -298,10 +298,10 @@ class DynamicVLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor,
-        max_new_tokens: int,
-        eos_token_id: int,
-        pad_token_id: int,
+        pixel_values: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
         keep: float | None = None,
         **image_inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -327,7 +327,8 @@ class DynamicVLM(nn.Module):
                 kept_images = out.image_keep.sum(-1).round().long()
             token = out.logits[:, -1].argmax(-1)
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
-            done |= token == eos_token_id
+            if eos_token_id is not None:
+                done |= token == eos_token_id
             input_ids = torch.cat([input_ids, token[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(token.shape[0], 1)], dim=1)
             positions = torch.cat([positions, next_positions(positions)], dim=-1)

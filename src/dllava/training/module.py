@@ -29,23 +29,33 @@ from torchmetrics import MaxMetric, MeanMetric
 from dllava.data.conversation import IGNORE_INDEX
 from dllava.data.reader import COUNT_KEYS
 from dllava.metrics.answers import exact_match
-from dllava.model.loading import ModelSource, load_llava, load_processor
+from dllava.model.loading import ModelSource, load_base_model, load_processor
 from dllava.sparse.config import PredictorConfig, SparsityConfig
 from dllava.sparse.decisions import budget_loss
-from dllava.sparse.model import PREDICTORS_FILE, DynamicLlava
-from dllava.training.sharding import empty_llava, is_sharded, shard_fsdp2
+from dllava.sparse.model import PREDICTORS_FILE, DynamicVLM
+from dllava.training.sharding import empty_base_model, is_sharded, shard_fsdp2
 from dllava.utils.checks import check_float, check_int, check_mapping, check_str_list, describe
 from dllava.utils.run import RUN_KEY, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
-# Parameter-name prefixes (inside DynamicLlava) of each trainable part; the rest is the LLM.
-PARTS = (
-    ("vision", "llava.model.vision_tower."),
-    ("projector", "llava.model.multi_modal_projector."),
-    ("predictors", "image_predictor."),
-    ("predictors", "text_predictor."),
-)
+# Parameter-name prefixes (inside DynamicVLM) of the predictors; the base model's parts come from its
+# family adapter (``part_prefixes``), and the rest is the LLM.
+PREDICTOR_PREFIXES = ("image_predictor.", "text_predictor.")
+BASE_PREFIXES = ("base.", "llava.")  # DynamicVLM's attribute, and its name before the family seam
+
+
+def part_prefixes(adapter: Any = None) -> tuple[tuple[str, str], ...]:
+    """(part, parameter-name prefix) pairs for a family (default LLaVA-1.5), projector before vision."""
+    from dllava.families import adapter_for
+
+    adapter = adapter or adapter_for("llava")
+    found = [(part, base + prefix) for part in ("projector", "vision")
+             for prefix in adapter.part_prefixes.get(part, ()) for base in BASE_PREFIXES]
+    return tuple(found) + tuple(("predictors", prefix) for prefix in PREDICTOR_PREFIXES)
+
+
+PARTS = part_prefixes()
 PART_NAMES = ("vision", "projector", "llm", "predictors")
 
 
@@ -59,9 +69,10 @@ def check_trainable(trainable: Any) -> list[str]:
     return list(trainable)
 
 
-def part_of(name: str) -> str:
-    """Which trainable part a DynamicLlava parameter belongs to."""
-    return next((part for part, prefix in PARTS if name.startswith(prefix)), "llm")
+def part_of(name: str, adapter: Any = None) -> str:
+    """Which trainable part a DynamicVLM parameter belongs to (``adapter``: its family, default LLaVA)."""
+    parts = PARTS if adapter is None else part_prefixes(adapter)
+    return next((part for part, prefix in parts if name.startswith(prefix)), "llm")
 
 
 @dataclass
@@ -152,7 +163,7 @@ class LlavaLitModule(L.LightningModule):
         self.trainable = tuple(check_trainable(trainable))
         self.max_new_tokens = check_int("module.max_new_tokens", max_new_tokens, low=1)
         self.answer_kinds = check_str_list("module.answer_kinds", answer_kinds, optional=True)
-        self.model: DynamicLlava | None = None
+        self.model: DynamicVLM | None = None
         self.tokenizer: Any = None
         self.gumbel_tau = self.sparsity.tau_start
         kinds = self.answer_kinds or []
@@ -180,9 +191,11 @@ class LlavaLitModule(L.LightningModule):
 
     # -- model -----------------------------------------------------------------------------------
     @property
-    def llava(self) -> nn.Module | None:
-        """The HF ``LlavaForConditionalGeneration`` inside (None before ``configure_model``)."""
-        return None if self.model is None else self.model.llava
+    def base(self) -> nn.Module | None:
+        """The HF base model inside (None before ``configure_model``)."""
+        return None if self.model is None else self.model.base
+
+    llava = base  # its name before the family seam
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -192,17 +205,18 @@ class LlavaLitModule(L.LightningModule):
         receives_weights = self._trainer is not None and self.global_rank != 0 and bool(
             getattr(self.trainer.strategy, "kwargs", {}).get("sync_module_states")
         )
-        llava = (empty_llava(self.source) if receives_weights else load_llava(self.source)).train()
-        self.model = DynamicLlava(llava, self.sparsity, self.predictor_sizes)
+        base = (empty_base_model(self.source) if receives_weights else load_base_model(self.source)).train()
+        self.model = DynamicVLM(base, self.sparsity, self.predictor_sizes)
+        adapter = self.model.adapter
         pretrained = Path(self.source.pretrained) if self.source.pretrained else None
         saved_predictors = pretrained is not None and (pretrained / PREDICTORS_FILE).is_file()
         if self.sparsity.enabled and saved_predictors and not receives_weights:
             self.model.load_predictors(pretrained)
             log.info("loaded trained predictors from %s", pretrained)
         for name, param in self.model.named_parameters():
-            param.requires_grad_(part_of(name) in self.trainable)
+            param.requires_grad_(part_of(name, adapter) in self.trainable)
         if "vision" not in self.trainable:
-            llava.model.vision_tower.eval()
+            adapter.vision_tower(base).eval()
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(f"module.trainable={list(self.trainable)} leaves nothing to train in this model")
         mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy (trainer=fsdp2)
@@ -220,7 +234,7 @@ class LlavaLitModule(L.LightningModule):
         return self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"].to(self.dtype_of_model),
+            **self.model.adapter.pixel_inputs(batch, self.dtype_of_model),
             labels=batch["labels"],
             answer_span=batch.get("answer_span"),
             mode=mode,
@@ -252,7 +266,7 @@ class LlavaLitModule(L.LightningModule):
 
     @property
     def dtype_of_model(self) -> torch.dtype:
-        return next(self.llava.parameters()).dtype
+        return next(self.base.parameters()).dtype
 
     # -- training --------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -303,7 +317,7 @@ class LlavaLitModule(L.LightningModule):
         groups: dict[str, list[nn.Parameter]] = {}
         for name, param in self.model.named_parameters():
             if param.requires_grad:
-                groups.setdefault(part_of(name), []).append(param)
+                groups.setdefault(part_of(name, self.model.adapter), []).append(param)
         return [
             {"name": g, "params": ps, "lr": self.optim.group_lr(g), "weight_decay": self.optim.weight_decay}
             for g, ps in groups.items()
@@ -448,20 +462,21 @@ class LlavaLitModule(L.LightningModule):
         index = torch.tensor(list(rows), device=batch["prompt_ids"].device)
         prompt_ids = batch["prompt_ids"].index_select(0, index)
         prompt_mask = batch["prompt_mask"].index_select(0, index)
-        pixel_values = batch["pixel_values"].index_select(0, index).to(self.dtype_of_model)
+        adapter = self.model.adapter
+        images = adapter.select_rows(adapter.pixel_inputs(batch, self.dtype_of_model), list(rows))
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         if self.sparsity.enabled:  # top-k image tokens, thresholded generated tokens (no KV cache)
             # Sharded: a rank that stopped early at EOS would leave the others waiting in an all-gather,
             # so every rank decodes max_new_tokens (EOS id -1 never matches) and cuts at EOS afterwards.
             new_tokens, _ = self.model.generate_greedy(
-                prompt_ids, prompt_mask, pixel_values, self.max_new_tokens,
-                eos_token_id=-1 if self.sharded else eos, pad_token_id=pad,
+                prompt_ids, prompt_mask, max_new_tokens=self.max_new_tokens,
+                eos_token_id=-1 if self.sharded else eos, pad_token_id=pad, **images,
             )
             if self.sharded:
                 new_tokens = cut_after_eos(new_tokens, eos, pad)
         else:
-            output = self.llava.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, pixel_values=pixel_values,
+            output = self.base.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, **images,
                 max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos,
                 synced_gpus=self.sharded,
             )

@@ -1,8 +1,9 @@
-"""FSDP2 (``fully_shard``) for a DynamicLlava, and the helpers sharded training needs around it.
+"""FSDP2 (``fully_shard``) for a DynamicVLM, and the helpers sharded training needs around it.
 
-Units: every CLIP encoder layer and every Llama decoder layer is its own FSDP unit (all-gathered just
-before its forward, freed after); everything else (embeddings, projector, final norm, LM head and the
-predictors) is the root unit. Parameters become ``DTensor`` s sharded over the data-parallel mesh, and
+Units: the family adapter's ``fsdp_units`` (every vision block and every decoder layer: the classes of
+HF's ``_no_split_modules``) are each their own FSDP unit (all-gathered just before their forward, freed
+after); everything else (embeddings, projector/merger, final norm, LM head and the predictors) is the
+root unit. Parameters become ``DTensor`` s sharded over the data-parallel mesh, and
 the optimizer built afterwards (``configure_optimizers`` runs after ``configure_model``) holds shards.
 """
 
@@ -15,36 +16,28 @@ from torch import nn
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The Llama decoder layers of a DynamicLlava (``llava.model.language_model.layers``)."""
-    return model.llava.model.language_model.layers
+    """The text decoder layers of a DynamicVLM (through its family adapter)."""
+    return model.adapter.decoder(model.base).layers
 
 
-def vision_layers(model: nn.Module) -> nn.ModuleList:
-    """The CLIP encoder layers of a DynamicLlava's vision tower."""
-    tower = model.llava.model.vision_tower
-    return getattr(tower, "vision_model", tower).encoder.layers
+def vision_layers(model: nn.Module) -> list[nn.Module]:
+    """The vision-tower blocks of a DynamicVLM (through its family adapter)."""
+    return list(model.adapter.vision_layers(model.base))
 
 
-def empty_llava(source: Any) -> nn.Module:
-    """The LLaVA of ``source`` (a ``ModelSource``) on the meta device: shapes and dtype, no memory.
+def empty_base_model(source: Any) -> nn.Module:
+    """The base model of ``source`` (a ``ModelSource``) on the meta device: shapes and dtype, no memory.
 
     Under ``trainer=fsdp`` every rank but 0 builds this; FSDP (``sync_module_states``) materialises it
     on the rank's GPU (:func:`materialize_empty`) and broadcasts rank 0's weights, so only rank 0 holds
     a full copy in host memory while the model is set up.
     """
-    from transformers import LlavaForConditionalGeneration
+    from dllava.model.loading import build_empty
 
-    from dllava.model.loading import load_config
+    return build_empty(source, "meta")
 
-    config = load_config(source)
-    config._attn_implementation = source.attn_implementation
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(source.torch_dtype)
-    try:
-        with torch.device("meta"):
-            return LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
+
+empty_llava = empty_base_model  # its name before the family seam
 
 
 def materialize_empty(module: nn.Module) -> None:
@@ -64,18 +57,18 @@ def shard_fsdp2(model: nn.Module, mesh: Any, activation_checkpointing: bool = Fa
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     if activation_checkpointing:
-        lm = model.llava.model.language_model
+        lm = model.adapter.decoder(model.base)
         # transformers >= 5.23 names it activation_checkpointing_enable (the old name is deprecated)
         enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
         enable({"use_reentrant": False})
-    for layer in list(vision_layers(model)) + list(decoder_layers(model)):
+    for layer in model.adapter.fsdp_units(model.base):
         fully_shard(layer, mesh=mesh)
     if getattr(model, "sparsity", None) is not None and model.sparsity.enabled:
         fully_shard(model, mesh=mesh)
         register_fsdp_forward_method(model, "generate_greedy")
-    else:  # dense: DynamicLlava.forward is the plain HF forward, and HF generate is called on llava
-        fully_shard(model.llava, mesh=mesh)
-        register_fsdp_forward_method(model.llava, "generate")
+    else:  # dense: DynamicVLM.forward is the plain HF forward, and HF generate is called on the base
+        fully_shard(model.base, mesh=mesh)
+        register_fsdp_forward_method(model.base, "generate")
     return model
 
 
@@ -105,15 +98,13 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A plain (unsharded, CPU) DynamicLlava with ``state`` (from :func:`full_state_dict`), for export."""
+    """A plain (unsharded, CPU) DynamicVLM with ``state`` (from :func:`full_state_dict`), for export."""
     import copy
 
-    from transformers import LlavaForConditionalGeneration
-
-    from dllava.sparse.model import DynamicLlava
+    from dllava.sparse.model import DynamicVLM
 
     with torch.device("meta"):
-        llava = LlavaForConditionalGeneration(copy.deepcopy(model.llava.config))
-        plain = DynamicLlava(llava, model.sparsity, model.predictor_config)
+        base = model.adapter.model_class()(copy.deepcopy(model.base.config))
+        plain = DynamicVLM(base, model.sparsity, model.predictor_config)
     plain.load_state_dict(state, strict=True, assign=True)
     return plain
