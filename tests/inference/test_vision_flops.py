@@ -3,12 +3,13 @@
 The towers run on CPU with SDPA forced to its math backend: CPU's fused SDPA kernel has no FLOP
 formula registered (FlopCounterMode counts it as 0), while the math backend decomposes into the two
 ``bmm`` that it counts, ``4 h n_q n_k d`` exactly as the formulas registered for the GPU kernels.
-(The meta device, used by test_flops.py, cannot run these towers: they ``torch.split`` by
-``cu_seqlens.tolist()``.)
+The real-size towers run on the meta device instead (as in test_flops.py), with the grid-derived
+index tensors precomputed on CPU, since the towers ``torch.split`` by ``cu_seqlens.tolist()``.
 """
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
@@ -17,9 +18,19 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
-from transformers.vision_utils import get_vision_window_index
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+)
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+from transformers.vision_utils import (
+    get_vision_cu_seqlens,
+    get_vision_interpolation_indices_and_weights,
+    get_vision_position_ids,
+    get_vision_window_index,
+)
 
 from dllava.inference import flops, vision_flops
+from tests.helpers import CONF
 
 TEXT = dict(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -107,6 +118,45 @@ def test_windows_matter_in_the_tiny_tower(qwen2_5):
     windows = vision_flops.qwen2_5_vl_window_lengths(grids, vc.window_size, vc.patch_size, vc.spatial_merge_size)
     assert len(windows) == 6 and sum(windows) == 96
     assert sum(n * n for n in windows) < 96**2
+
+
+def _meta_kwargs(tower, grid: torch.Tensor) -> dict:
+    """The grid-derived index tensors the towers accept precomputed (``transformers.vision_utils``):
+    made on CPU (they call ``.tolist()``) and moved to meta, except the ``cu_seqlens`` that the
+    attention splits by, which stay on CPU."""
+    vc = tower.config
+    kwargs = {"position_ids": get_vision_position_ids(grid, vc.spatial_merge_size).to("meta"),
+              "cu_seqlens": get_vision_cu_seqlens(grid)}
+    if isinstance(tower, Qwen2_5_VisionTransformerPretrainedModel):
+        window_index, cu_windows = get_vision_window_index(grid, vc.spatial_merge_size, vc.window_size, vc.patch_size)
+        kwargs.update(window_index=window_index.to("meta"), cu_window_seqlens=cu_windows)
+    else:
+        indices, weights = get_vision_interpolation_indices_and_weights(
+            grid, num_grid_per_side=tower.num_grid_per_side, mode=tower.interpolation_mode,
+            align_corners=tower.interpolation_align_corners, spatial_merge_size=vc.spatial_merge_size)
+        kwargs.update(interp_indices=indices.to("meta"), interp_weights=weights.to("meta"))
+    return kwargs
+
+
+@pytest.mark.parametrize("option, config_cls, tower_cls, formula", [
+    ("qwen2_5_vl_7b", Qwen2_5_VLConfig, Qwen2_5_VisionTransformerPretrainedModel, vision_flops.qwen2_5_vl_vision_flops),
+    ("qwen3_vl_8b", Qwen3VLConfig, Qwen3VLVisionModel, vision_flops.qwen3_vl_vision_flops),
+])
+def test_real_size_towers_on_meta(option, config_cls, tower_cls, formula):
+    """The published towers (conf/model), with their real window size, full-attention blocks and
+    DeepStack layers, on the meta device: a 448x672 px image, then two images in one call."""
+    arch = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{option}.yaml").architecture)
+    vc = config_cls(**arch).vision_config
+    vc._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        tower = tower_cls._from_config(vc).eval()
+    for grids in ([(1, 32, 48)], [(1, 36, 20), (1, 16, 16)]):
+        grid = torch.tensor(grids)
+        pixels = torch.empty(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, device="meta")
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            tower(pixels, grid_thw=grid.to("meta"), **_meta_kwargs(tower, grid))
+        assert counter.get_total_flops() == formula(vc, grids)
 
 
 def test_deepstack_indexes_outside_depth_never_run(tmp_path_factory):

@@ -4,7 +4,12 @@ HF classes on the meta device, to the parameter counts the model cards publish."
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
 
 from dllava.inference import flops
 from tests.helpers import compose
