@@ -9,8 +9,8 @@ Two conventions:
   counts them (2 FLOPs per multiply-add): q/k/v/o projections with grouped KV heads, attention as
   ``4 h n_q n_k d`` (QK^T and AV over every key the kernel sees, masked or not), the SwiGLU MLP's three
   matmuls, the LM head on the positions whose logits are computed, and the predictors. The vision
-  tower and projector are reported separately (:func:`vision_flops`): they run once per image in
-  every method.
+  tower and projector are reported separately (:mod:`dllava.inference.vision_flops`): they run once
+  per image in every method.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dllava.inference.vision_flops import llava_vision_flops as vision_flops  # noqa: F401  (old name, kept for callers)
 from dllava.sparse.config import PredictorConfig
 from dllava.sparse.decisions import num_kept
 
@@ -122,17 +123,6 @@ def prefill_flops(
     dense = sparse_layer * layer_flops(shape, tokens, tokens, batch)
     sparse = (shape.layers - sparse_layer) * layer_flops(shape, kept_tokens, kept_tokens, batch)
     return dense + sparse + lm_head_flops(shape, logits_positions, batch) + extra
-
-
-def vision_flops(vision_config: Any, projector_out: int, batch: int = 1) -> int:
-    """CLIP tower (every layer runs; LLaVA reads layer -2) plus the two-layer projector."""
-    c, i = vision_config.hidden_size, vision_config.intermediate_size
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    n = patches + 1
-    embed = 2 * patches * 3 * vision_config.patch_size**2 * c
-    layer = 8 * n * c * c + 4 * n * n * c + 4 * n * c * i
-    projector = 2 * patches * (c * projector_out + projector_out * projector_out)
-    return batch * (embed + vision_config.num_hidden_layers * layer + projector)
 
 
 def cache_tokens(prompt: int, n_image: int, kept_images: int, fed: int, kept_text: int) -> tuple[int, int]:

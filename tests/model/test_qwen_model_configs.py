@@ -1,0 +1,51 @@
+"""The real-size Qwen model configs (conf/model/qwen*.yaml, dllava_qwen*.yaml) build with their family's
+HF classes on the meta device, to the parameter counts the model cards publish."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
+
+from dllava.inference import flops
+from tests.helpers import compose
+
+CLASSES = {"qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+           "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration)}
+# the sizes the hub model pages give (3.75B, 8.29B, 8.77B)
+PUBLISHED = {"qwen2_5_vl_3b": 3.75e9, "qwen2_5_vl_7b": 8.29e9, "qwen3_vl_8b": 8.77e9}
+
+
+def _model_config(option, tmp_path):
+    return compose("train", [f"model={option}"], output_dir=tmp_path).model
+
+
+def _built(arch):
+    config_cls, model_cls = CLASSES[arch["model_type"]]
+    config = config_cls(**arch)
+    with torch.device("meta"):
+        return model_cls(config)
+
+
+@pytest.mark.parametrize("option", sorted(PUBLISHED))
+def test_architecture_builds_on_meta_to_the_published_size(option, tmp_path):
+    model = _built(OmegaConf.to_container(_model_config(option, tmp_path).architecture, resolve=True))
+    count = sum(p.numel() for p in model.parameters())
+    assert count == pytest.approx(PUBLISHED[option], rel=0.005), count
+    text = model.config.text_config
+    # one decoder layer's weights are what layer_flops counts (biases aside)
+    shape = flops.DecoderShape.from_config(text)
+    layer = model.model.language_model.layers[0]
+    weights = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    assert flops.layer_flops(shape, 1, 0) == 2 * weights
+
+
+@pytest.mark.parametrize("option", sorted(PUBLISHED))
+def test_dllava_twin_is_the_base_plus_the_paper_predictor(option, tmp_path):
+    base, twin = _model_config(option, tmp_path), _model_config(f"dllava_{option}", tmp_path)
+    assert twin.architecture == base.architecture and twin.pretrained == base.pretrained
+    assert twin.predictor == _model_config("dllava_7b", tmp_path).predictor
