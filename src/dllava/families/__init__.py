@@ -6,8 +6,9 @@ from typing import Any
 
 from dllava.families.base import FamilyAdapter, ImageFeatures, gather_columns, next_positions
 from dllava.families.llava import LlavaAdapter
+from dllava.families.qwen import Qwen3Adapter, QwenAdapter
 
-ADAPTERS: dict[str, FamilyAdapter] = {adapter.model_type: adapter for adapter in (LlavaAdapter(),)}
+ADAPTERS: dict[str, FamilyAdapter] = {adapter.model_type: adapter for adapter in (LlavaAdapter(), QwenAdapter(), Qwen3Adapter())}
 
 
 def register(adapter: FamilyAdapter) -> FamilyAdapter:

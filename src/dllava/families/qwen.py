@@ -1,0 +1,146 @@
+"""Qwen2.5-VL (``qwen2_5_vl``) and Qwen3-VL (``qwen3_vl``): dynamic resolution and M-RoPE.
+
+What the rest of dllava must not get wrong with these families, and where it is handled here:
+
+* Image-token counts differ per sample (one LLM token per 2x2 group of 14 px / 16 px patches, so 28 or
+  32 px). Pixel inputs are flattened patches of all images plus ``image_grid_thw`` (one (t, h, w) row
+  per image, in patches); :meth:`QwenAdapter.select_rows` splits them per image.
+* Positions are 3-D (M-RoPE). They are HF's own (``get_rope_index``) on the **unpruned** prompt; the
+  engine gathers the kept columns and decodes from the prompt's last position + 1 in every row, as HF
+  ``generate`` does (no ``rope_deltas`` kept on the module: the caller's request state holds the ids).
+  ``get_rope_index`` groups tokens by ``mm_token_type_ids`` (1 at ``<|image_pad|>``), which is rebuilt
+  here from the ids, so vision start/end tokens are text and are never dropped (they are not image
+  tokens).
+* Qwen3-VL: q/k RMS norms wherever q/k are recomputed (FastV), and DeepStack: features of three ViT
+  layers added at the image positions after decoder layers 0, 1, 2 (``ImageFeatures.layer_additions``;
+  the engine gathers them with the kept columns when tokens are dropped before layer 3).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from dllava.families.base import FamilyAdapter, ImageFeatures
+
+
+class QwenAdapter(FamilyAdapter):
+    """Qwen2.5-VL; :class:`Qwen3Adapter` adds what Qwen3-VL changes."""
+
+    model_type = "qwen2_5_vl"
+    pixel_keys = ("pixel_values", "image_grid_thw")
+    part_prefixes = {"projector": ("model.visual.merger.",), "vision": ("model.visual.",)}
+    rope_rows = 3
+
+    def model_class(self) -> type[nn.Module]:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+
+    def config_class(self) -> type:
+        from transformers import Qwen2_5_VLConfig
+
+        return Qwen2_5_VLConfig
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.model.visual
+
+    def vision_layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        return self.vision_tower(model).blocks
+
+    def merge_size(self, config: Any) -> int:
+        return int(config.vision_config.spatial_merge_size)
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def select_rows(self, images: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+        grid = images["image_grid_thw"]
+        patches = torch.split(images["pixel_values"], grid.prod(-1).tolist())
+        return {
+            "pixel_values": torch.cat([patches[r] for r in rows]),
+            "image_grid_thw": grid[torch.tensor(rows, device=grid.device)],
+        }
+
+    def encode_images(self, model: nn.Module, images: dict[str, torch.Tensor]) -> ImageFeatures:
+        """The merger's output per image, exactly as the HF model computes it (flat, batch order)."""
+        out = model.model.get_image_features(
+            pixel_values=images["pixel_values"], image_grid_thw=images["image_grid_thw"], return_dict=True
+        )
+        per_image = list(out.pooler_output)
+        merge = self.merge_size(model.config)
+        grids = [(int(h) // merge, int(w) // merge) for _, h, w in images["image_grid_thw"].tolist()]
+        additions = {
+            layer: torch.cat(list(features))
+            for layer, features in enumerate(getattr(out, "deepstack_features", None) or [])
+        }
+        return ImageFeatures(torch.cat(per_image), [f.shape[0] for f in per_image], grids, additions)
+
+    def prompt_positions(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        images: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """HF's ``get_rope_index`` on the whole sequence: (3, B, N); padding gets 0.
+
+        Computed on the host (it walks token runs in Python) and moved to the ids' device, so a meta
+        benchmark passes host ids."""
+        grid = (images or {}).get("image_grid_thw")
+        image_token = self.image_token_id(model.config)
+        types = (input_ids == image_token).to(torch.int32)
+        if grid is None or not bool(types.any()):
+            text = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            return text[None].expand(3, -1, -1).contiguous()
+        positions, _ = model.model.get_rope_index(
+            input_ids.cpu(), types.cpu(), image_grid_thw=grid.cpu(), attention_mask=attention_mask.cpu()
+        )
+        return positions.to(input_ids.device)
+
+    # -- cost ------------------------------------------------------------------------------------
+    def vision_flops(self, config: Any, features: ImageFeatures) -> int:
+        from dllava.inference.vision_flops import qwen2_5_vl_vision_flops
+
+        return qwen2_5_vl_vision_flops(config.vision_config, self.patch_grids(config, features))
+
+    def patch_grids(self, config: Any, features: ImageFeatures) -> list[tuple[int, int, int]]:
+        """(t, h, w) in patches of each (still) image, from its token grid."""
+        merge = self.merge_size(config)
+        return [(1, h * merge, w * merge) for h, w in features.grids]
+
+    # -- data ------------------------------------------------------------------------------------
+    def load_processor(self, path: str) -> Any:
+        from dllava.families.qwen_processor import ImageTextProcessor
+
+        return ImageTextProcessor.from_pretrained(path)
+
+
+class Qwen3Adapter(QwenAdapter):
+    """Qwen3-VL: 16 px patches, interleaved M-RoPE, q/k norms, DeepStack."""
+
+    model_type = "qwen3_vl"
+    part_prefixes = {
+        "projector": ("model.visual.merger.", "model.visual.deepstack_merger_list."),
+        "vision": ("model.visual.",),
+    }
+
+    def model_class(self) -> type[nn.Module]:
+        from transformers import Qwen3VLForConditionalGeneration
+
+        return Qwen3VLForConditionalGeneration
+
+    def config_class(self) -> type:
+        from transformers import Qwen3VLConfig
+
+        return Qwen3VLConfig
+
+    def query_key(self, attn: nn.Module, normed: torch.Tensor, query_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As HF's Qwen3-VL attention: RMS-normalise each head's q and k right after the projection."""
+        batch, n, _ = normed.shape
+        d = attn.head_dim
+        query = attn.q_norm(attn.q_proj(normed[:, query_index:][:, :1]).view(batch, 1, -1, d))
+        key = attn.k_norm(attn.k_proj(normed).view(batch, n, -1, d))
+        return query.transpose(1, 2), key.transpose(1, 2)
+
+    def vision_flops(self, config: Any, features: ImageFeatures) -> int:
+        from dllava.inference.vision_flops import qwen3_vl_vision_flops
+
+        return qwen3_vl_vision_flops(config.vision_config, self.patch_grids(config, features))
