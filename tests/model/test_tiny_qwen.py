@@ -193,3 +193,27 @@ def test_unknown_family_is_refused():
 
     with pytest.raises(ValueError, match="family"):
         build_tiny_qwen("qwen2_vl")
+
+
+def test_qwen2_5_windows_split_a_112_px_image_into_four():
+    """window_size 56 = 2x2 merged cells: the windowed ViT blocks differ from full attention already at 112 px."""
+    from transformers.vision_utils import get_vision_window_index
+
+    from dllava.model.tiny_qwen import TINY_QWEN2_5_VISION
+
+    v = TINY_QWEN2_5_VISION
+    grid = torch.tensor([[1, 112 // v["patch_size"], 112 // v["patch_size"]]])
+    _, cu_window_seqlens = get_vision_window_index(grid, v["spatial_merge_size"], v["window_size"], v["patch_size"])
+    assert cu_window_seqlens.tolist() == [0, 16, 32, 48, 64]  # four windows of 2x2 merged cells (16 patches)
+
+
+def test_processor_refuses_mismatched_images_and_grids(saved):
+    _, _, processor = saved
+    prompt = "<|vision_start|><|image_pad|><|vision_end|>yes"
+    image = _image(128, 128)
+    with pytest.raises(ValueError, match="placeholders"):
+        processor([prompt], [image, image])
+    with pytest.raises(ValueError, match="placeholders"):
+        processor([prompt + prompt], [image])
+    with pytest.raises(ValueError, match="patch groups"):
+        processor.image_tokens([1, 3, 4])

@@ -210,9 +210,9 @@ IMAGE_PROCESSOR_CLASSES: dict[str, type] = {
 class ImageTextProcessor:
     """Tokenizer plus image processor, saved and loaded as a pair, without torchvision.
 
-    It stands in for HF's Qwen processors, which cannot be built here. It does not tokenize and expand in
-    one call: the caller renders the chat template, expands the image placeholders with
-    :func:`expand_image_placeholders` (counts from :meth:`image_tokens`) and tokenizes.
+    It stands in for HF's Qwen processors, which cannot be built here: calling it does what theirs do
+    (image patches, one ``<|image_pad|>`` per merged token, ``mm_token_type_ids``); the pieces
+    (:meth:`image_tokens`, :func:`expand_image_placeholders`) serve callers that tokenize themselves.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_processor: Qwen2VLImageProcessorPil) -> None:
@@ -223,22 +223,33 @@ class ImageTextProcessor:
     def merge_size(self) -> int:
         return int(self.image_processor.merge_size)
 
+    @property
+    def image_token(self) -> str:
+        """The placeholder; released Qwen tokenizers may not name one, HF's processors default to this."""
+        return getattr(self.tokenizer, "image_token", None) or IMAGE_PAD
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
     def image_tokens(self, image_grid_thw_row: Sequence[int] | torch.Tensor) -> int:
         """LLM tokens of one image: t * h * w patches over merge_size**2 (the merger's 2x2 groups)."""
         t, h, w = (int(v) for v in image_grid_thw_row)
-        merged, rest = divmod(t * h * w, self.merge_size**2)
-        if rest or min(t, h, w) <= 0:
-            m = self.merge_size
+        m = self.merge_size
+        if min(t, h, w) <= 0 or h % m or w % m:
             raise ValueError(f"image_grid_thw row {(t, h, w)} is not a grid of whole {m}x{m} patch groups")
+        merged = t * h * w // (m * m)
         return merged
 
-    def __call__(self, text: str | Sequence[str], images: Sequence[Any] = (), **tokenizer_kwargs: Any) -> BatchFeature:
+    def __call__(
+        self, text: str | Sequence[str], images: Sequence[Any] = (), **tokenizer_kwargs: Any
+    ) -> BatchFeature:
         """What HF's Qwen processors return for ``text`` with one ``<|image_pad|>`` per image: ``input_ids``,
         ``attention_mask``, ``mm_token_type_ids`` and, given images, ``pixel_values`` (flattened patches of
         all images) and ``image_grid_thw``. Images are matched to placeholders in reading order across
         ``text``; the tokenizer's padding side applies (left for the tiny tokenizers)."""
         texts = [text] if isinstance(text, str) else list(text)
-        image_token = self.tokenizer.image_token
+        image_token = self.image_token
         data: dict[str, Any] = {}
         counts: list[int] = []
         if images:
@@ -255,7 +266,7 @@ class ImageTextProcessor:
         tokenizer_kwargs.setdefault("padding", True)
         encoded = self.tokenizer(expanded, return_tensors="pt", **tokenizer_kwargs)
         data.update(encoded)
-        data["mm_token_type_ids"] = mm_token_type_ids(encoded["input_ids"], self.tokenizer.image_token_id)
+        data["mm_token_type_ids"] = mm_token_type_ids(encoded["input_ids"], self.image_token_id)
         return BatchFeature(data)
 
     def save_pretrained(self, out: str | Path) -> Path:
