@@ -95,7 +95,7 @@ def test_ids_and_labels_equal_hf_template_and_assistant_mask(tokenizer, count):
     encoded = encode_chat(CONV, tokenizer, count)
     assert encoded.input_ids == ids
     assert encoded.labels == [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    assert sum(mask) == len("red".split()) + len("there are three shapes .".split()) + 2  # answers + two <|im_end|>
+    assert sum(mask) == 1 + 5 + 2  # "red", "there are three shapes .", two <|im_end|>
 
 
 def test_labels_cover_answers_and_im_end_only(tokenizer):
@@ -183,5 +183,7 @@ def test_bad_templates_and_counts_are_named():
     none.chat_template = None
     with pytest.raises(ValueError, match="no chat_template"):
         encode_chat(CONV, none, 4)
+    # a template passed in (a processor's) serves a tokenizer without one
+    assert encode_chat(CONV, none, 4, chat_template=QWEN3_STYLE) == encode_chat(CONV, _tokenizer(QWEN3_STYLE), 4)
     with pytest.raises(ValueError, match="num_image_tokens must be >= 1"):
         encode_chat(CONV, _tokenizer(QWEN3_STYLE), 0)

@@ -499,12 +499,18 @@ def test_layout_info_json_and_ensure_synthetic_name_the_options(tmp_path):
         (dict(cell=28, grid_sizes=[(4, 7)]), "2..6 rows and columns"),
         (dict(cell=28, grid_sizes=[(1, 4)]), "2..6 rows and columns"),
         (dict(cell=28, grid_sizes=[]), "at least one"),
-        (dict(cell=28, grid_sizes=["4x4"]), "integer pairs"),
     ],
 )
 def test_bad_layouts_are_rejected_with_reason(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_record("train", 0, 0, **kwargs)
+
+
+def test_badly_typed_layouts_are_rejected_with_reason():
+    with pytest.raises(TypeError, match="integer pairs"):
+        make_record("train", 0, 0, cell=28, grid_sizes=["4x4"])
+    with pytest.raises(TypeError, match="cell must be an integer"):
+        make_record("train", 0, 0, cell=28.0)
 
 
 def test_cli_writes_layout_shards(tmp_path, capsys):

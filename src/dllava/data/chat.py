@@ -21,7 +21,8 @@ Qwen3-VL's adds none); ``system`` passes one explicitly.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from dllava.data.conversation import (
     ASSISTANT_ROLE,
@@ -56,23 +57,25 @@ def render_chat(
     tokenizer: Any,
     add_generation_prompt: bool = False,
     end_of_turn: str = CHATML_END_OF_TURN,
+    chat_template: str | None = None,
 ) -> tuple[str, list[tuple[int, int]]]:
     """The template's text and the character span of every assistant answer with its end-of-turn token.
 
-    Raises when the template has no chat template, is not prefix-stable (rendering up to an answer does
-    not begin the full text) or puts anything between the generation prompt and the answer: labels found
-    that way would teach text the generation prompt never asks for."""
-    if not getattr(tokenizer, "chat_template", None):
+    ``chat_template`` (e.g. a processor's, when the tokenizer has none) replaces the tokenizer's. Raises
+    when there is no template, when it is not prefix-stable (rendering up to an answer does not begin the
+    full text) or when it puts anything between the generation prompt and the answer: labels found that
+    way would teach text the generation prompt never asks for."""
+    if not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat_template to render the conversation with")
-    text = _apply(tokenizer, messages, add_generation_prompt)
+    text = _apply(tokenizer, messages, add_generation_prompt, chat_template)
     spans: list[tuple[int, int]] = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        head = _apply(tokenizer, messages[:k], add_generation_prompt=True)
+        head = _apply(tokenizer, messages[:k], True, chat_template)
         answer = message["content"]
         if not isinstance(answer, str):
-            raise ValueError(f"assistant message {k} must be plain text, got {type(answer).__name__}")
+            raise TypeError(f"assistant message {k} must be plain text, got {type(answer).__name__}")
         if not text.startswith(head):
             raise ValueError(
                 f"chat template is not prefix-stable: the conversation rendered up to assistant message {k} "
@@ -87,8 +90,10 @@ def render_chat(
     return text, spans
 
 
-def _apply(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _apply(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, chat_template: str | None) -> str:
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
     return text
@@ -103,6 +108,7 @@ def encode_chat(
     image_token: str = QWEN_IMAGE_TOKEN,
     end_of_turn: str = CHATML_END_OF_TURN,
     system: str | None = None,
+    chat_template: str | None = None,
 ) -> EncodedConversation:
     """Tokenize one LLaVA record with the tokenizer's chat template into ids, labels and spans.
 
@@ -113,6 +119,7 @@ def encode_chat(
     ``answer_span`` is the final one, ``(n, n)`` for a generation prompt. ``for_generation`` drops a final
     answer and ends the prompt with the template's generation prompt. Raises
     :class:`~dllava.data.conversation.ImageSpanTruncated` when ``max_length`` would cut the image.
+    ``chat_template`` replaces the tokenizer's (a processor's template, when they differ).
     """
     turns = normalize_conversations(conversations)
     if for_generation and turns[-1][0] == ASSISTANT_ROLE:
@@ -122,7 +129,7 @@ def encode_chat(
     has_image = any(IMAGE_PLACEHOLDER in text for _, text in turns)
     if has_image and num_image_tokens < 1:
         raise ValueError(f"num_image_tokens must be >= 1 for a conversation with an image, got {num_image_tokens}")
-    text, spans = render_chat(chat_messages(turns, system), tokenizer, for_generation, end_of_turn)
+    text, spans = render_chat(chat_messages(turns, system), tokenizer, for_generation, end_of_turn, chat_template)
     text, spans = _expand_image(text, spans, image_token, num_image_tokens if has_image else 0)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])

@@ -12,7 +12,8 @@ them, so the result must equal one call of the image processor on the whole list
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -35,7 +36,9 @@ def qwen_pixel_inputs(image: Image.Image, image_processor: Any) -> dict[str, tor
         raise ValueError(f"expected one image_grid_thw row for one image, got shape {tuple(grid.shape)}")
     pixels = out["pixel_values"]
     if pixels.shape[0] != int(grid.prod()):
-        raise ValueError(f"pixel_values has {pixels.shape[0]} patch rows, image_grid_thw {grid.tolist()} says {int(grid.prod())}")
+        raise ValueError(
+            f"pixel_values has {pixels.shape[0]} patch rows, image_grid_thw {grid.tolist()} says {int(grid.prod())}"
+        )
     return {"pixel_values": pixels, "image_grid_thw": grid}
 
 
@@ -54,7 +57,8 @@ def collate_qwen_pixels(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str,
         raise ValueError("collate_qwen_pixels needs at least one sample")
     for i, s in enumerate(samples):
         if tuple(s["image_grid_thw"].shape) != (1, 3):
-            raise ValueError(f"sample {i}: expected one image (image_grid_thw of shape (1, 3)), got {tuple(s['image_grid_thw'].shape)}")
+            shape = tuple(s["image_grid_thw"].shape)
+            raise ValueError(f"sample {i}: expected one image (image_grid_thw of shape (1, 3)), got {shape}")
     return {
         "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
         "image_grid_thw": torch.cat([s["image_grid_thw"] for s in samples]),
@@ -67,5 +71,5 @@ def blank_image(image_processor: Any) -> Image.Image:
     processor allows (it may upscale it to ``min_pixels``; the grid it returns is what counts)."""
     side = int(image_processor.patch_size) * int(image_processor.merge_size)
     mean = getattr(image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
-    fill = tuple(int(round(255 * m)) for m in mean)
+    fill = tuple(round(255 * m) for m in mean)
     return Image.new("RGB", (side, side), fill)

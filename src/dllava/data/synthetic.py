@@ -33,10 +33,10 @@ import io
 import json
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import webdataset as wds
@@ -136,15 +136,16 @@ def layouts(
         check_geometry(image_size, grid)
         cell = image_size // grid
     if not isinstance(cell, int) or isinstance(cell, bool):
-        raise ValueError(f"cell must be an integer number of px, got {cell!r}")
+        raise TypeError(f"cell must be an integer number of px, got {cell!r}")
     if grid_sizes is None:
         grid_sizes = [(grid, grid)]
     if not grid_sizes:
         raise ValueError("grid_sizes must list at least one (rows, cols)")
     found = []
     for size in grid_sizes:
-        if isinstance(size, (str, bytes)) or len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
-            raise ValueError(f"grid_sizes entries must be (rows, cols) integer pairs, got {size!r}")
+        pair = not isinstance(size, (str, bytes)) and len(size) == 2
+        if not pair or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+            raise TypeError(f"grid_sizes entries must be (rows, cols) integer pairs, got {size!r}")
         found.append(check_layout(Layout(size[0], size[1], cell)))
     return tuple(found)
 
