@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from dllava.data.synthetic import (
     COLORS,
@@ -22,6 +23,8 @@ from dllava.data.synthetic import (
     POSITION_WORDS,
     SHAPES,
     SHORT_KINDS,
+    WIDE_POSITION_WORDS,
+    WIDE_WORDS,
     WORDS,
     _jpeg,
     generate,
@@ -373,3 +376,167 @@ def test_cli_writes_shards_and_info(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == {"train": 3, "val": 2, "test": 1}
     info = read_info(tmp_path)
     assert info["seed"] == 4 and info["splits"]["train"]["shards"] == ["train-000000.tar", "train-000001.tar"]
+
+
+# -- layouts for other vision towers (cell, grid_sizes) ----------------------------------------------
+QWEN_SIZES = [(4, 4), (4, 6), (6, 4)]
+
+
+def _wide_cell(question: str) -> tuple[int, int]:
+    row, col = re.search(POSITION, question).groups()
+    return WIDE_POSITION_WORDS.index(row), WIDE_POSITION_WORDS.index(col)
+
+
+def test_default_records_are_byte_identical_to_those_before_layouts_existed():
+    """Digest of records and raw pixels computed with the generator before ``cell`` / ``grid_sizes``
+    were added (commit f92b306), so the default task (and the trained tiny base) is unchanged."""
+    digest = hashlib.sha256()
+    for split, seed, geometry in (("train", 0, {}), ("val", 5, {}), ("test", 1, dict(image_size=72, grid=3))):
+        for index in range(8):
+            record, image = make_record(split, index, seed, **geometry)
+            digest.update(json.dumps(record, sort_keys=True).encode())
+            digest.update(image.tobytes())
+    assert digest.hexdigest() == "382fa963e495adf11c7f2c42ff280f8c1181da06850029b5fd5cf1288fe867b9"
+
+
+def test_a_single_explicit_layout_equal_to_the_default_changes_nothing():
+    for index in range(10):
+        record, image = make_record("train", index, 0)
+        same, same_image = make_record("train", index, 0, cell=24, grid_sizes=[(4, 4)])
+        assert record == same and image.tobytes() == same_image.tobytes()
+
+
+@pytest.mark.parametrize("cell, patch", [(28, 14), (32, 16)])
+def test_images_have_the_drawn_layouts_size_and_token_grid(cell, patch):
+    """Each record's image is rows x cols cells of ``cell`` px; with a Qwen-style processor (patch
+    ``cell / 2``, merge 2) one merged token is one cell, so token counts differ within a batch."""
+    processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, min_pixels=16 * 16, max_pixels=512 * 512)
+    seen = Counter()
+    for index in range(30):
+        record, image = make_record("train", index, 0, cell=cell, grid_sizes=QWEN_SIZES)
+        rows = {o["row"] for o in record["scene"]}
+        cols = {o["col"] for o in record["scene"]}
+        width, height = image.size
+        assert (height // cell, width // cell) in QWEN_SIZES and width % cell == 0 and height % cell == 0
+        assert max(rows) < height // cell and max(cols) < width // cell
+        grid = processor(images=[image], return_tensors="pt")["image_grid_thw"][0].tolist()
+        assert grid == [1, 2 * height // cell, 2 * width // cell]  # unresized: tokens = cells
+        seen[(height // cell, width // cell)] += 1
+    assert set(seen) == set(QWEN_SIZES)
+
+
+@pytest.mark.parametrize("cell, grid_sizes", [(28, QWEN_SIZES), (32, QWEN_SIZES), (28, [(2, 6), (6, 6)])])
+def test_layout_objects_stay_inside_one_patch_of_their_cell(cell, grid_sizes):
+    quadrant = cell // 2
+    for index in range(200):
+        record = make_conversation("train", index, 0, cell=cell, grid_sizes=grid_sizes)
+        assert len({(o["row"], o["col"]) for o in record["scene"]}) == len(record["scene"])
+        for obj in record["scene"]:
+            x0, y0, x1, y1 = obj["box"]
+            assert x0 // quadrant == (x1 - 1) // quadrant and y0 // quadrant == (y1 - 1) // quadrant, obj  # one patch
+            assert (y0 // cell, x0 // cell) == (obj["row"], obj["col"]), obj  # in its own cell
+            left, top = x0 // quadrant * quadrant, y0 // quadrant * quadrant
+            assert left + 1 <= x0 and x1 <= left + quadrant - 1 and top + 1 <= y0 and y1 <= top + quadrant - 1, obj
+
+
+def test_layout_images_have_colour_only_inside_boxes():
+    for index in range(12):
+        record, image = make_record("val", index, 0, cell=28, grid_sizes=QWEN_SIZES)
+        pixels = np.asarray(image).astype(int)
+        saturation = pixels.max(axis=2) - pixels.min(axis=2)
+        inside = np.zeros(saturation.shape, dtype=bool)
+        for obj in record["scene"]:
+            x0, y0, x1, y1 = obj["box"]
+            inside[y0:y1, x0:x1] = True
+            assert saturation[y0:y1, x0:x1].max() > 100
+        assert saturation[~inside].max() == 0
+
+
+def test_layout_answers_name_rows_and_columns_in_words():
+    positions = set()
+    for record in _records("train", 300, cell=28, grid_sizes=[(6, 6)]):
+        for kind, question, answer in _rounds(record):
+            tokens = set((question + " " + answer).split())
+            assert tokens <= set(WIDE_WORDS), tokens - set(WIDE_WORDS)
+            if kind in ("color", "shape"):
+                row, col = _wide_cell(question)
+                obj = next(o for o in record["scene"] if (o["row"], o["col"]) == (row, col))
+                assert answer == obj[kind if kind == "shape" else "color"]
+                positions |= {row, col}
+    assert positions == set(range(6))  # "five" and "six" are used
+    assert set(WORDS) < set(WIDE_WORDS) and set(WIDE_WORDS) - set(WORDS) == {"five", "six"}
+
+
+def test_layout_records_are_deterministic_by_seed(tmp_path):
+    options = dict(cell=32, grid_sizes=QWEN_SIZES)
+    record, image = make_record("test", 4, 2, **options)
+    again, image_again = make_record("test", 4, 2, **options)
+    assert record == again and image.tobytes() == image_again.tobytes()
+    assert make_conversation("test", 4, 2, **options) == record
+    sizes = [make_record("test", i, 2, **options)[1].size for i in range(12)]
+    assert sizes != [make_record("test", i, 3, **options)[1].size for i in range(12)]  # the draw follows the seed
+    generate(tmp_path / "serial", train=6, val=2, test=0, seed=1, samples_per_shard=2, workers=1, **options)
+    generate(tmp_path / "parallel", train=6, val=2, test=0, seed=1, samples_per_shard=2, workers=2, **options)
+    assert _payload_hashes(tmp_path / "serial") == _payload_hashes(tmp_path / "parallel")
+
+
+def test_layout_info_json_and_ensure_synthetic_name_the_options(tmp_path):
+    from dllava.data.datamodule import ensure_synthetic
+
+    info = generate(tmp_path, train=2, val=1, test=0, seed=0, cell=28, grid_sizes=[(4, 6)])
+    assert info["cell"] == 28 and info["grid_sizes"] == [[4, 6]] and read_info(tmp_path) == info
+    spec = dict(train=2, val=1, test=0, seed=0)
+    assert ensure_synthetic(str(tmp_path), **spec, cell=28, grid_sizes=[[4, 6]]) == info
+    with pytest.raises(ValueError, match="cell: on disk 28, configured None"):
+        ensure_synthetic(str(tmp_path), **spec, cell=None, grid_sizes=None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(cell=27), "cell must be an even number of >= 16 px"),
+        (dict(cell=14), "cell must be an even number of >= 16 px"),
+        (dict(cell=28, grid_sizes=[(4, 7)]), "2..6 rows and columns"),
+        (dict(cell=28, grid_sizes=[(1, 4)]), "2..6 rows and columns"),
+        (dict(cell=28, grid_sizes=[]), "at least one"),
+    ],
+)
+def test_bad_layouts_are_rejected_with_reason(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_record("train", 0, 0, **kwargs)
+
+
+def test_badly_typed_layouts_are_rejected_with_reason():
+    with pytest.raises(TypeError, match="integer pairs"):
+        make_record("train", 0, 0, cell=28, grid_sizes=["4x4"])
+    with pytest.raises(TypeError, match="cell must be an integer"):
+        make_record("train", 0, 0, cell=28.0)
+
+
+def test_cli_writes_layout_shards(tmp_path, capsys):
+    main(["--out", str(tmp_path), "--train", "4", "--val", "1", "--test", "0", "--cell", "32", "--grid-sizes", "4x4, 4x6"])
+    capsys.readouterr()
+    info = read_info(tmp_path)
+    assert info["cell"] == 32 and info["grid_sizes"] == [[4, 4], [4, 6]]
+    for sample in wds.WebDataset(str(tmp_path / "train-000000.tar"), shardshuffle=False):
+        assert Image.open(io.BytesIO(sample["jpg"])).size in {(128, 128), (192, 128)}
+    for args, message in ((["--grid-sizes", "4by4"], "ROWSxCOLS"), (["--cell", "28", "--grid-sizes", "7x4"], "2..6")):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "bad"), *args])
+        assert message in capsys.readouterr().err
+
+
+def test_datamodule_spec_check_names_bad_layout_keys():
+    from dllava.data.datamodule import check_synthetic_spec
+
+    check_synthetic_spec({"out": "x", "cell": 28, "grid_sizes": [[4, 4], [4, 6]]})
+    check_synthetic_spec({"out": "x", "cell": None, "grid_sizes": None})
+    for spec, error, message in (
+        ({"out": "x", "cell": "28"}, TypeError, "data.synthetic.cell"),
+        ({"out": "x", "cell": 27}, ValueError, "data.synthetic.cell must be even"),
+        ({"out": "x", "grid_sizes": [[4, 7]]}, ValueError, r"data.synthetic.grid_sizes\[0\]"),
+        ({"out": "x", "grid_sizes": "4x4"}, ValueError, "non-empty list of \\[rows, cols\\] pairs"),
+        ({"out": "x", "grid_sizes": [[4]]}, ValueError, r"grid_sizes\[0\] must be a \[rows, cols\] pair"),
+    ):
+        with pytest.raises(error, match=message):
+            check_synthetic_spec(spec)

@@ -88,13 +88,31 @@ SYNTHETIC_INTS = {"train": 0, "val": 0, "test": 0, "seed": 0, "image_size": 1, "
 def check_synthetic_spec(spec: Any) -> None:
     """Types and ranges of ``data.synthetic`` (the generator's arguments), named by their config keys."""
     check_mapping("data.synthetic", spec)
-    check_keys("data.synthetic", spec, ("out", "kinds", *SYNTHETIC_INTS))
+    check_keys("data.synthetic", spec, ("out", "kinds", "cell", "grid_sizes", *SYNTHETIC_INTS))
     check_str("data.synthetic.out", spec.get("out"))
     for name, low in SYNTHETIC_INTS.items():
         if name in spec:
             check_int(f"data.synthetic.{name}", spec[name], low=low)
     if "kinds" in spec:
         check_str_list("data.synthetic.kinds", spec["kinds"], nonempty=True)
+    cell = check_int("data.synthetic.cell", spec.get("cell"), low=16, optional=True)  # null: image_size // grid
+    if cell is not None and cell % 2:
+        raise ValueError(f"data.synthetic.cell must be even (each object sits in one quadrant of its cell), got {cell}")
+    if spec.get("grid_sizes") is not None:  # null: one square grid
+        check_grid_sizes("data.synthetic.grid_sizes", spec["grid_sizes"])
+
+
+def check_grid_sizes(key: str, value: Any) -> None:
+    """A non-empty list of ``[rows, cols]`` pairs, each side 2..6 (the synthetic task names rows in words)."""
+    from dllava.data.synthetic import MAX_SIDE
+
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{key} must be a non-empty list of [rows, cols] pairs, got {value!r}")
+    for i, size in enumerate(value):
+        if isinstance(size, (str, bytes)) or not isinstance(size, (list, tuple)) or len(size) != 2:
+            raise ValueError(f"{key}[{i}] must be a [rows, cols] pair, got {size!r}")
+        for side in size:
+            check_int(f"{key}[{i}]", side, low=2, high=MAX_SIDE)
 
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:

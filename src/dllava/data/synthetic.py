@@ -12,11 +12,18 @@ Design (measurements behind it: ../shared/CALIBRATION.md):
   answer uniformly from zero..three before choosing the colour, exist is yes half the time and its
   "no"s are often near misses.
 * ``describe`` answers list every object and its cell (tens of tokens), for text sparsification.
+* Other vision towers (:class:`Layout`): ``cell`` sets the cell side directly (28 px = one merged
+  Qwen2.5-VL token of 2 x 2 14-px patches, 32 px for Qwen3-VL's 16-px patches; an object still sits in one
+  quadrant = one patch) and ``grid_sizes`` lists (rows, cols) choices, up to 6 x 6, one drawn per record,
+  so a batch holds images of different sizes and token counts. Rows and columns five and six are named
+  "five" and "six" (:data:`WIDE_WORDS`). Without either option the records and shards are those of the
+  square ``image_size`` / ``grid`` task, byte for byte.
 
 Record ``i`` of a split draws everything (conversation, then pixels) from its own RNG seeded by
 ``(seed, split, i)``, so shards are byte-identical whatever the number of worker processes.
 
-CLI: ``python -m dllava.data.synthetic --out data/synthetic --train 20000 --val 512 --test 512``.
+CLI: ``python -m dllava.data.synthetic --out data/synthetic --train 20000 --val 512 --test 512``
+(Qwen2.5-VL sizes: ``--cell 28 --grid-sizes 4x4,4x6,6x4``).
 """
 
 from __future__ import annotations
@@ -26,10 +33,10 @@ import io
 import json
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import webdataset as wds
@@ -47,6 +54,8 @@ RGB = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 POSITION_WORDS = ("one", "two", "three", "four")
+WIDE_POSITION_WORDS = POSITION_WORDS + ("five", "six")  # rows / columns of a grid_sizes layout
+MAX_SIDE = len(WIDE_POSITION_WORDS)
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
 SHORT_KINDS = ("color", "shape", "count", "exist")
 LONG_KINDS = ("describe",)
@@ -73,7 +82,27 @@ WORDS: tuple[str, ...] = tuple(
     )
 )
 
+# Every word of any layout's records: WORDS plus the rows / columns five and six. WORDS itself stays the
+# square task's vocabulary (tiny LLaVA tokenizers are built from it).
+WIDE_WORDS: tuple[str, ...] = tuple(sorted(set(WORDS) | set(WIDE_POSITION_WORDS)))
+
 Scene = list[dict[str, Any]]
+
+
+class Layout(NamedTuple):
+    """An image of ``rows`` x ``cols`` cells of ``cell`` px: ``cols * cell`` px wide, ``rows * cell`` high."""
+
+    rows: int
+    cols: int
+    cell: int
+
+    @property
+    def width(self) -> int:
+        return self.cols * self.cell
+
+    @property
+    def height(self) -> int:
+        return self.rows * self.cell
 
 
 # -- validation --------------------------------------------------------------------------------------
@@ -85,6 +114,51 @@ def check_geometry(image_size: int, grid: int) -> None:
         raise ValueError(f"image_size must be divisible by grid, got image_size={image_size}, grid={grid}")
     if image_size // grid < 16 or (image_size // grid) % 2:
         raise ValueError(f"cells must be an even number of >= 16 px (objects sit in a quadrant), got image_size={image_size} / grid={grid}")
+
+
+def check_layout(layout: Layout) -> Layout:
+    """Raise unless rows and columns are 2..MAX_SIDE (named in words) and cells an even number of >= 16 px."""
+    rows, cols, cell = layout
+    if not (2 <= rows <= MAX_SIDE and 2 <= cols <= MAX_SIDE):
+        raise ValueError(f"grid sizes must have 2..{MAX_SIDE} rows and columns (named in words), got {rows}x{cols}")
+    if cell < 16 or cell % 2:
+        raise ValueError(f"cell must be an even number of >= 16 px (objects sit in a quadrant), got {cell}")
+    return layout
+
+
+def layouts(
+    image_size: int = 96, grid: int = 4, cell: int | None = None, grid_sizes: Sequence[Sequence[int]] | None = None
+) -> tuple[Layout, ...]:
+    """The layouts records draw from: the square ``grid`` x ``grid`` of ``image_size`` px by default;
+    ``cell`` replaces the cell side ``image_size // grid`` (``image_size`` is then unused) and
+    ``grid_sizes`` (``[(rows, cols), ...]``) replaces the single square grid."""
+    if cell is None:
+        check_geometry(image_size, grid)
+        cell = image_size // grid
+    if not isinstance(cell, int) or isinstance(cell, bool):
+        raise TypeError(f"cell must be an integer number of px, got {cell!r}")
+    if grid_sizes is None:
+        grid_sizes = [(grid, grid)]
+    if not grid_sizes:
+        raise ValueError("grid_sizes must list at least one (rows, cols)")
+    found = []
+    for size in grid_sizes:
+        pair = not isinstance(size, (str, bytes)) and len(size) == 2
+        if not pair or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+            raise TypeError(f"grid_sizes entries must be (rows, cols) integer pairs, got {size!r}")
+        found.append(check_layout(Layout(size[0], size[1], cell)))
+    return tuple(found)
+
+
+def parse_grid_sizes(text: str) -> list[tuple[int, int]]:
+    """``"4x4,4x6,6x4"`` -> ``[(4, 4), (4, 6), (6, 4)]`` (the CLI's ``--grid-sizes``)."""
+    sizes = []
+    for item in (part.strip() for part in text.split(",")):
+        match = re.fullmatch(r"(\d+)x(\d+)", item)
+        if not match:
+            raise ValueError(f"--grid-sizes takes ROWSxCOLS items separated by commas (e.g. 4x4,4x6), got {item!r}")
+        sizes.append((int(match.group(1)), int(match.group(2))))
+    return sizes
 
 
 def check_kinds(kinds: Collection[str]) -> tuple[str, ...]:
@@ -112,7 +186,7 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 # -- scenes ------------------------------------------------------------------------------------------
-def make_scene(rng: np.random.Generator, image_size: int = 96, grid: int = 4) -> Scene:
+def make_scene(rng: np.random.Generator, image_size: int = 96, grid: int = 4, layout: Layout | None = None) -> Scene:
     """2-4 objects in distinct cells, in reading order, each inside one quadrant of its cell.
 
     A cell is 2 x 2 vision patches (24 px cells, 12 px patches by default) and an object is drawn inside
@@ -123,16 +197,19 @@ def make_scene(rng: np.random.Generator, image_size: int = 96, grid: int = 4) ->
     the LLM never did).
 
     Each box ``[x0, y0, x1, y1]`` is half-open in pixels (PIL crop convention), quadrant - 3 to
-    quadrant - 2 px wide (9-10 px), at least 1 px inside its quadrant on every side.
+    quadrant - 2 px wide (9-10 px), at least 1 px inside its quadrant on every side. ``layout`` (rows, cols,
+    cell) replaces the square ``image_size`` / ``grid``.
     """
-    check_geometry(image_size, grid)
-    cell = image_size // grid
+    if layout is None:
+        check_geometry(image_size, grid)
+        layout = Layout(grid, grid, image_size // grid)
+    rows, cols, cell = check_layout(layout)
     quadrant = cell // 2
     count = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
-    cells = sorted(int(c) for c in rng.choice(grid * grid, size=count, replace=False))
+    cells = sorted(int(c) for c in rng.choice(rows * cols, size=count, replace=False))
     scene = []
     for index in cells:
-        row, col = divmod(index, grid)
+        row, col = divmod(index, cols)
         qy, qx = divmod(int(rng.integers(4)), 2)
         size = int(rng.integers(quadrant - 3, quadrant - 2 + 1))
         x0 = col * cell + qx * quadrant + int(rng.integers(1, quadrant - size))  # >= 1 px margin
@@ -149,16 +226,18 @@ def make_scene(rng: np.random.Generator, image_size: int = 96, grid: int = 4) ->
     return scene
 
 
-def render(scene: Scene, rng: np.random.Generator, image_size: int = 96) -> Image.Image:
-    """The scene's filled shapes on a textured grey background.
+def render(scene: Scene, rng: np.random.Generator, image_size: int = 96, layout: Layout | None = None) -> Image.Image:
+    """The scene's filled shapes on a textured grey background (``image_size`` square, or ``layout``'s
+    width x height).
 
     The background is a grey level in [90, 150] plus blocky noise (4 px blocks, +-15) and fine noise
     (+-6), slightly blurred: texture everywhere, grey only, so it cannot be mistaken for an object.
     """
+    height, width = (image_size, image_size) if layout is None else (layout.height, layout.width)
     base = int(rng.integers(90, 151))
-    blocks = rng.integers(-15, 16, size=(-(-image_size // 4),) * 2)
-    coarse = np.kron(blocks, np.ones((4, 4), dtype=np.int64))[:image_size, :image_size]
-    fine = rng.integers(-6, 7, size=(image_size, image_size))
+    blocks = rng.integers(-15, 16, size=(-(-height // 4), -(-width // 4)))
+    coarse = np.kron(blocks, np.ones((4, 4), dtype=np.int64))[:height, :width]
+    fine = rng.integers(-6, 7, size=(height, width))
     grey = np.clip(base + coarse + fine, 0, 255).astype(np.uint8)
     image = Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2)).filter(ImageFilter.GaussianBlur(0.8))
     draw = ImageDraw.Draw(image)
@@ -185,7 +264,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: list[int], fill: tup
 
 # -- questions ---------------------------------------------------------------------------------------
 def _where(obj: dict[str, Any]) -> str:
-    return f"row {POSITION_WORDS[obj['row']]} column {POSITION_WORDS[obj['col']]}"
+    return f"row {WIDE_POSITION_WORDS[obj['row']]} column {WIDE_POSITION_WORDS[obj['col']]}"
 
 
 def describe(scene: Scene) -> str:
@@ -289,12 +368,18 @@ def _exchanges(
     return asked
 
 
+def _draw_layout(rng: np.random.Generator, choices: tuple[Layout, ...]) -> Layout:
+    """The record's layout: drawn (first, from the record's RNG) only when there is a choice, so the
+    single-layout task draws exactly what it drew before layouts existed."""
+    return choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
+
+
 def _conversation(
-    rng: np.random.Generator, split: str, index: int, image_size: int, grid: int, kinds: tuple[str, ...]
+    rng: np.random.Generator, split: str, index: int, layout: Layout, kinds: tuple[str, ...]
 ) -> dict[str, Any]:
     plan = _draw_plan(rng, kinds)
     for _ in range(MAX_SCENE_DRAWS):
-        scene = make_scene(rng, image_size, grid)
+        scene = make_scene(rng, layout=layout)
         exchanges = _exchanges(plan, scene, rng)
         if exchanges is not None:
             break
@@ -315,24 +400,40 @@ def _conversation(
 
 
 def make_conversation(
-    split: str, index: int, seed: int, image_size: int = 96, grid: int = 4, kinds: Collection[str] = FINAL_KINDS
+    split: str,
+    index: int,
+    seed: int,
+    image_size: int = 96,
+    grid: int = 4,
+    kinds: Collection[str] = FINAL_KINDS,
+    cell: int | None = None,
+    grid_sizes: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """The record of :func:`make_record` without rendering its image (fast, for statistics)."""
-    check_geometry(image_size, grid)
-    return _conversation(_rng(seed, split, index), split, index, image_size, grid, check_kinds(kinds))
+    choices = layouts(image_size, grid, cell, grid_sizes)
+    rng = _rng(seed, split, index)
+    return _conversation(rng, split, index, _draw_layout(rng, choices), check_kinds(kinds))
 
 
 def make_record(
-    split: str, index: int, seed: int, image_size: int = 96, grid: int = 4, kinds: Collection[str] = FINAL_KINDS
+    split: str,
+    index: int,
+    seed: int,
+    image_size: int = 96,
+    grid: int = 4,
+    kinds: Collection[str] = FINAL_KINDS,
+    cell: int | None = None,
+    grid_sizes: Sequence[Sequence[int]] | None = None,
 ) -> tuple[dict[str, Any], Image.Image]:
     """Record ``index`` of ``split`` (LLaVA mix665k schema plus ``kinds`` and ``scene``) and its RGB image.
 
     ``kinds`` restricts the questions (e.g. ``["shape"]`` for a curriculum stage); the default draws
-    from all five kinds."""
-    check_geometry(image_size, grid)
+    from all five kinds. ``cell`` and ``grid_sizes`` choose other layouts (:func:`layouts`)."""
+    choices = layouts(image_size, grid, cell, grid_sizes)
     rng = _rng(seed, split, index)
-    record = _conversation(rng, split, index, image_size, grid, check_kinds(kinds))
-    return record, render(record["scene"], rng, image_size)  # pixels draw after the conversation
+    layout = _draw_layout(rng, choices)
+    record = _conversation(rng, split, index, layout, check_kinds(kinds))
+    return record, render(record["scene"], rng, layout=layout)  # pixels draw after the conversation
 
 
 # -- shards ------------------------------------------------------------------------------------------
@@ -351,14 +452,14 @@ def _shard_name(split: str, shard: int) -> str:
     return f"{split}-{shard:06d}.tar"
 
 
-def _write_shard(task: tuple[Path, str, int, int, int, int, int, int, tuple[str, ...]]) -> int:
+def _write_shard(task: tuple[Path, str, int, int, int, int, int, int, tuple[str, ...], int | None, Any]) -> int:
     """Write one shard under a temporary name, then move it into place; returns its record count."""
-    out, split, shard, start, stop, seed, image_size, grid, kinds = task
+    out, split, shard, start, stop, seed, image_size, grid, kinds, cell, grid_sizes = task
     path = out / _shard_name(split, shard)
     tmp = out / f".{path.name}.{os.getpid()}.tmp"  # dot-prefixed: shard globs never match it
     with wds.TarWriter(str(tmp), mtime=SHARD_MTIME) as sink:
         for index in range(start, stop):
-            sink.write(_sample(*make_record(split, index, seed, image_size, grid, kinds)))
+            sink.write(_sample(*make_record(split, index, seed, image_size, grid, kinds, cell, grid_sizes)))
     os.replace(tmp, path)
     return stop - start
 
@@ -382,14 +483,17 @@ def write_split(
     workers: int = 1,
     progress: tqdm | None = None,
     kinds: Collection[str] = FINAL_KINDS,
+    cell: int | None = None,
+    grid_sizes: Sequence[Sequence[int]] | None = None,
 ) -> list[str]:
     """Write ``num_records`` records of ``split`` as shards under ``out``; returns the shard file names.
 
     One task per shard, spread over ``workers`` processes; every record has its own RNG, so the bytes
     do not depend on ``workers``. ``progress`` (optional) is advanced by each finished shard's records.
+    ``cell`` / ``grid_sizes``: other layouts (:func:`layouts`).
     """
     _check_split(split)
-    check_geometry(image_size, grid)
+    layouts(image_size, grid, cell, grid_sizes)
     _check_at_least(split, num_records, 0)
     _check_at_least("seed", seed, 0)
     _check_at_least("samples-per-shard", samples_per_shard, 1)
@@ -398,7 +502,8 @@ def write_split(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = [
-        (out, split, shard, start, min(start + samples_per_shard, num_records), seed, image_size, grid, kinds)
+        (out, split, shard, start, min(start + samples_per_shard, num_records), seed, image_size, grid, kinds,
+         cell, grid_sizes)
         for shard, start in enumerate(range(0, num_records, samples_per_shard))
     ]
     if workers > 1 and len(tasks) > 1:
@@ -427,12 +532,17 @@ def generate(
     samples_per_shard: int = 1000,
     workers: int = 1,
     kinds: Collection[str] = FINAL_KINDS,
+    cell: int | None = None,
+    grid_sizes: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, Any]:
-    """Write all three splits, then ``info.json`` (atomically, last: its presence means complete)."""
+    """Write all three splits, then ``info.json`` (atomically, last: its presence means complete).
+
+    ``info.json`` names ``cell`` and ``grid_sizes`` only when they are set, so the default generation's
+    file is unchanged."""
     sizes = {"train": train, "val": val, "test": test}
     for split, count in sizes.items():
         _check_at_least(split, count, 0)
-    check_geometry(image_size, grid)
+    layouts(image_size, grid, cell, grid_sizes)
     kinds = check_kinds(kinds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -446,10 +556,14 @@ def generate(
         "kinds": list(kinds),
         "splits": {},
     }
+    if cell is not None:
+        info["cell"] = cell
+    if grid_sizes is not None:
+        info["grid_sizes"] = [list(size) for size in grid_sizes]
     with tqdm(total=sum(sizes.values()), desc=f"synthetic -> {out}", unit="rec") as progress:
         for split, count in sizes.items():
             shards = write_split(
-                out, split, count, seed, image_size, grid, samples_per_shard, workers, progress, kinds
+                out, split, count, seed, image_size, grid, samples_per_shard, workers, progress, kinds, cell, grid_sizes
             )
             info["splits"][split] = {"records": count, "shards": shards}
     tmp = out / f".info.json.{os.getpid()}.tmp"
@@ -481,6 +595,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=96, help="image side in px (default 96)")
     parser.add_argument("--grid", type=int, default=4, help="cells per side, 2..4 (default 4)")
+    parser.add_argument("--cell", type=int, default=None,
+                        help="px per cell, overriding image-size/grid (28 for Qwen2.5-VL, 32 for Qwen3-VL)")
+    parser.add_argument("--grid-sizes", default=None,
+                        help="comma-separated ROWSxCOLS choices (2..6), one drawn per record, e.g. 4x4,4x6,6x4")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=1, help="processes writing shards (default 1)")
     parser.add_argument(
@@ -499,13 +617,14 @@ def main(argv: list[str] | None = None) -> None:
             _check_at_least(name, getattr(args, name), 0)
         _check_at_least("samples-per-shard", args.samples_per_shard, 1)
         _check_at_least("workers", args.workers, 1)
-        check_geometry(args.image_size, args.grid)
+        grid_sizes = None if args.grid_sizes is None else parse_grid_sizes(args.grid_sizes)
+        layouts(args.image_size, args.grid, args.cell, grid_sizes)
         kinds = check_kinds([k for k in args.kinds.split(",") if k])
     except ValueError as err:
         parser.error(str(err))
     info = generate(
         args.out, args.train, args.val, args.test, args.seed, args.image_size, args.grid,
-        args.samples_per_shard, args.workers, kinds,
+        args.samples_per_shard, args.workers, kinds, args.cell, grid_sizes,
     )
     print(json.dumps({split: entry["records"] for split, entry in info["splits"].items()}))
 
