@@ -124,8 +124,6 @@ def encode_chat(
     turns = normalize_conversations(conversations)
     if for_generation and turns[-1][0] == ASSISTANT_ROLE:
         turns = turns[:-1]
-    if for_generation and turns[-1][0] != USER_ROLE:  # pragma: no cover - alternation makes this unreachable
-        raise ValueError("a generation prompt must end with a user turn")
     has_image = any(IMAGE_PLACEHOLDER in text for _, text in turns)
     if has_image and num_image_tokens < 1:
         raise ValueError(f"num_image_tokens must be >= 1 for a conversation with an image, got {num_image_tokens}")
