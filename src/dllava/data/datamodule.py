@@ -181,11 +181,15 @@ class SamplePreprocessor:
         except Exception as exn:  # the reader's warning names the shard and key
             raise name_origin(exn, sample.get("url"), sample.get("key"))
 
+    def blank_image(self) -> Image.Image:
+        """The image of a padding row: small, in the processor's mean colour."""
+        return Image.new("RGB", (32, 32), self.fill)
+
     def padding(self) -> dict[str, Any]:
         """A sample that only fills an exact pass up to its rank's share (``valid`` False, nothing
         supervised): a blank image and a one-word exchange, preprocessed like every sample so the batch
         runs through the same forward and generation."""
-        blank = Image.new("RGB", (32, 32), self.fill)
+        blank = self.blank_image()
         conv = [{"from": "human", "value": "<image>\n?"}, {"from": "gpt", "value": "-"}]
         sample = self._encode({"key": "padding", "image": blank, "record": {"id": "padding", "conversations": conv}})
         return {**sample, "labels": [IGNORE_INDEX] * len(sample["labels"]), "kind": "padding", "valid": False}
@@ -215,9 +219,73 @@ class SamplePreprocessor:
         }
 
 
+class ChatSamplePreprocessor(SamplePreprocessor):
+    """The same records for chat-template families with dynamic resolution (Qwen2.5-VL, Qwen3-VL).
+
+    The conversation is rendered with the tokenizer's own chat template (:mod:`dllava.data.chat`), the
+    image keeps its size (the processor rounds it to whole merged tokens, within its min/max pixels), so
+    each sample has its own image-token count; pixels are flattened patches plus ``image_grid_thw``
+    (:mod:`dllava.data.qwen_pixels`), concatenated over the batch by :func:`collate`.
+    """
+
+    def __init__(self, processor: Any, max_length: int) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_length = max_length
+        self.merge_size = int(processor.image_processor.merge_size)
+
+    def pixel_inputs(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        from dllava.data.qwen_pixels import qwen_pixel_inputs
+
+        return qwen_pixel_inputs(image, self.processor.image_processor)
+
+    def blank_image(self) -> Image.Image:
+        from dllava.data.qwen_pixels import blank_image
+
+        return blank_image(self.processor.image_processor)
+
+    def _encode(self, sample: dict[str, Any]) -> dict[str, Any]:
+        from dllava.data.chat import encode_chat
+        from dllava.data.qwen_pixels import image_token_count
+
+        record = sample["record"]
+        if sample["image"] is None:
+            raise TextOnlySample(f"sample {sample['key']!r} has no image member ({'/'.join(IMAGE_KEYS)})")
+        conv = record["conversations"]
+        pixels = self.pixel_inputs(sample["image"])
+        n_image = image_token_count(pixels["image_grid_thw"][0], self.merge_size)
+        train = encode_chat(conv, self.tokenizer, n_image, max_length=self.max_length)
+        prompt = encode_chat(conv, self.tokenizer, n_image, for_generation=True, max_length=self.max_length)
+        question, answer = final_exchange(conv)
+        kinds = record.get("kinds") or []
+        return {
+            "id": record.get("id", sample["key"]),
+            "input_ids": train.input_ids,
+            "labels": train.labels,
+            "image_span": train.image_span,
+            "answer_span": train.answer_span,
+            "prompt_ids": prompt.input_ids,
+            **pixels,
+            "question": question,
+            "answer": answer,
+            "kind": kinds[-1] if kinds else "all",
+        }
+
+
+def collate_pixels(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """One image per sample: (B, 3, H, W) stacked, or flattened patches concatenated in sample order
+    plus ``image_grid_thw`` (B, 3) when the samples carry a grid (dynamic resolution)."""
+    if "image_grid_thw" in samples[0]:
+        from dllava.data.qwen_pixels import collate_qwen_pixels
+
+        return collate_qwen_pixels(samples)
+    return {"pixel_values": torch.stack([s["pixel_values"] for s in samples])}
+
+
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Right-pad training ids/labels, left-pad generation prompts, stack images; ``valid`` is False for
-    the padding rows of an exact pass (:meth:`SamplePreprocessor.padding`)."""
+    """Right-pad training ids/labels, left-pad generation prompts, collate images
+    (:func:`collate_pixels`); ``valid`` is False for the padding rows of an exact pass
+    (:meth:`SamplePreprocessor.padding`)."""
     longest = max(len(s["input_ids"]) for s in samples)
     longest_prompt = max(len(s["prompt_ids"]) for s in samples)
     batch = len(samples)
@@ -237,7 +305,7 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        **collate_pixels(samples),
         "image_span": torch.tensor([s["image_span"] for s in samples]),
         "answer_span": torch.tensor([s["answer_span"] for s in samples]),
         "prompt_ids": prompt_ids,
@@ -353,11 +421,16 @@ class LlavaDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.preprocess is not None:
             return
-        from dllava.model.loading import load_processor
+        from dllava.model.loading import load_processor, processor_family
 
         self.processor = load_processor(self.processor_path)
-        num_image_tokens = count_image_tokens(self.processor)
         max_length = self.max_length or self.processor.tokenizer.model_max_length  # null: the tokenizer's
+        self.preprocess = processor_family(self.processor_path).sample_preprocessor(self.processor, max_length)
+        if not isinstance(self.preprocess, ChatSamplePreprocessor):
+            self._check_max_length(max_length)
+
+    def _check_max_length(self, max_length: int) -> None:
+        num_image_tokens = count_image_tokens(self.processor)
         # The image ends no earlier than after the system prompt; below that every sample is dropped.
         shortest = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": ""}]
         image_end = encode_conversation(shortest, self.processor.tokenizer, num_image_tokens).image_span[1]
@@ -366,7 +439,6 @@ class LlavaDataModule(L.LightningDataModule):
                 f"data.max_length must exceed {image_end} (system prompt + {num_image_tokens} image tokens of "
                 f"{self.processor_path}), got {max_length}"
             )
-        self.preprocess = SamplePreprocessor(self.processor, num_image_tokens, max_length)
 
     @property
     def world_size(self) -> int:

@@ -164,6 +164,11 @@ class FamilyAdapter:
     def load_processor(self, path: str) -> Any:
         raise NotImplementedError
 
+    def sample_preprocessor(self, processor: Any, max_length: int) -> Any:
+        """The :class:`~dllava.data.datamodule.SamplePreprocessor` that turns a (family-neutral) LLaVA
+        record into this family's token ids, labels and pixel inputs."""
+        raise NotImplementedError
+
 
 def next_positions(positions: torch.Tensor) -> torch.Tensor:
     """(R, B, 1) positions of the next generated token: one past each row's last column (a generated

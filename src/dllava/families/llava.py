@@ -69,3 +69,9 @@ class LlavaAdapter(FamilyAdapter):
         from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(path)
+
+    def sample_preprocessor(self, processor: Any, max_length: int) -> Any:
+        """vicuna_v1 template, square-padded CLIP pixels, the processor's fixed image-token count."""
+        from dllava.data.datamodule import SamplePreprocessor, count_image_tokens
+
+        return SamplePreprocessor(processor, count_image_tokens(processor), max_length)

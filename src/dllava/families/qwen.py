@@ -108,9 +108,15 @@ class QwenAdapter(FamilyAdapter):
 
     # -- data ------------------------------------------------------------------------------------
     def load_processor(self, path: str) -> Any:
-        from dllava.families.qwen_processor import ImageTextProcessor
+        from dllava.model.tiny_qwen import ImageTextProcessor
 
         return ImageTextProcessor.from_pretrained(path)
+
+    def sample_preprocessor(self, processor: Any, max_length: int) -> Any:
+        """The tokenizer's ChatML template, images at their own size (flattened patches + grid)."""
+        from dllava.data.datamodule import ChatSamplePreprocessor
+
+        return ChatSamplePreprocessor(processor, max_length)
 
 
 class Qwen3Adapter(QwenAdapter):

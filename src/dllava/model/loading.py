@@ -146,9 +146,13 @@ def load_base_model(source: ModelSource | dict[str, Any]) -> torch.nn.Module:
 load_llava = load_base_model  # its name before the family seam
 
 
+def processor_family(pretrained: str) -> Any:
+    """The family adapter of the model whose processor is saved at ``pretrained`` (from its config)."""
+    return adapter_for(_from_hub(AutoConfig.from_pretrained, pretrained).model_type)
+
+
 def load_processor(pretrained: str) -> Any:
     """The family's processor (tokenizer + image processor) saved beside the weights."""
     if pretrained.startswith(("/", ".", "~")) and not _is_local(pretrained):
         raise FileNotFoundError(f"processor directory {pretrained!r} does not exist")
-    model_type = _from_hub(AutoConfig.from_pretrained, pretrained).model_type
-    return _from_hub(adapter_for(model_type).load_processor, pretrained)
+    return _from_hub(processor_family(pretrained).load_processor, pretrained)

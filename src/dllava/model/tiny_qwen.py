@@ -154,7 +154,7 @@ def _check_family(family: str) -> str:
 def tiny_qwen_vocabulary() -> list[str]:
     """``<unk>``, the newline, every word of the ChatML roles, both system prompts and the synthetic task,
     then Qwen's special tokens in Qwen's order."""
-    text = " ".join(["system user assistant", DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPT, *synthetic.WORDS])
+    text = " ".join(["system user assistant", DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPT, *synthetic.WIDE_WORDS])
     vocab = [UNK, "\n"]
     for word, _ in _pre_tokenizer().pre_tokenize_str(text):
         if word not in vocab:
