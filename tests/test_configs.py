@@ -36,10 +36,8 @@ def test_trainer_options_instantiate(option, tmp_path):
 def test_fsdp_trainer_composes_and_its_strategy_instantiates_on_cpu(tmp_path):
     from lightning.pytorch.plugins.precision import FSDPPrecision
     from torch.distributed.fsdp import ShardingStrategy
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+    from dllava.training.sharding import FamilyUnits
     from dllava.training.strategies import FSDPStrategy
 
     cfg = compose("train", ["experiment=paper_7b", "trainer=fsdp", "trainer.devices=4", "trainer.num_nodes=2"], output_dir=tmp_path)
@@ -47,9 +45,10 @@ def test_fsdp_trainer_composes_and_its_strategy_instantiates_on_cpu(tmp_path):
     assert cfg.trainer.accumulate_grad_batches == 1  # the paper's global batch 64 = 8 x 4 GPUs x 2 nodes
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, FSDPStrategy)
-    assert isinstance(strategy.kwargs["auto_wrap_policy"], ModuleWrapPolicy)
-    assert set(strategy.kwargs["auto_wrap_policy"]._module_classes) == {LlamaDecoderLayer, CLIPEncoderLayer}
-    assert set(strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes) == {LlamaDecoderLayer}
+    # the family's own blocks (tests/training/test_sharding.py: what FSDP's traversal wraps per family)
+    assert isinstance(strategy.kwargs["auto_wrap_policy"], FamilyUnits) and strategy.kwargs["auto_wrap_policy"].parts == "all"
+    checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
+    assert isinstance(checkpointed, FamilyUnits) and checkpointed.parts == "decoder"
     assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD and strategy._state_dict_type == "sharded"
     assert strategy.kwargs["use_orig_params"] is True  # per-part learning rates by parameter name
     from dllava.training.sharding import materialize_empty

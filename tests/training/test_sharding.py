@@ -94,3 +94,38 @@ def test_ranks_receiving_fsdp_weights_build_an_empty_model_of_the_same_shape(tin
     loaded, empty = load_llava(source).state_dict(), empty_llava(source).state_dict()
     assert loaded.keys() == empty.keys()
     assert all(empty[k].is_meta and empty[k].shape == loaded[k].shape and empty[k].dtype == loaded[k].dtype for k in loaded)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl"])
+def test_fsdp1_policy_wraps_each_familys_own_blocks(family, tiny_model_dir, tmp_path):
+    """trainer=fsdp's FamilyUnits, run through FSDP's own module traversal (``_recursive_wrap``) with a
+    plain wrapper instead of FSDP (no process group needed): it wraps every instance of the family's
+    block classes (Qwen: HF's ``_no_split_modules``; LLaVA: its layer classes, as the config named them
+    before the seam, not the embeddings HF also lists), and for activation checkpointing only the
+    decoder layers."""
+    from torch import nn
+    from torch.distributed.fsdp.wrap import _recursive_wrap
+
+    from dllava.families import adapter_for
+    from dllava.model.tiny_qwen import save_tiny_qwen
+    from dllava.sparse.model import DynamicVLM
+    from dllava.training.sharding import FamilyUnits
+
+    class Wrapped(nn.Module):
+        def __init__(self, module, **kwargs):
+            super().__init__()
+            self.inner = module
+
+    path = tiny_model_dir if family == "llava" else save_tiny_qwen(tmp_path / family, family)
+    base = adapter_for(family).model_class().from_pretrained(path)
+    no_split = set(base.model._no_split_modules)
+    if family == "llava":
+        no_split = {"CLIPEncoderLayer", "LlamaDecoderLayer"}
+    root = nn.ModuleDict({"model": DynamicVLM(base, {"vision": False, "text": False})})
+    expected = {name for name, m in root.named_modules() if type(m).__name__ in no_split}
+    decoder = {name for name, m in root.named_modules() if type(m).__name__ in no_split and "language_model" in name}
+    for parts, want in (("all", expected), ("decoder", decoder)):
+        tree = nn.ModuleDict({"model": DynamicVLM(adapter_for(family).model_class().from_pretrained(path), {"vision": False, "text": False})})
+        _recursive_wrap(tree, auto_wrap_policy=FamilyUnits(parts), wrapper_cls=Wrapped, ignored_modules=set(), ignored_params=set())
+        wrapped = {name.replace(".inner", "") for name, m in tree.named_modules() if isinstance(m, Wrapped)}
+        assert wrapped == want and len(want) > 0

@@ -108,3 +108,38 @@ def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
         plain = DynamicVLM(base, model.sparsity, model.predictor_config)
     plain.load_state_dict(state, strict=True, assign=True)
     return plain
+
+
+class FamilyUnits:
+    """FSDP1 auto-wrap (or activation-checkpointing) policy: exactly the family adapter's units.
+
+    Lightning's ``FSDPStrategy`` takes its policy before the model exists, so a set of layer classes in
+    the config would name one family's classes. This callable finds the :class:`DynamicVLM` under the
+    root FSDP hands it first and wraps the modules its adapter lists: ``parts="all"`` every vision block
+    and decoder layer (``fsdp_units``, the classes of HF's ``_no_split_modules``), ``"decoder"`` the
+    decoder layers only (what activation checkpointing recomputes). Signature: FSDP's
+    ``(module, recurse, nonwrapped_numel)`` policy protocol.
+    """
+
+    PARTS = ("all", "decoder")
+
+    def __init__(self, parts: str = "all") -> None:
+        if parts not in self.PARTS:
+            raise ValueError(f"FamilyUnits parts must be one of {self.PARTS}, got {parts!r}")
+        self.parts = parts
+        self._units: set[int] | None = None
+
+    def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int = 0) -> bool:
+        if self._units is None:
+            self._units = {id(m) for m in self.units(module)}
+        return True if recurse else id(module) in self._units
+
+    def units(self, root: nn.Module) -> list[nn.Module]:
+        """The modules to wrap under ``root`` (which holds exactly one DynamicVLM)."""
+        models = [m for m in root.modules() if hasattr(m, "adapter") and hasattr(m, "base")]
+        if len(models) != 1:
+            raise ValueError(f"FamilyUnits needs exactly one DynamicVLM under the wrapped module, found {len(models)}")
+        model = models[0]
+        if self.parts == "decoder":
+            return list(decoder_layers(model))
+        return model.adapter.fsdp_units(model.base)
