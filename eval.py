@@ -52,7 +52,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     answered = None if cfg.compare.enabled else earlier_answers(out / "answers.jsonl", cfg.resume)  # before the slow load
     loaded = load_for_eval(cfg.ckpt_path, cfg.device, cfg.dtype)
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    questions = question_source(data, loaded.processor)
+    questions = question_source(data, loaded.processor, loaded.model.adapter)
     settings = dict(batch_size=data["batch_size"], max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.seed, progress=cfg.progress)
     if cfg.compare.enabled:
         metrics = compare(cfg, loaded, questions, out, settings)

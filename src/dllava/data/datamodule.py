@@ -171,9 +171,27 @@ class SamplePreprocessor:
         mean = getattr(processor.image_processor, "image_mean", [0.5, 0.5, 0.5])
         self.fill = tuple(int(round(255 * m)) for m in mean)
 
+    pads_to_square = True  # object positions are mapped through the square the image is padded to
+
     def pixel_values(self, image: Image.Image) -> torch.Tensor:
         image = expand_to_square(image, self.fill)
         return self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+    def pixel_inputs(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        """The model's pixel inputs for one image (LLaVA: ``pixel_values`` (3, H, W))."""
+        return {"pixel_values": self.pixel_values(image)}
+
+    def token_grid(self, pixels: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """(rows, cols) of the image's tokens (LLaVA: the square patch grid)."""
+        side = math.isqrt(self.num_image_tokens)
+        return (side, side) if side * side == self.num_image_tokens else (1, self.num_image_tokens)
+
+    def image_tokens(self, pixels: dict[str, torch.Tensor]) -> int:
+        return self.num_image_tokens
+
+    def encode_prompt(self, conversations: list[dict[str, Any]], n_image: int) -> Any:
+        """The generation prompt of ``conversations`` (ending with a user turn) in this family's template."""
+        return encode_conversation(conversations, self.tokenizer, n_image, for_generation=True, max_length=self.max_length)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -234,10 +252,26 @@ class ChatSamplePreprocessor(SamplePreprocessor):
         self.max_length = max_length
         self.merge_size = int(processor.image_processor.merge_size)
 
+    pads_to_square = False
+
     def pixel_inputs(self, image: Image.Image) -> dict[str, torch.Tensor]:
         from dllava.data.qwen_pixels import qwen_pixel_inputs
 
         return qwen_pixel_inputs(image, self.processor.image_processor)
+
+    def token_grid(self, pixels: dict[str, torch.Tensor]) -> tuple[int, int]:
+        _, h, w = (int(v) for v in pixels["image_grid_thw"][0])
+        return h // self.merge_size, w // self.merge_size
+
+    def image_tokens(self, pixels: dict[str, torch.Tensor]) -> int:
+        from dllava.data.qwen_pixels import image_token_count
+
+        return image_token_count(pixels["image_grid_thw"][0], self.merge_size)
+
+    def encode_prompt(self, conversations: list[dict[str, Any]], n_image: int) -> Any:
+        from dllava.data.chat import encode_chat
+
+        return encode_chat(conversations, self.tokenizer, n_image, for_generation=True, max_length=self.max_length)
 
     def blank_image(self) -> Image.Image:
         from dllava.data.qwen_pixels import blank_image

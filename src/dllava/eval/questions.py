@@ -25,7 +25,6 @@ reason code below and a detail); ``eval.py`` writes the list to ``skipped.jsonl`
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -33,8 +32,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from PIL import Image
 
-from dllava.data.conversation import ImageSpanTruncated, encode_conversation
-from dllava.data.datamodule import SamplePreprocessor, count_image_tokens, decode_sample, resolve_urls
+from dllava.data.conversation import ImageSpanTruncated
+from dllava.data.datamodule import SamplePreprocessor, collate_pixels, decode_sample, resolve_urls
 from dllava.data.reader import TextOnlySample, shard_samples
 from dllava.data.records import image_error
 
@@ -61,25 +60,43 @@ class Question:
     question_id: Any
     prompt: str  # the question text as asked (LLaVA's answer-file "prompt")
     prompt_ids: list[int]  # full generation prompt: system, earlier rounds, <image> tokens, question, "ASSISTANT:"
-    pixel_values: torch.Tensor  # (3, H, W) CLIP-normalised
+    pixel_values: torch.Tensor  # LLaVA: (3, H, W) CLIP-normalised; Qwen: (patches, C*T*P*P) flattened
     reference: str | list[str] | None = None
     kind: str = "all"
     evidence: list[int] | None = None  # image tokens (patches) that show an object, when the record says
+    image_grid_thw: torch.Tensor | None = None  # (1, 3) for families with dynamic resolution (Qwen)
+    grid: tuple[int, int] | None = None  # (rows, cols) of this image's tokens
+
+    @property
+    def pixels(self) -> dict[str, torch.Tensor]:
+        """The model's pixel inputs for this one image."""
+        found = {"pixel_values": self.pixel_values}
+        if self.image_grid_thw is not None:
+            found["image_grid_thw"] = self.image_grid_thw
+        return found
 
 
-def object_patches(scene: Sequence[dict[str, Any]], image_size: tuple[int, int], grid: int) -> list[int]:
-    """Row-major patch indices under the centres of a scene's object boxes (``[x0, y0, x1, y1]`` in image
-    pixels; the synthetic task's ``scene``), on the ``grid`` x ``grid`` patches of the square the image is
-    padded to (as :func:`~dllava.data.datamodule.expand_to_square` centres it)."""
+def object_patches(
+    scene: Sequence[dict[str, Any]], image_size: tuple[int, int], grid: int | tuple[int, int], square: bool = True
+) -> list[int]:
+    """Row-major token indices under the centres of a scene's object boxes (``[x0, y0, x1, y1]`` in image
+    pixels; the synthetic task's ``scene``) on a ``grid`` of (rows, cols) tokens (an int: square): with
+    ``square`` the grid covers the square the image is padded to (as
+    :func:`~dllava.data.datamodule.expand_to_square` centres it, LLaVA), else the image itself (Qwen,
+    whose processor keeps the aspect ratio)."""
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
     width, height = image_size
-    side = max(width, height)
-    dx, dy = (side - width) / 2, (side - height) / 2
+    if square:
+        side = max(width, height)
+        dx, dy, width, height = (side - width) / 2, (side - height) / 2, side, side
+    else:
+        dx = dy = 0.0
     patches = []
     for obj in scene:
         x0, y0, x1, y1 = obj["box"]
-        col = min(grid - 1, int(((x0 + x1) / 2 + dx) * grid / side))
-        row = min(grid - 1, int(((y0 + y1) / 2 + dy) * grid / side))
-        patches.append(row * grid + col)
+        col = min(cols - 1, int(((x0 + x1) / 2 + dx) * cols / width))
+        row = min(rows - 1, int(((y0 + y1) / 2 + dy) * rows / height))
+        patches.append(row * cols + col)
     return sorted(set(patches))
 
 
@@ -149,13 +166,12 @@ class ShardQuestions:
         answer_kinds: Sequence[str] | None = None,
         limit: int | None = None,
         max_length: int | None = None,
+        adapter: Any = None,
     ) -> None:
         self.urls = resolve_urls(urls, "data.shards")
         self.answer_kinds = None if answer_kinds is None else set(answer_kinds)
         self.limit = limit
-        n_image = count_image_tokens(processor)
-        self.grid = math.isqrt(n_image)
-        self.preprocess = SamplePreprocessor(processor, n_image, max_length or processor.tokenizer.model_max_length)
+        self.preprocess = make_preprocessor(processor, max_length, adapter)
         self.skipped: list[dict[str, Any]] = []
 
     def __iter__(self) -> Iterator[Question]:
@@ -212,18 +228,22 @@ class ShardQuestions:
         except Exception as err:  # a record the conversation template cannot render
             raise BadQuestion(CORRUPT_SAMPLE, f"{type(err).__name__}: {err}") from None
         scene = sample["record"].get("scene")
+        pixels = {k: item[k] for k in ("pixel_values", "image_grid_thw") if k in item}
+        grid = self.preprocess.token_grid(pixels)
         try:
-            evidence = object_patches(scene, sample["image"].size, self.grid) if scene else None
+            square = self.preprocess.pads_to_square
+            evidence = object_patches(scene, sample["image"].size, grid, square) if scene else None
         except Exception as err:
             raise BadQuestion(CORRUPT_SAMPLE, f"bad 'scene' ({type(err).__name__}: {err})") from None
         return Question(
             question_id=item["id"],
             prompt=item["question"],
             prompt_ids=item["prompt_ids"],
-            pixel_values=item["pixel_values"],
             reference=item["answer"],
             kind=item["kind"],
             evidence=evidence,
+            grid=grid,
+            **pixels,
         )
 
 
@@ -254,6 +274,7 @@ class QuestionFile:
         processor: Any,
         limit: int | None = None,
         max_length: int | None = None,
+        adapter: Any = None,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -261,9 +282,8 @@ class QuestionFile:
         self.image_folder = Path(image_folder) if image_folder else self.path.parent
         self.limit = limit
         self.tokenizer = processor.tokenizer
-        self.num_image_tokens = count_image_tokens(processor)
         self.max_length = max_length or self.tokenizer.model_max_length
-        self.preprocess = SamplePreprocessor(processor, self.num_image_tokens, self.max_length)
+        self.preprocess = make_preprocessor(processor, self.max_length, adapter)
         self.skipped: list[dict[str, Any]] = []
 
     def lines(self) -> Iterator[tuple[int, bytes]]:
@@ -297,17 +317,19 @@ class QuestionFile:
         image = load_image(self.image_folder / record["image"])
         text = record["text"]
         turns = [{"from": "human", "value": f"<image>\n{text}"}]
+        pixels = self.preprocess.pixel_inputs(image)
         try:
-            ids = encode_conversation(turns, self.tokenizer, self.num_image_tokens, for_generation=True, max_length=self.max_length)
+            ids = self.preprocess.encode_prompt(turns, self.preprocess.image_tokens(pixels))
         except ImageSpanTruncated as err:
             raise BadQuestion(TOO_LONG, f"{err} (data.max_length)") from None
         return Question(
             question_id=record["question_id"],
             prompt=text,
             prompt_ids=ids.input_ids,
-            pixel_values=self.preprocess.pixel_values(image),
             reference=record.get("answers", record.get("answer")),
             kind=str(record.get("category", "all")),
+            grid=self.preprocess.token_grid(pixels),
+            **pixels,
         )
 
 
@@ -383,15 +405,25 @@ def describe_skipped(skipped: Sequence[dict[str, Any]]) -> str:
     return f"{len(skipped)} question(s) skipped ({reasons}); first: {first['source']} {where}: {first['detail']}"
 
 
-def question_source(data: dict[str, Any], processor: Any) -> Iterable[Question]:
-    """The source ``data`` (the ``data`` node of conf/eval.yaml) names: a question file, else shards."""
+def make_preprocessor(processor: Any, max_length: int | None, adapter: Any = None) -> SamplePreprocessor:
+    """The family's sample preprocessor (``adapter``: the model's family; default LLaVA-1.5)."""
+    if adapter is None:
+        from dllava.families import adapter_for
+
+        adapter = adapter_for("llava")
+    return adapter.sample_preprocessor(processor, max_length or processor.tokenizer.model_max_length)
+
+
+def question_source(data: dict[str, Any], processor: Any, adapter: Any = None) -> Iterable[Question]:
+    """The source ``data`` (the ``data`` node of conf/eval.yaml) names: a question file, else shards;
+    preprocessed the way ``adapter``'s family (the model's) wants (default LLaVA-1.5)."""
     limit = data.get("limit")
     max_length = data.get("max_length")
     if data.get("questions"):
-        return QuestionFile(data["questions"], data.get("image_folder"), processor, limit, max_length)
+        return QuestionFile(data["questions"], data.get("image_folder"), processor, limit, max_length, adapter)
     if not data.get("shards"):
         raise ValueError("set data.shards (webdataset shards) or data.questions (a LLaVA question JSONL)")
-    return ShardQuestions(data["shards"], processor, data.get("answer_kinds"), limit, max_length)
+    return ShardQuestions(data["shards"], processor, data.get("answer_kinds"), limit, max_length, adapter)
 
 
 def batches(questions: Iterable[Question], batch_size: int) -> Iterator[list[Question]]:
@@ -408,7 +440,15 @@ def batches(questions: Iterable[Question], batch_size: int) -> Iterator[list[Que
 
 
 def collate_prompts(batch: Sequence[Question], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and mask (B, N) and stacked pixels (B, 3, H, W)."""
+    """Left-padded prompt ids and mask (B, N) and the batch's ``pixel_values`` (LLaVA: (B, 3, H, W)); the
+    other pixel inputs of a family (Qwen's ``image_grid_thw``) come from :func:`collate_questions`."""
+    ids, mask, images = collate_questions(batch, pad_id)
+    return ids, mask, images["pixel_values"]
+
+
+def collate_questions(batch: Sequence[Question], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Left-padded prompt ids and mask (B, N) and the batch's pixel inputs
+    (:func:`~dllava.data.datamodule.collate_pixels`: stacked (B, 3, H, W), or patches + grids)."""
     width = max(len(q.prompt_ids) for q in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -416,4 +456,4 @@ def collate_prompts(batch: Sequence[Question], pad_id: int) -> tuple[torch.Tenso
         n = len(q.prompt_ids)
         ids[i, width - n :] = torch.tensor(q.prompt_ids)
         mask[i, width - n :] = 1
-    return ids, mask, torch.stack([q.pixel_values for q in batch])
+    return ids, mask, collate_pixels([q.pixels for q in batch])

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from dllava.eval.answers import answer_record
 from dllava.eval.loading import LoadedModel
-from dllava.eval.questions import Question, batches, collate_prompts, describe_skipped, question_key
+from dllava.eval.questions import Question, batches, collate_questions, describe_skipped, question_key
 from dllava.eval.scoring import exact_match_any, vqa_accuracy
 from dllava.inference import flops
 from dllava.bench.inference import sync_device
@@ -172,14 +172,15 @@ def evaluate_arm(
     total = len(questions) if hasattr(questions, "__len__") else None
     bar = tqdm(total=total, desc=f"eval {arm.label}", unit="q", disable=not progress)
     for batch in batches(unanswered(), batch_size):
-        ids, mask, pixels = collate_prompts(batch, pad)
-        ids, mask, pixels = ids.to(device), mask.to(device), pixels.to(device, dtype)
+        ids, mask, images = collate_questions(batch, pad)
+        ids, mask = ids.to(device), mask.to(device)
+        images = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in images.items()}
         if warmup:  # the first call of a process pays for allocations and kernel selection
-            engine.generate(ids, mask, pixels, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+            engine.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **images)
             warmup = False
         sync_device(device)
         start = time.perf_counter()
-        result = engine.generate(ids, mask, pixels, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        result = engine.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **images)
         sync_device(device)
         seconds += time.perf_counter() - start
         texts = tokenizer.batch_decode(
