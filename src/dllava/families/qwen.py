@@ -108,7 +108,7 @@ class QwenAdapter(FamilyAdapter):
 
     # -- data ------------------------------------------------------------------------------------
     def load_processor(self, path: str) -> Any:
-        from dllava.model.tiny_qwen import ImageTextProcessor
+        from dllava.families.qwen_processor import ImageTextProcessor
 
         return ImageTextProcessor.from_pretrained(path)
 
