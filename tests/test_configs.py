@@ -193,3 +193,28 @@ def test_shipped_eval_and_bench_configs_pass_the_start_up_check(config, override
     from dllava.startup import check_bench_config, check_eval_config
 
     {"eval": check_eval_config, "bench": check_bench_config}[config](compose(config, overrides, output_dir=tmp_path))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=dllava_qwen2_5_vl_7b", "sparsity.keep=0.25", "trainer=fsdp", "trainer.devices=8"],
+    ["experiment=paper_qwen2_5_vl_7b", "trainer=fsdp", "trainer.devices=8"],
+    ["model=dllava_qwen3_vl_8b", "trainer=fsdp2", "trainer.devices=8"],
+])
+def test_qwen_analogue_of_the_paper_command_composes_and_passes_the_start_up_check(overrides, tmp_path):
+    """The Qwen analogue of `train.py model=dllava_7b ... trainer=fsdp`: the family's model config, the
+    FSDP strategy wrapping that family's blocks, the start-up checks; the model itself builds on meta."""
+    from dllava.model.loading import ModelSource, build_empty
+    from dllava.sparse.model import DynamicVLM
+    from dllava.startup import check_train_config
+
+    cfg = compose("train", overrides, output_dir=tmp_path)
+    check_train_config(cfg)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    predictor = model.pop("predictor")
+    base = build_empty(ModelSource(**{**model, "random_init": True}), "meta")
+    with torch.device("meta"):
+        dynamic = DynamicVLM(base, OmegaConf.to_container(cfg.sparsity, resolve=True), predictor)
+    assert dynamic.adapter.model_type == model["architecture"]["model_type"]
+    assert dynamic.image_predictor is not None and dynamic.sparsity.layer == cfg.sparsity.layer
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert type(strategy).__name__ in ("FSDPStrategy", "FSDP2Strategy")
