@@ -15,6 +15,14 @@ SIZES = {"qwen2_5_vl": [(112, 112), (112, 168), (168, 224)], "qwen3_vl": [(128, 
 QUESTIONS = ["what color is the shape ?", "how many shapes are there ?", "describe the image in detail ."]
 
 
+@pytest.fixture(scope="module")
+def saved_qwen(tmp_path_factory):
+    """A tiny model directory per Qwen family, written once for the module."""
+    from dllava.model.tiny_qwen import save_tiny_qwen
+
+    return {f: save_tiny_qwen(tmp_path_factory.mktemp(f), f) for f in SIZES}
+
+
 def _batch(family, path, tiny_processor):
     rng = np.random.default_rng(0)
     if family == "llava":
@@ -34,10 +42,8 @@ def _batch(family, path, tiny_processor):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("layer", [1, 2])
-def test_fastv_keeps_the_top_of_hf_attention_of_the_last_prompt_token(family, layer, tiny_model_dir, tiny_processor, tmp_path):
-    from dllava.model.tiny_qwen import save_tiny_qwen
-
-    path = tiny_model_dir if family == "llava" else save_tiny_qwen(tmp_path / family, family)
+def test_fastv_keeps_the_top_of_hf_attention_of_the_last_prompt_token(family, layer, tiny_model_dir, tiny_processor, saved_qwen):
+    path = tiny_model_dir if family == "llava" else saved_qwen[family]
     model_class = adapter_for(family).model_class()
     reference = model_class.from_pretrained(path, attn_implementation="eager").eval()
     batch = _batch(family, path, tiny_processor)
@@ -62,12 +68,10 @@ def test_fastv_keeps_the_top_of_hf_attention_of_the_last_prompt_token(family, la
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("method", ["dynamic", "fastv", "random"])
-def test_vision_start_and_end_tokens_are_never_dropped(family, method, tmp_path):
+def test_vision_start_and_end_tokens_are_never_dropped(family, method, saved_qwen):
     """Only ``<|image_pad|>`` tokens are droppable: after pruning at keep 0.1 every text column of each
     sample, ``<|vision_start|>`` and ``<|vision_end|>`` included, is still a valid key."""
-    from dllava.model.tiny_qwen import save_tiny_qwen
-
-    path = save_tiny_qwen(tmp_path / family, family)
+    path = saved_qwen[family]
     model = DynamicVLM(adapter_for(family).model_class().from_pretrained(path).eval(), {"layer": 1, "keep": 0.1},
                        {"d_model": 16, "heads": 2, "ff": 32, "layers": 1}).eval()
     batch = _batch(family, path, None)
