@@ -3,7 +3,7 @@
 Each entry point calls its check first, so a wrong value fails with its full key (``trainer.max_steps
 must be an integer >= 1, got -1``) before data is generated, a model is loaded or a run directory
 fills up. The settings classes check their own fields when they are created (``SparsityConfig``,
-``PredictorConfig``, ``OptimConfig``, ``ModelSource``, ``LlavaDataModule``, ``LlavaLitModule``, so
+``PredictorConfig``, ``OptimConfig``, ``ModelSource``, ``LlavaDataModule``, ``DynamicLitModule``, so
 they stay checked without Hydra); here they are created once more from the config, which also refuses
 keys they do not have. What only the entry points read (top-level keys, the Lightning ``Trainer``'s
 arguments, callbacks and loggers, eval's and bench's own keys) is checked here. The helpers are in
@@ -298,7 +298,7 @@ def check_run_keys(cfg: DictConfig) -> None:
 
 def check_train_config(cfg: DictConfig) -> None:
     """Every value of train.py's composed config that it or the classes it builds read."""
-    from dllava.training.module import LlavaLitModule, OptimConfig
+    from dllava.training.module import DynamicLitModule, OptimConfig
 
     check_run_keys(cfg)
     _apply("", {k: _plain(cfg, k) for k in ("train", "test", "export", "ckpt_path") if k in cfg}, {
@@ -316,9 +316,10 @@ def check_train_config(cfg: DictConfig) -> None:
         check_keys("data", _arguments_of(data), _arguments(LlavaDataModule.__init__))
         LlavaDataModule(**_arguments_of(data))
     module = check_mapping("module", _plain(cfg, "module"))
-    if _target_is(module, "LlavaLitModule"):  # its constructor checks its values; the model is built later
-        check_keys("module", _arguments_of(module), _arguments(LlavaLitModule.__init__))
-        LlavaLitModule(**_arguments_of(module))
+    if _target_is(module, "DynamicLitModule") or _target_is(module, "LlavaLitModule"):  # (its former name)
+        # its constructor checks its values; the model is built later
+        check_keys("module", _arguments_of(module), _arguments(DynamicLitModule.__init__))
+        DynamicLitModule(**_arguments_of(module))
     check_paths(cfg)
     check_trainer(check_mapping("trainer", _plain(cfg, "trainer")))
     check_callbacks(_plain(cfg, "callbacks"))

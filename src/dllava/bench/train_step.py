@@ -3,7 +3,7 @@
     python -m dllava.bench.train_step --model data/tiny_base --batch-size 32 --steps 20 --out bench_train_step.json
 
 Both arms train the same model on the same fixed synthetic batches (forward, backward, AdamW step)
-through :class:`dllava.training.module.LlavaLitModule`, the code ``train.py`` runs. Each arm runs in its
+through :class:`dllava.training.module.DynamicLitModule`, the code ``train.py`` runs. Each arm runs in its
 own fresh process, alternating dense/sparse for ``--repeats`` rounds, so neither inherits the other's
 allocator state; the table reports medians and the sparse/dense ratios. Peak memory is CUDA's
 ``max_memory_allocated`` on a GPU and, on CPU, the growth of the process's peak resident set (VmHWM,
@@ -60,13 +60,13 @@ def make_batches(model_dir: str, batch_size: int, count: int, text_min_len: int)
 
 def run_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     """Time ``args.steps`` optimizer steps of one arm in this process."""
-    from dllava.training.module import LlavaLitModule
+    from dllava.training.module import DynamicLitModule
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = ARMS[arm]
     sparsity = {**spec["sparsity"], "keep": args.keep, "text_min_len": args.text_min_len} if arm == "sparsify" else spec["sparsity"]
-    module = LlavaLitModule(
+    module = DynamicLitModule(
         model={"pretrained": args.model, "predictor": json.loads(args.predictor)},
         optim={"lr": 1e-4, "predictor_lr": 1e-3}, sparsity=sparsity, trainable=spec["trainable"],
     )

@@ -386,7 +386,9 @@ class TrainLoader(DataLoader):
 
 
 class LlavaDataModule(L.LightningDataModule):
-    """Lightning wrapper over the shard streams; the processor is loaded from the model directory."""
+    """Lightning wrapper over the shard streams of LLaVA-format records (for every model family: the
+    record is family-neutral, the preprocessing the processor's family's); the processor is loaded from
+    the model directory. The name is kept: Lightning stores the data position under it in checkpoints."""
 
     def __init__(
         self,

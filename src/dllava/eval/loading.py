@@ -1,6 +1,6 @@
 """Load a model to evaluate: a Lightning checkpoint (``.ckpt``) or a ``save_pretrained`` directory.
 
-* ``.ckpt`` (written by ``train.py``): the model is built as :class:`~dllava.training.module.LlavaLitModule`
+* ``.ckpt`` (written by ``train.py``): the model is built as :class:`~dllava.training.module.DynamicLitModule`
   builds it (``load_base_model`` of the hyper-parameters' ``model`` source, then ``DynamicVLM`` with their
   ``sparsity`` and predictor sizes), and the checkpoint's ``state_dict`` (keys ``model.*``) is loaded
   into it, strictly. The tokenizer and image processor come from ``model.pretrained``. The archive's
@@ -104,7 +104,7 @@ def read_lightning_checkpoint(path: Path) -> dict[str, Any]:
     except RuntimeError as err:  # a zip archive that torch cannot read (no data.pkl, ...)
         raise ValueError(f"ckpt_path={str(path)!r} is not a checkpoint of this project ({err}). {ACCEPTED}.") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint of LlavaLitModule (no state_dict/hyper_parameters). {ACCEPTED}.")
+        raise ValueError(f"{path} is not a Lightning checkpoint of DynamicLitModule (no state_dict/hyper_parameters). {ACCEPTED}.")
     return checkpoint
 
 
