@@ -36,6 +36,7 @@ from dllava.data.reader import (
     rank_share, resampled_stream,
 )
 from dllava.data.records import IMAGE_KEYS, UnreadableImage, image_error
+from dllava.families.llava import count_image_tokens  # noqa: F401  (its former home)
 from dllava.utils.checks import check_float, check_int, check_keys, check_mapping, check_str, check_str_list, check_urls
 
 
@@ -652,15 +653,3 @@ def ensure_synthetic(out: str, **spec: Any) -> dict[str, Any]:
             "or set data.synthetic.out to another directory."
         )
     return info
-
-
-def count_image_tokens(processor: Any) -> int:
-    """Image tokens per image as HF's LlavaProcessor expands them (patches, plus CLS unless dropped)."""
-    crop = getattr(processor.image_processor, "crop_size", None) or {}
-    size = crop.get("height") if isinstance(crop, dict) else None
-    if size is None:
-        size = processor.image_processor.size["shortest_edge"]
-    tokens = (size // processor.patch_size) ** 2 + processor.num_additional_image_tokens
-    if processor.vision_feature_select_strategy == "default":
-        tokens -= 1
-    return tokens

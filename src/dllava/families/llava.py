@@ -72,6 +72,18 @@ class LlavaAdapter(FamilyAdapter):
 
     def sample_preprocessor(self, processor: Any, max_length: int) -> Any:
         """vicuna_v1 template, square-padded CLIP pixels, the processor's fixed image-token count."""
-        from dllava.data.datamodule import SamplePreprocessor, count_image_tokens
+        from dllava.data.datamodule import SamplePreprocessor
 
         return SamplePreprocessor(processor, count_image_tokens(processor), max_length)
+
+
+def count_image_tokens(processor: Any) -> int:
+    """Image tokens per image as HF's LlavaProcessor expands them (patches, plus CLS unless dropped)."""
+    crop = getattr(processor.image_processor, "crop_size", None) or {}
+    size = crop.get("height") if isinstance(crop, dict) else None
+    if size is None:
+        size = processor.image_processor.size["shortest_edge"]
+    tokens = (size // processor.patch_size) ** 2 + processor.num_additional_image_tokens
+    if processor.vision_feature_select_strategy == "default":
+        tokens -= 1
+    return tokens
