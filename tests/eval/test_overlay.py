@@ -275,3 +275,88 @@ def test_eval_overlays_of_qwen_questions_draw_each_images_own_grid(family, tmp_p
                 assert centre == cell_colours[index] and tuple(out[row * cell, col * cell]) == KEPT_COLOR
             else:
                 assert centre[0] == centre[1] == centre[2]
+
+
+def _captured_logger():
+    """A W&B logger that keeps what it is given instead of starting a run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    class Captured(WandbLogger):
+        def __init__(self):
+            self.logged = []
+
+        def log_image(self, key, images, step=None, **kwargs):
+            self.logged.append((key, images, step))
+
+    return Captured()
+
+
+def _val_panel(module, batch, out, processor):
+    """``module.log_kept_patches`` as validation calls it (rank zero, W&B logger), the logged panel back."""
+    logger = _captured_logger()
+    module._trainer = SimpleNamespace(loggers=[logger], sanity_checking=False, is_global_zero=True, global_step=7,
+                                      datamodule=SimpleNamespace(processor=processor))
+    try:
+        module.log_kept_patches(batch, out)
+    finally:
+        module._trainer = None
+    [(key, [panel], step)] = logger.logged
+    assert key == "val/kept_patches" and step == 7 and isinstance(panel, Image.Image)
+    return panel
+
+
+_CONVERSATION = [{"from": "human", "value": "<image>\nwhat color is the circle ?"}, {"from": "gpt", "value": "red"}]
+_PREDICTOR = {"d_model": 32, "heads": 4, "ff": 64, "layers": 2}
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_val_panel_draws_each_samples_own_grid_through_the_adapter(family, tmp_path):
+    """The LightningModule's ``val/kept_patches`` on a Qwen batch of three image sizes: every sample's
+    image back from the batch's flattened patches, its keep row cut by ``image_valid`` to its own count."""
+    from dllava.data.datamodule import ChatSamplePreprocessor, collate
+    from dllava.model.tiny_qwen import ImageTextProcessor, save_tiny_qwen
+    from dllava.training.module import LlavaLitModule
+
+    path = save_tiny_qwen(tmp_path / "base", family)
+    processor = ImageTextProcessor.from_pretrained(path)
+    module = LlavaLitModule(model={"pretrained": str(path), "predictor": _PREDICTOR},
+                            sparsity={"keep": 0.25, "text_min_len": 16}, max_new_tokens=2)
+    module.configure_model()
+    module.eval()
+    token_px = processor.image_processor.patch_size * 2
+    shapes = [(4, 6), (2, 2), (6, 4)]
+    preprocess = ChatSamplePreprocessor(processor, 512)
+    samples = [preprocess({"key": str(i), "image": _cells(r, c, token_px, seed=i)[0], "record": {"conversations": _CONVERSATION}})
+               for i, (r, c) in enumerate(shapes)]
+    batch = collate(samples, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = module(batch, mode="eval")
+    assert out.image_keep.shape == (3, 24) and out.image_valid.sum(-1).tolist() == [24, 4, 24]
+
+    panel = _val_panel(module, batch, out, processor)
+    # the same panel drawn by hand from each sample's own image, row and grid
+    pictures = [_cells(r, c, token_px, seed=i)[0] for i, (r, c) in enumerate(shapes)]
+    rows = [out.image_keep[i, : r * c] for i, (r, c) in enumerate(shapes)]
+    expected = kept_patch_panel(pictures, rows, captions=batch["questions"], grids=shapes)
+    assert np.abs(np.asarray(panel, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
+
+
+def test_val_panel_of_a_llava_batch_is_unchanged(tiny_model_dir, tiny_processor):
+    """LLaVA through the adapter draws what the square-grid panel of the stacked pixels always drew."""
+    from dllava.data.datamodule import collate
+    from dllava.families import adapter_for
+    from dllava.training.module import LlavaLitModule
+
+    module = LlavaLitModule(model={"pretrained": str(tiny_model_dir), "predictor": _PREDICTOR},
+                            sparsity={"keep": 0.25, "text_min_len": 16}, max_new_tokens=2)
+    module.configure_model()
+    module.eval()
+    preprocess = adapter_for("llava").sample_preprocessor(tiny_processor, 512)
+    samples = [preprocess({"key": str(i), "image": _noise(96, 64, i), "record": {"conversations": _CONVERSATION}})
+               for i in range(3)]
+    batch = collate(samples, tiny_processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = module(batch, mode="eval")
+    panel = _val_panel(module, batch, out, tiny_processor)
+    expected = kept_patch_panel(batch["pixel_values"], out.image_keep, captions=batch["questions"])
+    assert np.array_equal(np.asarray(panel), np.asarray(expected))
