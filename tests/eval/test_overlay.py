@@ -124,7 +124,11 @@ def test_qwen_patches_invert_the_hf_image_processor(family):
 @pytest.mark.parametrize("family", QWEN_FAMILIES)
 def test_qwen_token_grids_are_each_images_merged_patch_grid(family):
     from dllava.families import adapter_for
-    from dllava.model.tiny_qwen import build_qwen_processor, tiny_qwen2_5_vl_config, tiny_qwen3_vl_config
+    from dllava.model.tiny_qwen import (
+        build_qwen_processor,
+        tiny_qwen2_5_vl_config,
+        tiny_qwen3_vl_config,
+    )
 
     processor = build_qwen_processor(family)
     make = tiny_qwen2_5_vl_config if family == "qwen2_5_vl" else tiny_qwen3_vl_config
@@ -223,16 +227,15 @@ class _NoCost:
 def test_eval_overlays_of_qwen_questions_draw_each_images_own_grid(family, tmp_path, monkeypatch):
     """Questions of three sizes answered in one padded batch: each example's keep row is cut to its own
     token count, and write_overlays draws it on that image (back from its patches) and its grid."""
+    import importlib.util
     import json
 
-    import dllava.eval.runner as runner
+    from dllava.eval import runner
     from dllava.eval.loading import LoadedModel
     from dllava.eval.questions import QuestionFile
     from dllava.model.tiny_qwen import build_tiny_qwen
     from dllava.sparse.model import DynamicVLM
     from tests.conftest import ROOT
-
-    import importlib.util
 
     spec = importlib.util.spec_from_file_location("eval_entry_pictures", ROOT / "eval.py")
     eval_entry = importlib.util.module_from_spec(spec)
