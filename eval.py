@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from dllava.eval.answers import AnswerAppender, read_partial_answer_file, write_answer_file
 from dllava.eval.compare import plan_arms, run_comparison
 from dllava.eval.loading import load_for_eval
-from dllava.eval.overlay import kept_patch_overlay, pixels_to_image, tile
+from dllava.eval.overlay import kept_patch_overlay, tile
 from dllava.eval.questions import describe_skipped, question_source, write_skipped
 from dllava.eval.runner import Arm, NoQuestions, evaluate_arm, flat_metrics
 from dllava.startup import check_eval_config
@@ -81,7 +81,7 @@ def single(
     summary = {**result.summary, "skipped": sum(skipped.values()), "skipped_reasons": skipped}
     write_json_atomic(out / "eval.json", summary)
     if result.examples:
-        write_overlays(result, out / "overlays")
+        write_overlays(result, out / "overlays", loaded.model.adapter, loaded.processor)
     s = summary
     latency = "no new answers" if s["latency_s"] is None else f"{1e3 * s['latency_s']:.2f} ms/question"
     print(f"{loaded.name} {arm.label}: accuracy {s['accuracy']}, VQA accuracy {s['vqa_accuracy']} over {s['scored']} "
@@ -118,15 +118,18 @@ def report_skipped(skipped: list[dict[str, Any]], out: Path) -> dict[str, int]:
     return counts
 
 
-def write_overlays(result: Any, folder: Path) -> Path:
-    """One PNG per drawn question plus ``overlays.png``, all of them in a grid."""
+def write_overlays(result: Any, folder: Path, adapter: Any, processor: Any = None) -> Path:
+    """One PNG per drawn question plus ``overlays.png``, all of them in a grid. Each question's image
+    comes back from its pixel inputs through the model's family ``adapter`` (un-normalised with
+    ``processor``'s statistics), its keep row (cut to its own token count) on its own token grid."""
     folder.mkdir(parents=True, exist_ok=True)
     tiles = []
     for index, (question, keep, answer) in enumerate(result.examples):
         reference = question.reference if not isinstance(question.reference, list) else "/".join(question.reference)
         caption = (f"{question.prompt}\nanswer: {answer} | ref: {reference}\n"
                    f"{result.arm.label}: kept {int(keep.sum())}/{keep.numel()} patches")
-        picture = kept_patch_overlay(pixels_to_image(question.pixel_values), keep, caption=caption)
+        image = adapter.images_for_pictures(question.pixels, processor)[0]
+        picture = kept_patch_overlay(image, keep, caption=caption, grid=question.grid)
         picture.save(folder / f"{index:03d}_{_slug(question.question_id)}.png")
         tiles.append(picture)
     panel = tile(tiles, columns=4)

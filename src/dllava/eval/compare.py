@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from dllava.eval.answers import write_answer_file
 from dllava.eval.loading import LoadedModel
-from dllava.eval.overlay import captioned, kept_patch_overlay, pixels_to_image, tile
+from dllava.eval.overlay import captioned, kept_patch_overlay, tile
 from dllava.eval.plots import pareto_plot, write_rows
 from dllava.eval.questions import Question
 from dllava.eval.runner import Arm, ArmResult, default_text, evaluate_arm
@@ -173,15 +173,16 @@ def overlay_panel(results: Sequence[tuple[LoadedModel, ArmResult]], keep: float,
     dense = next((r for _, r in results if r.arm.method == "dense" and r.examples), None)
     tiles, header = [], ["input image\n(question, reference, dense answer)"]
     header += [f"{r.arm.label}\n{describe(l)}" for l, r in columns]
+    loaded = columns[0][0]  # every compared model reads the same questions' pixels (one family)
     for i in range(count):
         question = columns[0][1].examples[i][0]
         reference = question.reference if isinstance(question.reference, str) or question.reference is None else "/".join(question.reference)
-        image = pixels_to_image(question.pixel_values)
+        image = loaded.model.adapter.images_for_pictures(question.pixels, loaded.processor)[0]
         answer = dense.examples[i][2] if dense is not None and i < len(dense.examples) else ""
         tiles.append(captioned(image, size, caption=f"{question.prompt}\nref: {reference} | dense: {answer}"))
         for _, r in columns:
             _, keep_mask, text = r.examples[i]
-            tiles.append(kept_patch_overlay(image, keep_mask, size=size, caption=f"answer: {text}"))
+            tiles.append(kept_patch_overlay(image, keep_mask, size=size, caption=f"answer: {text}", grid=question.grid))
     return tile(tiles, columns=1 + len(columns), header=header)
 
 

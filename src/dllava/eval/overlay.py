@@ -1,12 +1,16 @@
 """Pictures of what a sparsifier keeps: the image with dropped patches darkened, kept ones outlined.
 
-Image token ``i`` of a LLaVA prompt is CLIP patch ``i`` in row-major order (``vision_feature_select_strategy
-= "default"`` drops the CLS token), so a keep mask of ``n`` image tokens lays onto a ``sqrt(n)`` x
-``sqrt(n)`` grid over the image the model saw (after padding to a square, resizing and cropping). The
-helpers here draw from that image, or from the normalised ``pixel_values`` of a batch (denormalised
-with the processor's mean and std), which is all a LightningModule has during validation:
+Image token ``i`` of a prompt is cell ``i`` of the image's token grid in row-major order: for LLaVA a
+square ``sqrt(n)`` x ``sqrt(n)`` grid of CLIP patches (``vision_feature_select_strategy = "default"``
+drops the CLS token) over the square image the model saw; for Qwen2.5-VL / Qwen3-VL each image's own
+``rows`` x ``cols`` grid of merged 2x2 patch groups (``image_grid_thw`` h/2 x w/2) over the image at the
+size the processor resized it to. The helpers here draw from that image, or from the pixels of a batch
+(un-normalised with the processor's mean and std), which is all a LightningModule has during
+validation. The family adapter turns any family's pixel inputs back into images and token grids
+(``FamilyAdapter.images_for_pictures`` / ``token_grids``):
 
-    panel = kept_patch_panel(batch["pixel_values"][:8], out.image_keep[:8], captions=batch["questions"][:8])
+    pictures = adapter.images_for_pictures(pixels, image_processor)
+    panel = kept_patch_panel(pictures, keep_rows, grids=adapter.token_grids(config, pixels))
     wandb_logger.log_image("val/kept_patches", [panel], step=trainer.global_step)
 """
 
@@ -38,12 +42,42 @@ def patch_grid(n_image: int) -> tuple[int, bool]:
     raise ValueError(f"{n_image} image tokens do not form a square patch grid (with or without a CLS token)")
 
 
+Grid = tuple[int, int]  # (rows, cols) of image tokens
+
+
 def _as_bool_list(keep: torch.Tensor | np.ndarray | Sequence[bool]) -> list[bool]:
+    """Keep decisions as bools: bool masks as they are, 0/1 (or soft) values kept above 0.5."""
     if isinstance(keep, torch.Tensor):
-        keep = keep.detach().cpu().flatten().tolist()
+        keep = keep.detach().cpu().flatten()
+        keep = (keep if keep.dtype == torch.bool else keep.float() > 0.5).tolist()
     elif isinstance(keep, np.ndarray):
-        keep = keep.flatten().tolist()
-    return [bool(k) for k in keep]
+        keep = (keep if keep.dtype == np.bool_ else keep.astype(np.float32) > 0.5).flatten().tolist()
+    return [bool(k) if isinstance(k, (bool, np.bool_)) else bool(k > 0.5) for k in keep]
+
+
+def _on_grid(flags: list[bool], grid: Grid | None) -> tuple[list[bool], int, int]:
+    """The flags of the image tokens and their (rows, cols) grid: square from the count when ``grid`` is
+    None (a leading CLS entry dropped), else exactly ``rows * cols`` flags (a keep row padded to the
+    batch's largest count must be cut to this image's own count first: its tail is not on this image)."""
+    if grid is None:
+        side, has_cls = patch_grid(len(flags))
+        return (flags[1:] if has_cls else flags), side, side
+    rows, cols = (int(v) for v in grid)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"a token grid needs at least one row and one column, got {tuple(grid)}")
+    if len(flags) != rows * cols:
+        raise ValueError(
+            f"{len(flags)} keep entries do not fill a {rows}x{cols} token grid ({rows * cols}): cut a padded "
+            "keep row to this image's own token count"
+        )
+    return flags, rows, cols
+
+
+def cell_box(index: int, rows: int, cols: int, width: int, height: int) -> list[int]:
+    """Pixel box [x0, y0, x1, y1] (inclusive) of row-major token ``index`` on a ``rows`` x ``cols`` grid
+    over a ``width`` x ``height`` picture."""
+    row, col = divmod(index, cols)
+    return [col * width // cols, row * height // rows, (col + 1) * width // cols - 1, (row + 1) * height // rows - 1]
 
 
 def pixels_to_image(
@@ -56,11 +90,63 @@ def pixels_to_image(
     return Image.fromarray(array, "RGB")
 
 
+def patches_to_images(
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor | Sequence[Sequence[int]],
+    patch_size: int | None = None,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> list[Image.Image]:
+    """Qwen2-VL-style flattened patches (all images concatenated) back to one RGB image per
+    ``image_grid_thw`` row, at the size the processor resized it to (exact up to 8-bit rounding).
+
+    Inverts HF's ``Qwen2VLImageProcessor`` patchify: an image's rows are its patches in (h/m, w/m, m, m)
+    order (m = ``merge_size``: each merged token's m x m patches are contiguous), each row one patch as
+    (C, T, P, P), T = ``temporal_patch_size`` copies of a still image (the first frame is taken).
+    ``patch_size`` defaults to the one the row width implies.
+    """
+    x = pixel_values.detach().float().cpu()
+    grid = torch.as_tensor(image_grid_thw).reshape(-1, 3).tolist()
+    sizes = [int(t) * int(h) * int(w) for t, h, w in grid]
+    if x.ndim != 2 or x.shape[0] != sum(sizes):
+        raise ValueError(
+            f"pixel_values of shape {tuple(x.shape)} are not the flattened patches of image_grid_thw {grid} "
+            f"({sum(sizes)} patch rows expected)"
+        )
+    channels, m, frames = len(mean), int(merge_size), int(temporal_patch_size)
+    p = patch_size or math.isqrt(x.shape[1] // (channels * frames))
+    if channels * frames * p * p != x.shape[1]:
+        raise ValueError(
+            f"patch rows of {x.shape[1]} values are not {channels} channels x {frames} frames x {p}x{p} px "
+            "(check the image processor's patch_size and temporal_patch_size)"
+        )
+    images = []
+    for part, (t, h, w) in zip(torch.split(x, sizes), grid):
+        if h % m or w % m:
+            raise ValueError(f"image_grid_thw row {(t, h, w)} is not a grid of whole {m}x{m} patch groups")
+        cells = part.reshape(t, h // m, w // m, m, m, channels, frames, p, p)[0, :, :, :, :, :, 0]
+        # (h/m, w/m, m, m, C, P, P) -> (C, h/m, m, P, w/m, m, P) -> (C, H, W)
+        image = cells.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, h * p, w * p)
+        images.append(pixels_to_image(image, mean, std))
+    return images
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
         return ImageFont.load_default()
+
+
+def _fitted(image: Image.Image, size: int) -> Image.Image:
+    """``image`` with its longer side ``size`` px and its aspect ratio kept (a square at ``size`` x
+    ``size``): enlarged with NEAREST so small images stay crisp, reduced with BICUBIC."""
+    width, height = image.size
+    scale = size / max(width, height)
+    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.convert("RGB").resize(target, Image.NEAREST if width < size else Image.BICUBIC)
 
 
 def kept_patch_overlay(
@@ -70,37 +156,37 @@ def kept_patch_overlay(
     dim: float = 0.45,
     color: tuple[int, int, int] = KEPT_COLOR,
     caption: str | None = None,
+    grid: Grid | None = None,
 ) -> Image.Image:
-    """The image at ``size`` x ``size`` px: dropped patches grey and darkened to ``dim`` of their
-    brightness, kept patches in colour with a ``color`` border; an optional caption strip below.
+    """The image with its longer side ``size`` px: dropped tokens' cells grey and darkened to ``dim`` of
+    their brightness, kept cells in colour with a ``color`` border; an optional caption strip below.
 
-    ``image`` is the square image the model saw (see the module docstring); ``keep`` has one entry per
-    image token (``grid**2``, or ``grid**2 + 1`` with a leading CLS entry, which is ignored).
+    ``image`` is the image the model saw (see the module docstring); ``keep`` has one entry per image
+    token, row-major over ``grid`` = (rows, cols); without ``grid`` it is square (``side**2`` entries, or
+    ``side**2 + 1`` with a leading CLS entry, which is ignored), as for LLaVA.
     """
-    flags = _as_bool_list(keep)
-    grid, has_cls = patch_grid(len(flags))
-    if has_cls:
-        flags = flags[1:]
-    base = image.convert("RGB").resize((size, size), Image.NEAREST if image.width < size else Image.BICUBIC)
+    flags, rows, cols = _on_grid(_as_bool_list(keep), grid)
+    base = _fitted(image, size)
+    width, height = base.size
     dark = Image.eval(base.convert("L"), lambda v: int(v * dim)).convert("RGB")
-    mask = Image.new("L", (grid, grid))
-    mask.putdata([255 if k else 0 for k in flags])
-    out = Image.composite(base, dark, mask.resize((size, size), Image.NEAREST))
+    boxes = [cell_box(index, rows, cols, width, height) for index, kept in enumerate(flags) if kept]
+    mask = Image.new("L", (width, height), 0)
+    draw_mask = ImageDraw.Draw(mask)
+    for box in boxes:
+        draw_mask.rectangle(box, fill=255)
+    out = Image.composite(base, dark, mask)
     draw = ImageDraw.Draw(out)
-    width = max(1, size // (grid * 12))
-    for index, kept in enumerate(flags):
-        if kept:
-            row, col = divmod(index, grid)
-            box = [col * size // grid, row * size // grid, (col + 1) * size // grid - 1, (row + 1) * size // grid - 1]
-            draw.rectangle(box, outline=color, width=width)
+    line = max(1, min(width // cols, height // rows) // 12)
+    for box in boxes:
+        draw.rectangle(box, outline=color, width=line)
     if caption:
         out = _with_caption(out, caption)
     return out
 
 
 def captioned(image: Image.Image, size: int = 384, caption: str | None = None) -> Image.Image:
-    """The image itself at ``size`` x ``size`` px (no decisions drawn), with an optional caption strip."""
-    out = image.convert("RGB").resize((size, size), Image.NEAREST if image.width < size else Image.BICUBIC)
+    """The image itself with its longer side ``size`` px (no decisions drawn), with an optional caption strip."""
+    out = _fitted(image, size)
     return _with_caption(out, caption) if caption else out
 
 
@@ -125,7 +211,7 @@ def overlay_from_pixels(
     std: Sequence[float] = CLIP_STD,
     **kwargs,
 ) -> Image.Image:
-    """:func:`kept_patch_overlay` on normalised (3, H, W) pixels (what a batch holds)."""
+    """:func:`kept_patch_overlay` on normalised (3, H, W) pixels (what a LLaVA batch holds)."""
     return kept_patch_overlay(pixels_to_image(pixel_values, mean, std), keep, **kwargs)
 
 
@@ -157,24 +243,33 @@ def tile(
 
 
 def kept_patch_panel(
-    pixel_values: torch.Tensor,
-    image_keep: torch.Tensor,
+    images: torch.Tensor | Sequence[Image.Image],
+    image_keep: torch.Tensor | Sequence[torch.Tensor | Sequence[bool]],
     captions: Sequence[str] | None = None,
     count: int = 8,
     columns: int = 4,
     size: int = 192,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    grids: Sequence[Grid] | None = None,
 ) -> Image.Image:
-    """One picture of the first ``count`` samples of a batch: (B, 3, H, W) pixels and (B, n_image) keep
-    decisions (bool or 0/1) -> a grid of overlays, for W&B during validation."""
-    count = min(count, pixel_values.shape[0], image_keep.shape[0])
+    """One picture of the first ``count`` samples of a batch, a grid of overlays (for W&B during
+    validation).
+
+    ``images``: (B, 3, H, W) normalised pixels (un-normalised with ``mean``/``std``) or one image per
+    sample (``FamilyAdapter.images_for_pictures``); ``image_keep``: (B, n) decisions (bool or 0/1) or one
+    row per sample, each cut to that sample's own token count; ``grids``: each sample's (rows, cols)
+    token grid (default: square from the row's length)."""
+    count = min(count, len(images), len(image_keep))
+    if grids is not None:
+        count = min(count, len(grids))
     if count < 1:
         raise ValueError("kept_patch_panel needs at least one sample")
     tiles = []
     for i in range(count):
-        keep = image_keep[i] > 0.5 if image_keep.dtype != torch.bool else image_keep[i]
-        kept = int(keep.sum())
-        caption = f"kept {kept}/{keep.numel()}" + (f": {captions[i]}" if captions is not None else "")
-        tiles.append(overlay_from_pixels(pixel_values[i], keep, mean, std, size=size, caption=caption))
+        flags = _as_bool_list(image_keep[i])
+        caption = f"kept {sum(flags)}/{len(flags)}" + (f": {captions[i]}" if captions is not None else "")
+        picture = images[i] if isinstance(images[i], Image.Image) else pixels_to_image(images[i], mean, std)
+        grid = None if grids is None else grids[i]
+        tiles.append(kept_patch_overlay(picture, flags, size=size, caption=caption, grid=grid))
     return tile(tiles, columns)

@@ -188,7 +188,7 @@ def evaluate_arm(
         )
         image_keep = result.image_keep.cpu()  # (B, n_image) bool: what this generate kept
         for i in range(min(len(batch), examples - len(drawn))):
-            drawn.append((batch[i], image_keep[i], texts[i].strip()))
+            drawn.append((batch[i], image_keep[i, : result.image_tokens[i]], texts[i].strip()))  # its own tokens
         prompt_lens = mask.sum(-1).tolist()
         fresh = []
         for i, question in enumerate(batch):

@@ -169,6 +169,29 @@ class FamilyAdapter:
         record into this family's token ids, labels and pixel inputs."""
         raise NotImplementedError
 
+    # -- pictures --------------------------------------------------------------------------------
+    def images_for_pictures(self, images: dict[str, torch.Tensor], image_processor: Any = None) -> list[Any]:
+        """One displayable PIL image per sample of ``images`` (this family's pixel inputs, as a batch or
+        one question holds them), un-normalised with ``image_processor``'s mean and std (a processor
+        holding one works too; None: the family's default statistics): what the model saw, on which
+        :meth:`token_grids` lays the keep masks."""
+        raise NotImplementedError
+
+    def token_grids(self, config: Any, images: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        """(rows, cols) of each sample's image tokens (row-major, as its keep row is ordered)."""
+        raise NotImplementedError
+
+
+def image_statistics(image_processor: Any, default: tuple[Sequence[float], Sequence[float]]) -> dict[str, Any]:
+    """``image_processor``'s normalisation (``mean``, ``std``), from it or from the processor holding
+    it, or ``default`` when it has none: what pictures need to undo the normalisation."""
+    image_processor = getattr(image_processor, "image_processor", image_processor)
+    mean = getattr(image_processor, "image_mean", None)
+    std = getattr(image_processor, "image_std", None)
+    if mean is None or std is None:
+        mean, std = default
+    return {"mean": list(mean), "std": list(std)}
+
 
 def next_positions(positions: torch.Tensor) -> torch.Tensor:
     """(R, B, 1) positions of the next generated token: one past each row's last column (a generated

@@ -6,12 +6,13 @@ out on a square grid; positions skip left padding as HF ``generate`` does.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from dllava.families.base import FamilyAdapter, ImageFeatures
+from dllava.families.base import FamilyAdapter, ImageFeatures, image_statistics
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,27 @@ class LlavaAdapter(FamilyAdapter):
         from dllava.data.datamodule import SamplePreprocessor
 
         return SamplePreprocessor(processor, count_image_tokens(processor), max_length)
+
+    # -- pictures --------------------------------------------------------------------------------
+    def images_for_pictures(self, images: dict[str, torch.Tensor], image_processor: Any = None) -> list[Any]:
+        """Each (3, H, W) CLIP-normalised image (the square the model saw), un-normalised."""
+        from dllava.eval.overlay import CLIP_MEAN, CLIP_STD, pixels_to_image
+
+        pixels = images["pixel_values"]
+        if pixels.ndim == 3:  # one question's image
+            pixels = pixels[None]
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"LLaVA pixel_values must be (B, 3, H, W) or (3, H, W), got {tuple(images['pixel_values'].shape)}")
+        stats = image_statistics(image_processor, (CLIP_MEAN, CLIP_STD))
+        return [pixels_to_image(p, **stats) for p in pixels]
+
+    def token_grids(self, config: Any, images: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        """The same square patch grid for every image (``image_seq_length`` tokens; one row if not square)."""
+        n = int(config.image_seq_length)
+        side = math.isqrt(n)
+        pixels = images["pixel_values"]
+        batch = 1 if pixels.ndim == 3 else pixels.shape[0]
+        return [(side, side) if side * side == n else (1, n)] * batch
 
 
 def count_image_tokens(processor: Any) -> int:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from dllava.families.base import FamilyAdapter, ImageFeatures
+from dllava.families.base import FamilyAdapter, ImageFeatures, image_statistics
 
 
 class QwenAdapter(FamilyAdapter):
@@ -118,6 +118,32 @@ class QwenAdapter(FamilyAdapter):
 
         return ChatSamplePreprocessor(processor, max_length)
 
+    # -- pictures --------------------------------------------------------------------------------
+    # normalisation of the released checkpoints' processors, for pictures without an image processor
+    picture_statistics: tuple[tuple[float, ...], tuple[float, ...]] = (
+        (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711),
+    )
+
+    def images_for_pictures(self, images: dict[str, torch.Tensor], image_processor: Any = None) -> list[Any]:
+        """Each image rebuilt from its flattened patches at the size the processor resized it to (the
+        first of the temporal patch's copies of a still image), un-normalised."""
+        from dllava.eval.overlay import patches_to_images
+
+        processor = getattr(image_processor, "image_processor", image_processor)
+        return patches_to_images(
+            images["pixel_values"],
+            images["image_grid_thw"],
+            patch_size=getattr(processor, "patch_size", None),
+            merge_size=int(getattr(processor, "merge_size", None) or 2),
+            temporal_patch_size=int(getattr(processor, "temporal_patch_size", None) or 2),
+            **image_statistics(processor, self.picture_statistics),
+        )
+
+    def token_grids(self, config: Any, images: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        """(h, w) / merge_size of each ``image_grid_thw`` row: one token per merge_size x merge_size patches."""
+        merge = self.merge_size(config)
+        return [(int(h) // merge, int(w) // merge) for _, h, w in images["image_grid_thw"].reshape(-1, 3).tolist()]
+
 
 class Qwen3Adapter(QwenAdapter):
     """Qwen3-VL: 16 px patches, interleaved M-RoPE, q/k norms, DeepStack."""
@@ -127,6 +153,8 @@ class Qwen3Adapter(QwenAdapter):
         "projector": ("model.visual.merger.", "model.visual.deepstack_merger_list."),
         "vision": ("model.visual.",),
     }
+
+    picture_statistics = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
     def model_class(self) -> type[nn.Module]:
         from transformers import Qwen3VLForConditionalGeneration

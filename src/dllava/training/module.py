@@ -358,7 +358,9 @@ class DynamicLitModule(L.LightningModule):
 
     def log_kept_patches(self, batch: dict[str, Any], out: Any, count: int = 8) -> None:
         """Kept (outlined) vs dropped (greyed) patches of the first validation batch, as the W&B image
-        ``val/kept_patches`` (PAPER.md's inference top-k, the decisions val metrics use)."""
+        ``val/kept_patches`` (PAPER.md's inference top-k, the decisions val metrics use). Each sample's
+        image comes back from its pixel inputs through the family adapter and its keep row, cut to its
+        own token count (``out.image_valid``), is drawn on its own token grid."""
         from lightning.pytorch.loggers import WandbLogger
 
         from dllava.eval.overlay import kept_patch_panel
@@ -367,13 +369,14 @@ class DynamicLitModule(L.LightningModule):
         if out.image_keep is None or not loggers or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         processor = getattr(getattr(self.trainer, "datamodule", None), "processor", None)
-        image_processor = getattr(processor, "image_processor", None)
-        stats = {}
-        if image_processor is not None and getattr(image_processor, "image_mean", None) is not None:
-            stats = {"mean": image_processor.image_mean, "std": image_processor.image_std}
+        adapter = self.model.adapter
+        count = min(count, out.image_keep.shape[0])
+        pixels = adapter.select_rows(adapter.pixel_inputs(batch), list(range(count)))
+        keep = out.image_keep[:count].detach().cpu()
+        valid = out.image_valid[:count].cpu() if out.image_valid is not None else torch.ones_like(keep, dtype=torch.bool)
         panel = kept_patch_panel(
-            batch["pixel_values"][:count].float().cpu(), out.image_keep[:count].detach().cpu(),
-            captions=batch["questions"][:count], **stats,
+            adapter.images_for_pictures(pixels, processor), [k[v] for k, v in zip(keep, valid)],
+            captions=batch["questions"][:count], grids=adapter.token_grids(self.model.base.config, pixels),
         )
         loggers[0].log_image("val/kept_patches", [panel], step=self.global_step)
 
