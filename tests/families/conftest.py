@@ -6,6 +6,11 @@ reference (its forward and generate), and ``model``, a :class:`DynamicVLM` aroun
 wrapper switches its decoder's attention to the gated kernel). The prompts are a left-padded batch of
 three, each with one image; where the family has dynamic resolution the images have different sizes,
 so the samples hold different image-token counts (the case that breaks batched pruning).
+
+Adding a family (after its adapter is registered in :mod:`dllava.families`): its ``model_type`` in
+``FAMILIES``, a sparsity layer in ``SPARSE_LAYER``, image sizes in ``IMAGE_SIZES``, and a branch in
+``_save`` (write a tiny random model of it from its own HF config class) and ``_texts`` (its prompt
+format); everything else goes through the adapter.
 """
 
 from __future__ import annotations
