@@ -237,6 +237,51 @@ def test_cache_equals_no_cache(family: Family, method: str, text):
     assert a.text_tokens_kept == b.text_tokens_kept
 
 
+def test_no_cache_step_equals_masked_forward_with_text_decisions(family: Family):
+    """DynamicVLM's own gated forward in ``generate`` mode (its top-k of the image predictor, its text
+    threshold from the first fed token on) over prompt + fed tokens: the engine's no-cache step."""
+    engine = SparseEngine(family.model, method="dynamic", keep=0.25, text="learned")
+    fed = torch.randint(3, 60, (3, 7), generator=torch.Generator().manual_seed(1))
+    logits, _, state = _run(engine, family.input_ids, family.attention_mask, family.images, fed, False, steps=7)
+    ids = torch.cat([family.input_ids, fed[:, :6]], 1)
+    mask = torch.cat([family.attention_mask, torch.ones_like(fed[:, :6])], 1)
+    with torch.no_grad():
+        masked = family.model(ids, mask, mode="generate", generated_from=family.input_ids.shape[1], keep=0.25,
+                              **family.images)
+    assert torch.equal(masked.image_keep.bool(), state.image_keep)
+    diff = (logits[:, -1] - masked.logits[:, -1].float()).abs().max().item()
+    assert diff <= ATOL, diff
+
+
+def test_cache_holds_exactly_the_counted_tokens(family: Family):
+    engine = SparseEngine(family.model, method="dynamic", keep=0.25, text=0.5)
+    _, state = engine.start(family.input_ids, family.attention_mask, **family.images)
+    for _ in range(6):
+        engine.step(state, torch.full((3,), 7))
+    dense, sparse = state.cache.token_counts()
+    prompt = family.attention_mask.sum(-1).tolist()
+    assert dense == [p + 6 for p in prompt]
+    # each sample: its own image tokens cut to int(n_b * keep), 6 fed tokens at rate 0.5 -> 3 kept
+    assert sparse == [p - c + num_kept(c, 0.25) + 3 for p, c in zip(prompt, family.counts)]
+    valid = state.cache.valid
+    assert valid[0].sum(-1).tolist() == dense and valid[1].sum(-1).tolist() == sparse
+
+
+def test_fastv_keeps_the_image_tokens_hf_eager_attention_ranks_highest(family: Family):
+    """FastV recomputes q/k of layer K-1 (with the family's q/k norms and M-RoPE): its ranking is the
+    last prompt token's attention that HF's eager attention reports, mean over heads, per sample."""
+    eager = family.adapter.model_class().from_pretrained(family.path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        attentions = eager(**family.inputs, output_attentions=True).attentions
+    score = attentions[family.sparse_layer - 1][:, :, -1].mean(1)  # (B, N): left padding, last column
+    engine = SparseEngine(family.model, method="fastv", keep=0.25, text="off")
+    state = engine.start(family.input_ids, family.attention_mask, **family.images)[1]
+    for b, count in enumerate(family.counts):
+        image = family.input_ids[b] == family.image_token_id
+        expected = score[b][image].topk(num_kept(count, 0.25)).indices.sort().values
+        assert state.image_keep[b, :count].nonzero()[:, 0].tolist() == expected.tolist()
+
+
 # -- 6. batch == per sample ------------------------------------------------------------------------
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
 @pytest.mark.parametrize("method", ["dynamic", "fastv"])
