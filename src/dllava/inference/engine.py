@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from dllava.families import ImageFeatures, gather_columns, next_positions
 from dllava.inference.cache import DENSE, SPARSE, SparseKVCache
 from dllava.inference.flops import DecoderShape, cache_tokens, kv_bytes
-from dllava.families import ImageFeatures, gather_columns, next_positions
 from dllava.inference.selection import (
     check_method,
     check_text_policy,
@@ -38,7 +37,7 @@ from dllava.inference.selection import (
     num_kept,
     text_rate_keep,
 )
-from dllava.sparse.decisions import image_columns
+from dllava.sparse.decisions import image_columns, keep_score
 from dllava.sparse.model import DynamicVLM
 
 
@@ -170,7 +169,7 @@ class SparseEngine:
             return valid
         if self.method == "dynamic":
             logits = self.model.image_predictor(image_hidden, valid=valid if ragged else None)
-            score = F.log_softmax(logits.float(), dim=-1)[..., 0]
+            score = keep_score(logits)  # as DynamicVLM's top-k ranks (log p(keep) saturates in fp32)
         elif self.method == "fastv":
             score = fastv_score.float()
         else:

@@ -21,6 +21,17 @@ def threshold_keep(logits: torch.Tensor) -> torch.Tensor:
     return (logits[..., 0] > logits[..., 1]).float()
 
 
+def keep_score(logits: torch.Tensor) -> torch.Tensor:
+    """The top-k ranking score of each token: the keep-minus-drop logit margin, in fp32, (..., 2) -> (...).
+
+    It orders tokens as log p(keep) does (that is ``-softplus(-margin)``, increasing in the margin) but
+    never saturates: past a margin of about 17, ``log_softmax`` gives exactly 0.0 in fp32 for every
+    confident token, and top-k then breaks the ties by position and tensor shape, so a sample would keep
+    different tokens alone and in a padded batch."""
+    logits = logits.float()
+    return logits[..., 0] - logits[..., 1]
+
+
 def num_kept(n: int, keep: float) -> int:
     """``int(n * keep)`` (at least one): the inference-time image budget of every method."""
     if not 0 < keep <= 1:
@@ -29,11 +40,11 @@ def num_kept(n: int, keep: float) -> int:
 
 
 def topk_keep(logits: torch.Tensor, keep: float, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep the ``int(n_b * keep)`` tokens with the highest keep log-probability in each row b:
-    (B, n, 2) -> (B, n). ``valid`` (B, n) marks each row's real tokens (``n_b`` of them, first in the
+    """Keep the ``int(n_b * keep)`` tokens with the highest keep log-probability in each row b (ranked by
+    :func:`keep_score`): (B, n, 2) -> (B, n). ``valid`` (B, n) marks each row's real tokens (``n_b`` of them, first in the
     row) when rows hold different counts; padding slots are never kept."""
     n = logits.shape[-2]
-    score = F.log_softmax(logits.float(), dim=-1)[..., 0]
+    score = keep_score(logits)
     kept = torch.zeros_like(score)
     if valid is None:
         return kept.scatter(-1, score.topk(num_kept(n, keep), dim=-1).indices, 1.0)
