@@ -109,7 +109,7 @@ class QwenAdapter(FamilyAdapter):
     # -- data ------------------------------------------------------------------------------------
     def load_processor(self, path: str) -> Any:
         """dllava's torchvision-free stand-in for HF's Qwen processors (HF's cannot be built here)."""
-        from dllava.model.tiny_qwen import ImageTextProcessor
+        from dllava.families.qwen_processor import ImageTextProcessor
 
         return ImageTextProcessor.from_pretrained(path)
 
