@@ -101,8 +101,8 @@ def test_tiny_qwen_on_meta_counts_what_the_engine_runs(tiny_qwen_dir):
                **{name: arm["prefill"]["flops"] for name, arm in record["baselines"].items()}}
     prompt = {"dense": record["prefill"]["flops_prompt_dense"], "dynamic": record["prefill"]["flops_prompt_dynamic"],
               **{name: arm["prefill"]["flops_prompt"] for name, arm in record["baselines"].items()}}
-    for method in counted:
-        assert counted[method] == _expected_prefill(model, method, n, n + 2 + 1, batch), method
+    for method, count in counted.items():
+        assert count == _expected_prefill(model, method, n, n + 2 + 1, batch), method
         assert prompt[method] == _expected_prefill(model, method, n, n + 2 + text, batch), method
     assert record["prefill"]["flops_ratio"] == counted["dynamic"] / counted["dense"]
     shape = flops.DecoderShape.from_config(model.text_config)

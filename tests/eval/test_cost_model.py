@@ -7,6 +7,7 @@ tests/inference/test_vision_flops.py)."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -54,18 +55,18 @@ def test_prefill_of_each_question_is_what_the_engine_counts_for_it_alone(loaded,
     cost = CostModel(loaded, arm, layer=2)
     meta = copy.deepcopy(model).to("meta")
     engine = SparseEngine(meta, method=method, keep=arm.keep, text="off")
+    dense = SparseEngine(meta, method="dense", text="off")
     hidden = model.text_config.hidden_size
     for rows, cols in GRIDS:
         n = rows * cols
         ids = _prompt(config, n)
         positions = model.adapter.prompt_positions(model.base, ids, torch.ones_like(ids), {"image_grid_thw": torch.tensor([[1, 2 * rows, 2 * cols]])})
         features = ImageFeatures(torch.empty(n, hidden, device="meta"), [n], [(rows, cols)])
-        counted = _counted(lambda: engine.start(ids.to("meta"), torch.ones_like(ids, device="meta"), image_features=features,
-                                                 position_ids=positions.to("meta")))
+        inputs = (ids.to("meta"), torch.ones_like(ids, device="meta"))
+        given = {"image_features": features, "position_ids": positions.to("meta")}
         kept = image_budget(method, n, arm.keep)
-        assert cost.prefill(ids.shape[1], kept, n) == counted, (rows, cols)
-        assert cost.prefill_dense(ids.shape[1]) == _counted(lambda: SparseEngine(meta, method="dense", text="off").start(
-            ids.to("meta"), torch.ones_like(ids, device="meta"), image_features=features, position_ids=positions.to("meta")))
+        assert cost.prefill(ids.shape[1], kept, n) == _counted(partial(engine.start, *inputs, **given)), (rows, cols)
+        assert cost.prefill_dense(ids.shape[1]) == _counted(partial(dense.start, *inputs, **given))
 
 
 def test_vision_flops_are_the_hf_towers_count_on_each_questions_image(loaded):
@@ -77,7 +78,7 @@ def test_vision_flops_are_the_hf_towers_count_on_each_questions_image(loaded):
     for rows, cols in GRIDS:
         grid = torch.tensor([[1, 2 * rows, 2 * cols]])
         pixels = torch.randn(int(grid.prod()), width)
-        counted = _counted(lambda: model.base.model.get_image_features(pixels, grid))
+        counted = _counted(partial(model.base.model.get_image_features, pixels, grid))
         assert cost.vision(rows * cols, (rows, cols)) == counted
         counts.append(counted)
     assert len(set(counts)) == 3  # the grids matter: one count for every question would be wrong

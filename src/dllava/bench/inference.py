@@ -40,6 +40,7 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,8 +50,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from dllava.families import FamilyAdapter, ImageFeatures
 from dllava.inference import flops
 from dllava.inference.engine import SparseEngine
-from dllava.inference.vision_flops import qwen3_vl_deepstack_layers
 from dllava.inference.selection import image_budget, text_rate_keep
+from dllava.inference.vision_flops import qwen3_vl_deepstack_layers
 from dllava.model.loading import ModelSource, load_base_model
 from dllava.sparse.config import SparsityConfig
 from dllava.sparse.model import DynamicVLM
@@ -255,7 +256,7 @@ def run_bench(
     prefill_flops = {}
     for name, engine in meta_engines.items():
         prefill_flops[name] = {
-            key: count_flops(lambda: engine.start(ids, mask, image_features=features_meta, position_ids=positions))
+            key: count_flops(partial(engine.start, ids, mask, image_features=features_meta, position_ids=positions))
             for key, (ids, mask, positions) in on_meta.items()
         }
     vision = adapter.vision_flops(config, features_meta)
