@@ -4,6 +4,8 @@ Examples:
     python bench.py                                                   # the tiny model
     python bench.py model=mid                                         # a mid-size random model on CPU
     python bench.py model=dllava_7b model.random_init=true sparsity.keep=0.2   # 7B shapes (meta on CPU)
+    python bench.py model=dllava_qwen2_5_vl_7b model.random_init=true sparsity.keep=0.2   # 1008x1008 px = 1,296 tokens
+    python bench.py model=dllava_qwen3_vl_8b model.random_init=true sparsity.keep=0.2     # 1008 -> 1024 px = 1,024 tokens
     python bench.py bench.predictors=logs/train/runs/<run>/hf bench.text_keep_rate=null   # trained predictors
 """
 
@@ -35,6 +37,7 @@ def main(cfg: DictConfig) -> dict:
     record = run_bench(
         model, device, keep=cfg.sparsity.keep, batch_size=b.batch_size, text_tokens=b.text_tokens,
         new_tokens=b.new_tokens, text_keep_rate=b.text_keep_rate, warmup=b.warmup, repeats=b.repeats, seed=cfg.seed,
+        image_px=b.image_size,
     )
     record["model"] = cfg.model.get("name") or record["model"]
     path = write_json(record, Path(cfg.paths.output_dir) / "bench.json")

@@ -85,7 +85,7 @@ def single(
     s = summary
     latency = "no new answers" if s["latency_s"] is None else f"{1e3 * s['latency_s']:.2f} ms/question"
     print(f"{loaded.name} {arm.label}: accuracy {s['accuracy']}, VQA accuracy {s['vqa_accuracy']} over {s['scored']} "
-          f"questions; kept {s['image_tokens_kept']:.1f}/{s['image_tokens']} image tokens; prefill "
+          f"questions; kept {s['image_tokens_kept']:.1f}/{s['image_tokens']:g} image tokens; prefill "
           f"{s['prefill_flops']:.4g} FLOPs ({s['prefill_flops_ratio']:.3f} of dense); {latency}; "
           f"{s['skipped']} skipped")
     log.info("wrote %s and %s", answers, out / "eval.json")

@@ -174,7 +174,7 @@ def test_eval_without_ckpt_path_says_it_is_required(tmp_path):
     ("bench.batch_size=0", "bench.batch_size"), ("bench.new_tokens=1.5", "bench.new_tokens"),
     ("bench.text_keep_rate=2", "bench.text_keep_rate"), ("bench.repeats=0", "bench.repeats"),
     ("bench.warmup=-1", "bench.warmup"), ("bench.cpu_max_gib=0", "bench.cpu_max_gib"), ("bench.device=tpu7", "bench.device"),
-    ("sparsity.layer=2.5", "sparsity.layer"), ("model.random_init=maybe", "model.random_init"),
+    ("bench.image_size=0", "bench.image_size"), ("sparsity.layer=2.5", "sparsity.layer"), ("model.random_init=maybe", "model.random_init"),
     ("model.predictor.heads=0", "model.predictor.heads"),
 ])
 def test_bad_bench_value_fails_at_start_naming_the_key(override, key, tmp_path):
@@ -188,6 +188,8 @@ def test_bad_bench_value_fails_at_start_naming_the_key(override, key, tmp_path):
     ("eval", ["ckpt_path=x"]), ("eval", ["ckpt_path=x", "method=dense", "compare.enabled=true", "device=cpu"]),
     ("eval", ["ckpt_path=x", "method=random", "sparsity.keep=1", "dtype=bfloat16"]),
     ("bench", []), ("bench", ["model=mid"]), ("bench", ["model=dllava_7b", "model.random_init=true", "bench.device=meta"]),
+    ("bench", ["model=dllava_qwen2_5_vl_7b", "model.random_init=true", "bench.image_size=1008"]),
+    ("bench", ["model=dllava_qwen3_vl_8b", "model.random_init=true"]),
 ])
 def test_shipped_eval_and_bench_configs_pass_the_start_up_check(config, overrides, tmp_path):
     from dllava.startup import check_bench_config, check_eval_config

@@ -412,6 +412,7 @@ def check_bench_config(cfg: DictConfig) -> None:
         "cpu_max_gib": lambda key, value: check_float(key, value, low=0, low_open=True),
         "batch_size": _int(low=1),
         "text_tokens": _int(low=0),
+        "image_size": _int(low=1, optional=True),
         "new_tokens": _int(low=1),
         "text_keep_rate": _keep(optional=True),
         "warmup": _int(low=0),

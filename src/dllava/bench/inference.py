@@ -6,12 +6,25 @@ all arms alike; warm-up rounds are not timed. Reported per arm:
 
 * prefill FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` on a meta-device copy of the
   model (on CPU tensors torch's fused SDPA kernel counts 0): on the image tokens plus the one
-  predicting token (the paper's "image tokens only" convention, measured) and on the whole bench
-  prompt; the paper's analytic limit for comparison; the vision tower separately;
+  predicting token (the paper's "image tokens only" convention, measured; Qwen: plus the vision
+  start/end tokens) and on the whole bench prompt; the paper's analytic limit for comparison; the
+  vision tower separately (the family's formula);
 * prefill latency of the decoder (image features precomputed: the vision tower is the same in every
   arm and timed on its own);
 * decoding: ``new_tokens`` greedy tokens with the sparse KV cache, tokens/s (decode steps only), KV
   bytes over all layers and valid tokens in a layer >= K, and peak memory on a GPU.
+
+Every family goes through its adapter (:mod:`dllava.families`): the image is one fixed size per run
+(``image_px``; LLaVA-1.5: its CLIP size, 336 px -> 576 tokens; Qwen: 1008x1008 px by default, which
+HF's ``smart_resize`` keeps at 1008 for Qwen2.5-VL's 28 px tokens (36x36 = 1,296 tokens) and rounds
+to 1024 for Qwen3-VL's 32 px tokens (32x32 = 1,024 tokens)); Qwen prompts wrap the image tokens in
+``<|vision_start|>`` / ``<|vision_end|>``. Position ids (M-RoPE for Qwen) are the family's own,
+computed once on the host from the CPU prompt (HF's ``get_rope_index`` reads the ids' values) and
+given to every arm. On the meta device the image features are built directly with the known
+per-image counts and grids (and Qwen3-VL's DeepStack additions), and the vision tower's FLOPs come
+from the adapter's ``vision_flops`` formula, which tests check against ``FlopCounterMode`` at real
+size (tests/inference/test_vision_flops.py, test_flops.py): the Qwen towers cannot run on meta as HF
+calls them (they ``.tolist()`` grid-derived tensors).
 
 A model too large for this machine's RAM runs on the meta device: FLOPs are counted on the real
 module graph (shapes only), the KV cache of the decode is accounted from token counts, timings are
@@ -26,15 +39,19 @@ import json
 import logging
 import statistics
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dllava.families import FamilyAdapter, ImageFeatures
 from dllava.inference import flops
 from dllava.inference.engine import SparseEngine
 from dllava.inference.selection import image_budget, text_rate_keep
+from dllava.inference.vision_flops import qwen3_vl_deepstack_layers
 from dllava.model.loading import ModelSource, load_base_model
 from dllava.sparse.config import SparsityConfig
 from dllava.sparse.model import DynamicVLM
@@ -80,17 +97,94 @@ def build_model(
     return model, chosen
 
 
-def make_prompt(config: Any, batch: int, text_tokens: int, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch`` prompts: half the text tokens, the image block, the other half (at least one after)."""
+@dataclass(frozen=True)
+class BenchImage:
+    """The one image every bench prompt holds: its pixel size and the tokens it becomes.
+
+    ``patches`` is the (t, h, w) patch grid of a flattened-patch family (Qwen: ``image_grid_thw``'s
+    row), None for a family with square pixel tensors (LLaVA)."""
+
+    px: tuple[int, int]
+    grid: tuple[int, int]  # (rows, cols) of image tokens
+    tokens: int
+    patches: tuple[int, int, int] | None = None
+
+
+def flattened_patches(adapter: FamilyAdapter) -> bool:
+    """Whether the family takes flattened patches plus ``image_grid_thw`` (Qwen) rather than (B, 3, S, S)."""
+    return "image_grid_thw" in adapter.pixel_keys
+
+
+def bench_image(adapter: FamilyAdapter, config: Any, image_px: int | None = None) -> BenchImage:
+    """The bench image of the family of ``config``: a square ``image_px`` side (None: the family's
+    default, the CLIP size for LLaVA, 1008 px for Qwen), sized the way the family's processor would."""
+    vision = config.vision_config
+    if not flattened_patches(adapter):
+        side = vision.image_size
+        if image_px not in (None, side):
+            raise ValueError(f"bench.image_size={image_px}: this family's vision tower takes {side}x{side} px images only (set null)")
+        grid = side // vision.patch_size
+        return BenchImage((side, side), (grid, grid), int(config.image_seq_length))
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    px = 1008 if image_px is None else int(image_px)
+    unit = vision.patch_size * vision.spatial_merge_size  # one merged image token, in px
+    # the released processors' pixel limits (3136..12845056 for Qwen2.5-VL, 65536..16777216 for Qwen3-VL)
+    # do not bind near 1008 px; here only the rounding to whole tokens applies
+    height, width = smart_resize(px, px, factor=unit, min_pixels=unit * unit, max_pixels=2**62)
+    rows, cols = height // unit, width // unit
+    merge = vision.spatial_merge_size
+    return BenchImage((height, width), (rows, cols), rows * cols, (1, rows * merge, cols * merge))
+
+
+def bench_pixels(image: BenchImage, config: Any, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random pixel inputs of ``batch`` copies of ``image`` in the family's layout (on CPU)."""
+    if image.patches is None:
+        return {"pixel_values": torch.randn(batch, 3, *image.px, generator=generator)}
+    vision = config.vision_config
+    t, h, w = image.patches
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    return {
+        "pixel_values": torch.randn(batch * t * h * w, width, generator=generator),
+        "image_grid_thw": torch.tensor([list(image.patches)] * batch),
+    }
+
+
+def meta_features(image: BenchImage, config: Any, batch: int, hidden: int) -> ImageFeatures:
+    """Image features of ``batch`` copies of ``image`` on the meta device (shapes only), with one
+    DeepStack addition per tap of a Qwen3-VL tower (the same keys its ``encode_images`` gives)."""
+    flat = torch.empty(batch * image.tokens, hidden, device="meta")
+    taps = qwen3_vl_deepstack_layers(config.vision_config) if hasattr(config.vision_config, "deepstack_visual_indexes") else []
+    additions = {i: torch.empty_like(flat) for i in range(len(taps))}
+    return ImageFeatures(flat, [image.tokens] * batch, [image.grid] * batch, additions)
+
+
+def make_prompt(
+    config: Any, image: BenchImage, batch: int, text_tokens: int, device: str, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` prompts: half the text tokens, the image block, the other half (at least one after).
+    Text ids are drawn below the image token and the family's other vision ids; the image block is
+    wrapped in the family's vision start and end tokens where it has them (Qwen)."""
     g = torch.Generator().manual_seed(seed)
     before = text_tokens // 2
     after = max(1, text_tokens - before)
-    vocab = config.text_config.vocab_size
-    low, high = 3, min(vocab, config.image_token_id) - 1
+    start, end = getattr(config, "vision_start_token_id", None), getattr(config, "vision_end_token_id", None)
+    vision_ids = [config.image_token_id, getattr(config, "video_token_id", None), start, end]
+    low, high = 3, min([getattr(config, "text_config", config).vocab_size, *[i for i in vision_ids if i is not None]]) - 1
     text = torch.randint(low, high, (batch, before + after), generator=g)
-    image = torch.full((batch, config.image_seq_length), config.image_token_id)
-    ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)
+    block = [config.image_token_id] * image.tokens
+    if start is not None and end is not None:
+        block = [start, *block, end]
+    image_ids = torch.tensor(block)[None].expand(batch, -1)
+    ids = torch.cat([text[:, :before], image_ids, text[:, before:]], dim=1)
     return ids.to(device), torch.ones_like(ids).to(device)
+
+
+def prompt_positions(model: DynamicVLM, prompt: tuple[torch.Tensor, torch.Tensor], image: BenchImage, batch: int) -> torch.Tensor:
+    """The family's (R, B, N) position ids of a CPU ``prompt`` (HF's ``get_rope_index`` for Qwen
+    reads the ids' values, so they are computed on the host even for a meta model)."""
+    images = {} if image.patches is None else {"image_grid_thw": torch.tensor([list(image.patches)] * batch)}
+    return model.adapter.prompt_positions(model.base, *prompt, images)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -138,62 +232,77 @@ def run_bench(
     warmup: int = 1,
     repeats: int = 3,
     seed: int = 0,
+    image_px: int | None = None,
 ) -> dict[str, Any]:
-    """Measure every arm; returns the ``bench.json`` record (see the module docstring)."""
+    """Measure every arm; returns the ``bench.json`` record (see the module docstring).
+    ``image_px``: the side of the square bench image (None: the family's default)."""
     config = model.base.config
-    shape = flops.DecoderShape.from_config(config.text_config)
-    n_image = config.image_seq_length
+    adapter = model.adapter
+    shape = flops.DecoderShape.from_config(adapter.text_config(config))
+    image = bench_image(adapter, config, image_px)
+    n_image = image.tokens
     layer = model.sparsity.layer
 
-    # FLOPs, on a meta copy (shapes only, exact counts)
+    # FLOPs, on a meta copy (shapes only, exact counts); positions from the same prompts on the host
     meta_model = model if device == "meta" else copy.deepcopy(model).to("meta")
     meta_engines = arm_engines(meta_model, keep, text_keep_rate, seed)
-    features_meta = torch.empty(batch_size, n_image, shape.hidden, device="meta")
-    image_only = make_prompt(config, batch_size, 1, "meta", seed)
-    full_prompt = make_prompt(config, batch_size, text_tokens, "meta", seed)
+    features_meta = meta_features(image, config, batch_size, shape.hidden)
+    prompts = {"image_tokens": make_prompt(config, image, batch_size, 1, "cpu", seed),
+               "prompt": make_prompt(config, image, batch_size, text_tokens, "cpu", seed)}
+    on_meta = {
+        key: (ids.to("meta"), mask.to("meta"), prompt_positions(model, (ids, mask), image, batch_size).to("meta"))
+        for key, (ids, mask) in prompts.items()
+    }
     prefill_flops = {}
     for name, engine in meta_engines.items():
         prefill_flops[name] = {
-            "image_tokens": count_flops(lambda: engine.start(*image_only, image_features=features_meta)),
-            "prompt": count_flops(lambda: engine.start(*full_prompt, image_features=features_meta)),
+            key: count_flops(partial(engine.start, ids, mask, image_features=features_meta, position_ids=positions))
+            for key, (ids, mask, positions) in on_meta.items()
         }
-    pixels_meta = torch.empty(batch_size, 3, config.vision_config.image_size, config.vision_config.image_size, device="meta")
-    vision = count_flops(lambda: meta_model.image_features(pixels_meta))
+    vision = adapter.vision_flops(config, features_meta)
 
     # Latency and decoding
     engines = meta_engines if device == "meta" else arm_engines(model, keep, text_keep_rate, seed)
-    ids, mask = make_prompt(config, batch_size, text_tokens, device, seed)
+    ids, mask = make_prompt(config, image, batch_size, text_tokens, "cpu", seed)
+    positions = prompt_positions(model, (ids, mask), image, batch_size).to(device)
+    ids, mask = ids.to(device), mask.to(device)
     dtype = next(model.parameters()).dtype
     if device == "meta":
         features = features_meta
         latency = vision_s = None
     else:
-        pixels = torch.randn(batch_size, 3, config.vision_config.image_size, config.vision_config.image_size, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+        pixels = bench_pixels(image, config, batch_size, torch.Generator().manual_seed(seed))
+        pixels = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in pixels.items()}
         with torch.no_grad():
-            features = model.image_features(pixels)
-        prefill_arms = {name: (lambda e=e: e.start(ids, mask, image_features=features)) for name, e in engines.items()}
+            features = model.encode_images(pixels)
+        prefill_arms = {
+            name: (lambda e=e: e.start(ids, mask, image_features=features, position_ids=positions)) for name, e in engines.items()
+        }
         latency = timed_rounds(prefill_arms, device, warmup, repeats)
-        vision_s = timed_rounds({"vision": lambda: model.image_features(pixels)}, device, warmup, repeats)["vision"]
+        vision_s = timed_rounds({"vision": lambda: model.encode_images(pixels)}, device, warmup, repeats)["vision"]
 
     if device == "meta":
-        decode = {name: decode_accounting(engine, ids, new_tokens, dtype) for name, engine in engines.items()}
+        decode = {name: decode_accounting(engine, ids, new_tokens, dtype, n_image) for name, engine in engines.items()}
     else:
         for engine in engines.values():  # warm-up: the first decode of a process pays for allocations
-            decode_arm(engine, ids, mask, features, min(8, new_tokens), device)
-        decode = {name: decode_arm(engine, ids, mask, features, new_tokens, device) for name, engine in engines.items()}
+            decode_arm(engine, ids, mask, features, min(8, new_tokens), device, positions)
+        decode = {name: decode_arm(engine, ids, mask, features, new_tokens, device, positions) for name, engine in engines.items()}
 
     return report(
-        model, device, keep, text_keep_rate, shape, n_image, layer, prefill_flops, vision, latency, vision_s, decode,
+        model, device, keep, text_keep_rate, shape, image, layer, prefill_flops, vision, latency, vision_s, decode,
         batch_size, text_tokens, new_tokens,
     )
 
 
 @torch.no_grad()
-def decode_arm(engine: SparseEngine, ids: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, new_tokens: int, device: str) -> dict[str, Any]:
+def decode_arm(
+    engine: SparseEngine, ids: torch.Tensor, mask: torch.Tensor, features: ImageFeatures, new_tokens: int, device: str,
+    positions: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """Prefill once, then ``new_tokens - 1`` cached decode steps (timed; no EOS: every step runs)."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    logits, state = engine.start(ids, mask, image_features=features)
+    logits, state = engine.start(ids, mask, image_features=features, position_ids=positions)
     token = logits.argmax(-1)
     sync_device(device)
     start = time.perf_counter()
@@ -215,15 +324,14 @@ def decode_arm(engine: SparseEngine, ids: torch.Tensor, mask: torch.Tensor, feat
     }
 
 
-def decode_accounting(engine: SparseEngine, ids: torch.Tensor, new_tokens: int, dtype: torch.dtype) -> dict[str, Any]:
+def decode_accounting(engine: SparseEngine, ids: torch.Tensor, new_tokens: int, dtype: torch.dtype, n_image: int) -> dict[str, Any]:
     """The cache a ``new_tokens`` decode would leave, from token counts (meta device: running 7B
     layers on meta costs ~0.7 s per step in fake kernels). The same counts the cache is tested
     against (tests/inference/test_engine.py); needs a fixed text rate or text off."""
     if engine.text == "learned":
         raise ValueError("on the meta device text decisions cannot be read: set bench.text_keep_rate")
-    config = engine.model.base.config
-    shape = flops.DecoderShape.from_config(config.text_config)
-    n_image, prompt, fed = config.image_seq_length, ids.shape[1], new_tokens - 1
+    shape = flops.DecoderShape.from_config(engine.model.text_config)
+    prompt, fed = ids.shape[1], new_tokens - 1
     kept_images = image_budget(engine.method, n_image, engine.keep)
     kept_text = fed if engine.text == "off" else sum(text_rate_keep(t, engine.text) for t in range(fed))
     dense_tokens, sparse_tokens = flops.cache_tokens(prompt, n_image, kept_images, fed, kept_text)
@@ -246,11 +354,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def report(
-    model, device, keep, text_rate, shape, n_image, layer, prefill_flops, vision, latency, vision_s, decode,
+    model, device, keep, text_rate, shape, image, layer, prefill_flops, vision, latency, vision_s, decode,
     batch_size, text_tokens, new_tokens,
 ) -> dict[str, Any]:
     """Assemble the ``bench.json`` record: the dynamic arm against dense, and each baseline likewise."""
     dense_flops = prefill_flops["dense"]
+    n_image = image.tokens
 
     def arm(name: str) -> dict[str, Any]:
         return {
@@ -275,7 +384,7 @@ def report(
         "device": device,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "batch_size": batch_size,
-        "prompt": {"image_tokens": n_image, "text_tokens": text_tokens},
+        "prompt": {"image_tokens": n_image, "text_tokens": text_tokens, "image_px": list(image.px), "image_grid": list(image.grid)},
         "layers": shape.layers,
         "sparse_layer": layer,
         "vision_keep": keep,
@@ -331,6 +440,10 @@ def format_table(record: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    prompt = record["prompt"]
+    if "image_px" in prompt:
+        (h, w), (rows, cols) = prompt["image_px"], prompt["image_grid"]
+        lines.append(f"image {h}x{w} px -> {rows}x{cols} = {prompt['image_tokens']} image tokens per prompt")
     lines.append(f"paper-convention limit for keep {record['vision_keep']}: {p['flops_ratio_limit']:.4f}; "
                  f"dense prefill {p['flops_dense'] / 1e12:.3f} TFLOPs (image tokens), vision tower {p['flops_vision'] / 1e12:.3f} TFLOPs")
     return "\n".join(lines)

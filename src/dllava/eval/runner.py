@@ -15,6 +15,9 @@ engine's counts; per arm (``eval.json``):
   :mod:`dllava.inference.flops` with the realised token counts (the question's own unpadded prompt
   length in layers < K, the kept tokens after; predictor or FastV scoring included; vision tower
   apart in ``vision_flops``), and ``prefill_flops_paper``, the paper's image-tokens-only convention;
+  each question with its own image-token count (Qwen's dynamic resolution gives every image its own;
+  ``image_tokens`` is then their mean) and the vision tower by the family's formula on its own image
+  grid (``adapter.vision_flops``);
 * ``kv_bytes``: mean K/V bytes a question leaves in the cache (prompt + fed answer tokens);
 * ``latency_s``: wall-clock of the batched ``generate`` calls (vision tower, prefill and decoding)
   divided by the number of questions this process answered; one untimed warm-up batch first
@@ -40,6 +43,7 @@ from dllava.eval.answers import answer_record
 from dllava.eval.loading import LoadedModel
 from dllava.eval.questions import Question, batches, collate_questions, describe_skipped, question_key
 from dllava.eval.scoring import exact_match_any, vqa_accuracy
+from dllava.families import ImageFeatures
 from dllava.inference import flops
 from dllava.bench.inference import sync_device
 from dllava.inference.engine import SparseEngine
@@ -83,42 +87,61 @@ class ArmResult:
 
 
 class CostModel:
-    """Prefill FLOPs of one question from its prompt length and kept image tokens (see module docstring)."""
+    """FLOPs of one question from its own prompt length, image-token count and image grid (families
+    with dynamic resolution give every question its own count; see the module docstring)."""
 
     def __init__(self, loaded: LoadedModel, arm: Arm, layer: int) -> None:
-        config = loaded.model.base.config
-        self.shape = flops.DecoderShape.from_config(config.text_config)
+        model = loaded.model
+        self.config = model.base.config
+        self.adapter = model.adapter
+        self.shape = flops.DecoderShape.from_config(model.text_config)
         self.layer = layer
         self.arm = arm
-        self.n_image = config.image_seq_length
-        predictor = loaded.model.predictor_config
-        self.predictor_flops = (
-            flops.image_predictor_flops(self.shape.hidden, predictor, self.n_image)
-            if arm.method == "dynamic" and predictor is not None else 0
-        )
-        self.vision = flops.vision_flops(config.vision_config, self.shape.hidden)
+        self.predictor = model.predictor_config if arm.method == "dynamic" else None
 
-    def extra(self, prompt_len: int) -> int:
-        if self.arm.method == "dynamic":
-            return self.predictor_flops
+    def extra(self, prompt_len: int, n_image: int) -> int:
+        """Predictor or FastV scoring of one prompt (none without image tokens: nothing is selected)."""
+        if n_image == 0:
+            return 0
+        if self.arm.method == "dynamic" and self.predictor is not None:
+            return flops.image_predictor_flops(self.shape.hidden, self.predictor, n_image)
         if self.arm.method == "fastv":
             return flops.fastv_score_flops(self.shape, prompt_len)
         return 0
 
-    def prefill(self, prompt_len: int, kept: int) -> int:
-        return flops.prefill_flops(self.shape, self.layer, prompt_len, prompt_len - self.n_image + kept, extra=self.extra(prompt_len))
+    def prefill(self, prompt_len: int, kept: int, n_image: int) -> int:
+        return flops.prefill_flops(
+            self.shape, self.layer, prompt_len, prompt_len - n_image + kept, extra=self.extra(prompt_len, n_image)
+        )
 
     def prefill_dense(self, prompt_len: int) -> int:
         return flops.prefill_flops(self.shape, self.layer, prompt_len, prompt_len)
 
-    def paper(self, kept: int) -> int:
+    def paper(self, kept: int, n_image: int) -> int:
         return flops.paper_prefill_flops(
-            flops.image_tokens_per_layer(self.shape.layers, self.layer, self.n_image, kept), self.shape.hidden
+            flops.image_tokens_per_layer(self.shape.layers, self.layer, n_image, kept), self.shape.hidden
         )
+
+    def vision(self, n_image: int, grid: Sequence[int] | None = None) -> int:
+        """The vision tower and projector on one question's image, by the family's formula
+        (``adapter.vision_flops``); ``grid``: its (rows, cols) token grid (needed by families whose
+        cost depends on the image's shape, Qwen; default: square, as LLaVA's)."""
+        if n_image == 0:
+            return 0
+        flat = torch.empty(n_image, 1, device="meta")  # shapes only: the formulas read counts and grids
+        features = ImageFeatures.from_stacked(flat[None]) if grid is None else ImageFeatures(flat, [n_image], [tuple(grid)])
+        return self.adapter.vision_flops(self.config, features)
 
 
 def _mean(values: Sequence[float]) -> float | None:
     return statistics.fmean(values) if values else None
+
+
+def _mean_or_common(values: Sequence[int]) -> int | float | None:
+    """The value every question shares (an exact int, e.g. LLaVA's 576 image tokens), else the mean."""
+    if not values:
+        return None
+    return values[0] if all(v == values[0] for v in values) else statistics.fmean(values)
 
 
 class NoQuestions(ValueError):
@@ -192,24 +215,26 @@ def evaluate_arm(
         prompt_lens = mask.sum(-1).tolist()
         fresh = []
         for i, question in enumerate(batch):
-            kept = result.image_tokens_kept[i]
+            kept, n_image = result.image_tokens_kept[i], result.image_tokens[i]
+            grid = result.image_grids[i] if result.image_grids else None
             evidence_kept = int(image_keep[i, question.evidence].sum()) if question.evidence else None
             metadata = {
                 "method": arm.method,
                 "keep": arm.keep,
                 "text": arm.text,
-                "image_tokens": result.image_tokens[i],
+                "image_tokens": n_image,
                 "image_tokens_kept": kept,
                 "text_tokens_fed": result.text_tokens_fed[i],
                 "text_tokens_kept": result.text_tokens_kept[i],
                 "kv_bytes": result.kv_bytes[i] if result.kv_bytes else None,
-                "prefill_flops": cost.prefill(prompt_lens[i], kept),
+                "prefill_flops": cost.prefill(prompt_lens[i], kept, n_image),
                 "kind": question.kind,
                 # what the summary needs besides the above, so that it can score a continued run's
                 # earlier answers from the answer file alone
                 "kv_bytes_dense": result.kv_bytes_dense[i] if result.kv_bytes_dense else None,
                 "prefill_flops_dense": cost.prefill_dense(prompt_lens[i]),
-                "prefill_flops_paper": cost.paper(kept),
+                "prefill_flops_paper": cost.paper(kept, n_image),
+                "vision_flops": cost.vision(n_image, grid),
             }
             if evidence_kept is not None:
                 metadata.update(object_patches=len(question.evidence), object_patches_kept=evidence_kept)
@@ -282,6 +307,9 @@ def summarize(records: Sequence[dict[str, Any]], cost: CostModel) -> dict[str, A
     for record in records:
         meta = record["metadata"]
         kept, n_image = meta["image_tokens_kept"], meta["image_tokens"]
+        stats["image_tokens"].append(n_image)
+        # answers written before per-question vision FLOPs were recorded: square grids (LLaVA's)
+        stats["vision_flops"].append(meta["vision_flops"] if "vision_flops" in meta else cost.vision(n_image))
         row = {
             "image_tokens_kept": kept,
             "vision_keep": kept / n_image if n_image else 1.0,
@@ -306,7 +334,7 @@ def summarize(records: Sequence[dict[str, Any]], cost: CostModel) -> dict[str, A
         "accuracy": _mean(stats["accuracy"]),
         "vqa_accuracy": _mean(stats["vqa_accuracy"]),
         "accuracy_by_kind": {k: statistics.fmean(v) for k, v in sorted(by_kind.items())},
-        "image_tokens": cost.n_image,
+        "image_tokens": _mean_or_common(stats["image_tokens"]),
         "image_tokens_kept": _mean(stats["image_tokens_kept"]),
         "vision_keep": _mean(stats["vision_keep"]),
         "object_recall": _mean(stats["object_recall"]),
@@ -317,7 +345,7 @@ def summarize(records: Sequence[dict[str, Any]], cost: CostModel) -> dict[str, A
         "prefill_flops_dense": prefill_dense,
         "prefill_flops_ratio": prefill / prefill_dense if prefill_dense else None,
         "prefill_flops_paper": _mean(stats["prefill_flops_paper"]),
-        "vision_flops": cost.vision,
+        "vision_flops": _mean_or_common(stats["vision_flops"]),
         "kv_bytes": kv,
         "kv_bytes_dense": kv_dense,
         "kv_ratio": kv / kv_dense if kv and kv_dense else None,

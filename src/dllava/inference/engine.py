@@ -77,6 +77,7 @@ class GenerationResult:
     kv_bytes_dense: list[int] | None  # the same tokens without any pruning
     kv_tokens_sparse_layer: list[int] | None  # valid tokens in a layer >= K
     kv_tokens_dense_layer: list[int] | None  # valid tokens in a layer < K
+    image_grids: list[tuple[int, int]] | None = None  # each sample's image (rows, cols) token grid (vision FLOPs)
 
 
 class SparseEngine:
@@ -199,12 +200,16 @@ class SparseEngine:
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | ImageFeatures | None = None,
         use_cache: bool = True,
+        position_ids: torch.Tensor | None = None,
         **image_inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, RequestState]:
         """Prefill a left-padded batch: last-position logits (B, V) and the request state.
 
         ``image_inputs`` are the family's other pixel inputs (Qwen: ``image_grid_thw``), needed for the
         positions too; ``image_features`` (precomputed, e.g. on the meta device) skips the vision tower.
+        ``position_ids`` (R, B, N), precomputed by ``adapter.prompt_positions`` on the unpruned prompt,
+        skip that call: M-RoPE positions are computed from the ids' values on the host, which a prompt
+        on the meta device does not have (the benchmark computes them from the same prompt on CPU).
         """
         images = {k: v for k, v in {"pixel_values": pixel_values, **image_inputs}.items() if v is not None}
         if isinstance(image_features, torch.Tensor):
@@ -226,11 +231,23 @@ class SparseEngine:
             attention_mask=attention_mask,
             prompt_len=input_ids.shape[1],
             image_features=image_features,
-            position_ids=self.adapter.prompt_positions(self.model.base, input_ids, attention_mask, images),
+            position_ids=self._prompt_positions(input_ids, attention_mask, images, position_ids),
             cache=SparseKVCache(self.model.num_layers, self.layer, input_ids.shape[0]) if use_cache else None,
             generator=generator,
         )
         return self._sequence_forward(state), state
+
+    def _prompt_positions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: dict[str, torch.Tensor],
+        given: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The family's (R, B, N) positions of the prompt, or ``given`` after checking its shape."""
+        if given is None:
+            return self.adapter.prompt_positions(self.model.base, input_ids, attention_mask, images)
+        expected = (self.adapter.rope_rows, *input_ids.shape)
+        if tuple(given.shape) != expected:
+            raise ValueError(f"position_ids must be (rows, batch, length) = {expected}, got {tuple(given.shape)}")
+        return given.to(input_ids.device)
 
     def _sequence_forward(self, state: RequestState, every_position: bool = False) -> Any:
         """Run the whole current sequence pruned (prefill, or one no-cache decoding step).
@@ -392,6 +409,7 @@ class SparseEngine:
             kv_bytes_dense=kv_dense,
             kv_tokens_sparse_layer=sparse_tokens,
             kv_tokens_dense_layer=dense_tokens,
+            image_grids=list(state.image_features.grids) if state.image_features is not None else None,
         )
 
 
