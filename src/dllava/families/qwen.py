@@ -87,9 +87,12 @@ class QwenAdapter(FamilyAdapter):
         grid = (images or {}).get("image_grid_thw")
         image_token = self.image_token_id(model.config)
         types = (input_ids == image_token).to(torch.int32)
-        if grid is None or not bool(types.any()):
+        if not bool(types.any()):  # text only: M-RoPE's three rows are the 1-D positions
             text = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
             return text[None].expand(3, -1, -1).contiguous()
+        if grid is None:  # HF's Qwen2.5-VL would silently fall back to 1-D positions here
+            raise ValueError("the prompts hold image tokens but no image_grid_thw was given: M-RoPE positions "
+                             "need each image's grid (pass the processor's image_grid_thw)")
         positions, _ = model.model.get_rope_index(
             input_ids.cpu(), types.cpu(), image_grid_thw=grid.cpu(), attention_mask=attention_mask.cpu()
         )
