@@ -209,22 +209,8 @@ def test_panel_of_images_with_their_own_grids():
         kept_patch_panel(images, padded, grids=[(4, 6), (6, 4), (4, 4)])
 
 
-class _NoCost:
-    """Stand-in for the runner's cost model, whose Qwen FLOPs are not what this test checks."""
-
-    n_image, vision = 0, 0
-
-    def __init__(self, *args):
-        pass
-
-    def prefill(self, prompt_len, kept):
-        return 0
-
-    prefill_dense = paper = lambda self, *args: 1
-
-
 @pytest.mark.parametrize("family", QWEN_FAMILIES)
-def test_eval_overlays_of_qwen_questions_draw_each_images_own_grid(family, tmp_path, monkeypatch):
+def test_eval_overlays_of_qwen_questions_draw_each_images_own_grid(family, tmp_path):
     """Questions of three sizes answered in one padded batch: each example's keep row is cut to its own
     token count, and write_overlays draws it on that image (back from its patches) and its grid."""
     import importlib.util
@@ -256,7 +242,6 @@ def test_eval_overlays_of_qwen_questions_draw_each_images_own_grid(family, tmp_p
     questions = list(QuestionFile(tmp_path / "q.jsonl", tmp_path, processor, adapter=model.adapter))
     assert [q.grid for q in questions] == shapes
 
-    monkeypatch.setattr(runner, "CostModel", _NoCost)
     loaded = LoadedModel(model, processor, "tiny", str(tmp_path), "cpu")
     result = runner.evaluate_arm(loaded, questions, runner.Arm("dynamic", 0.25, "off"), batch_size=3,
                                  max_new_tokens=2, examples=3, progress=False, warmup=False)
