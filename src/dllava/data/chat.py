@@ -26,11 +26,11 @@ from typing import Any
 
 from dllava.data.conversation import (
     ASSISTANT_ROLE,
-    IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     USER_ROLE,
     EncodedConversation,
     ImageSpanTruncated,
+    labels_from_spans,
     normalize_conversations,
 )
 
@@ -132,14 +132,7 @@ def encode_chat(
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     offsets = [tuple(o) for o in enc["offset_mapping"]]
-    labels = [IGNORE_INDEX] * len(ids)
-    answer_span = (len(ids), len(ids))
-    for k, (start, end) in enumerate(spans):
-        inside = [i for i, (a, _) in enumerate(offsets) if start <= a < end]
-        for i in inside:
-            labels[i] = ids[i]
-        if k == len(spans) - 1 and inside and not for_generation:
-            answer_span = (inside[0], inside[-1] + 1)
+    labels, answer_span = labels_from_spans(ids, offsets, spans, for_generation)
     image_span = _image_span(ids, tokenizer, image_token, num_image_tokens if has_image else 0)
     encoded = EncodedConversation(ids, labels, image_span, answer_span)
     return encoded if max_length is None else truncate(encoded, max_length)

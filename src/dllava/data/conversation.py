@@ -122,18 +122,11 @@ def encode_conversation(
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
-    labels = [IGNORE_INDEX] * len(ids)
     # Spans were measured on the unexpanded text; shift those after the image by the expansion.
     shift = len(IMAGE_PLACEHOLDER) * (num_image_tokens - 1)
     image_at = text.find(IMAGE_PLACEHOLDER)
     spans = [(s + shift, e + shift) if image_at != -1 and s > image_at else (s, e) for s, e in spans]
-    answer_span = (len(ids), len(ids))
-    for k, (start, end) in enumerate(spans):
-        inside = [i for i, (a, _) in enumerate(offsets) if start <= a < end]
-        for i in inside:
-            labels[i] = ids[i]
-        if k == len(spans) - 1 and inside and not for_generation:
-            answer_span = (inside[0], inside[-1] + 1)
+    labels, answer_span = labels_from_spans(ids, offsets, spans, for_generation)
     if tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id] + ids
         labels = [IGNORE_INDEX] + labels
@@ -147,6 +140,22 @@ def encode_conversation(
         ids, labels = ids[:max_length], labels[:max_length]
         answer_span = (min(answer_span[0], max_length), min(answer_span[1], max_length))
     return EncodedConversation(ids, labels, image_span, answer_span)
+
+
+def labels_from_spans(
+    ids: list[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]], for_generation: bool
+) -> tuple[list[int], tuple[int, int]]:
+    """Labels supervising every token that starts inside an answer's character span, and the last
+    answer's token span (``(n, n)`` for a generation prompt), from one tokenization with offsets."""
+    labels = [IGNORE_INDEX] * len(ids)
+    answer_span = (len(ids), len(ids))
+    for k, (start, end) in enumerate(spans):
+        inside = [i for i, (a, _) in enumerate(offsets) if start <= a < end]
+        for i in inside:
+            labels[i] = ids[i]
+        if k == len(spans) - 1 and inside and not for_generation:
+            answer_span = (inside[0], inside[-1] + 1)
+    return labels, answer_span
 
 
 def _image_span(ids: list[int], tokenizer: Any, num_image_tokens: int) -> tuple[int, int]:

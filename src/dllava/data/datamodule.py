@@ -190,9 +190,10 @@ class SamplePreprocessor:
     def image_tokens(self, pixels: dict[str, torch.Tensor]) -> int:
         return self.num_image_tokens
 
-    def encode_prompt(self, conversations: list[dict[str, Any]], n_image: int) -> Any:
-        """The generation prompt of ``conversations`` (ending with a user turn) in this family's template."""
-        return encode_conversation(conversations, self.tokenizer, n_image, for_generation=True, max_length=self.max_length)
+    def encode(self, conversations: list[dict[str, Any]], n_image: int, for_generation: bool = False) -> Any:
+        """``conversations`` in this family's template (``for_generation``: the prompt up to the answer),
+        the image as ``n_image`` tokens, truncated at ``max_length`` (never through the image)."""
+        return encode_conversation(conversations, self.tokenizer, n_image, for_generation, max_length=self.max_length)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -218,10 +219,10 @@ class SamplePreprocessor:
         if sample["image"] is None:
             raise TextOnlySample(f"sample {sample['key']!r} has no image member ({'/'.join(IMAGE_KEYS)})")
         conv = record["conversations"]
-        train = encode_conversation(conv, self.tokenizer, self.num_image_tokens, max_length=self.max_length)
-        prompt = encode_conversation(
-            conv, self.tokenizer, self.num_image_tokens, for_generation=True, max_length=self.max_length
-        )
+        pixels = self.pixel_inputs(sample["image"])
+        n_image = self.image_tokens(pixels)
+        train = self.encode(conv, n_image)
+        prompt = self.encode(conv, n_image, for_generation=True)
         question, answer = final_exchange(conv)
         kinds = record.get("kinds") or []
         return {
@@ -231,7 +232,7 @@ class SamplePreprocessor:
             "image_span": train.image_span,
             "answer_span": train.answer_span,
             "prompt_ids": prompt.input_ids,
-            "pixel_values": self.pixel_values(sample["image"]),
+            **pixels,
             "question": question,
             "answer": answer,
             "kind": kinds[-1] if kinds else "all",
@@ -269,42 +270,15 @@ class ChatSamplePreprocessor(SamplePreprocessor):
 
         return image_token_count(pixels["image_grid_thw"][0], self.merge_size)
 
-    def encode_prompt(self, conversations: list[dict[str, Any]], n_image: int) -> Any:
+    def encode(self, conversations: list[dict[str, Any]], n_image: int, for_generation: bool = False) -> Any:
         from dllava.data.chat import encode_chat
 
-        return encode_chat(conversations, self.tokenizer, n_image, for_generation=True, max_length=self.max_length)
+        return encode_chat(conversations, self.tokenizer, n_image, for_generation, max_length=self.max_length)
 
     def blank_image(self) -> Image.Image:
         from dllava.data.qwen_pixels import blank_image
 
         return blank_image(self.processor.image_processor)
-
-    def _encode(self, sample: dict[str, Any]) -> dict[str, Any]:
-        from dllava.data.chat import encode_chat
-        from dllava.data.qwen_pixels import image_token_count
-
-        record = sample["record"]
-        if sample["image"] is None:
-            raise TextOnlySample(f"sample {sample['key']!r} has no image member ({'/'.join(IMAGE_KEYS)})")
-        conv = record["conversations"]
-        pixels = self.pixel_inputs(sample["image"])
-        n_image = image_token_count(pixels["image_grid_thw"][0], self.merge_size)
-        train = encode_chat(conv, self.tokenizer, n_image, max_length=self.max_length)
-        prompt = encode_chat(conv, self.tokenizer, n_image, for_generation=True, max_length=self.max_length)
-        question, answer = final_exchange(conv)
-        kinds = record.get("kinds") or []
-        return {
-            "id": record.get("id", sample["key"]),
-            "input_ids": train.input_ids,
-            "labels": train.labels,
-            "image_span": train.image_span,
-            "answer_span": train.answer_span,
-            "prompt_ids": prompt.input_ids,
-            **pixels,
-            "question": question,
-            "answer": answer,
-            "kind": kinds[-1] if kinds else "all",
-        }
 
 
 def collate_pixels(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -319,7 +319,7 @@ class QuestionFile:
         turns = [{"from": "human", "value": f"<image>\n{text}"}]
         pixels = self.preprocess.pixel_inputs(image)
         try:
-            ids = self.preprocess.encode_prompt(turns, self.preprocess.image_tokens(pixels))
+            ids = self.preprocess.encode(turns, self.preprocess.image_tokens(pixels), for_generation=True)
         except ImageSpanTruncated as err:
             raise BadQuestion(TOO_LONG, f"{err} (data.max_length)") from None
         return Question(
