@@ -217,6 +217,15 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     return ids
 
 
+def _special_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The config's token ids (image, video, vision start/end, pad/eos; bos = pad, as Qwen's)."""
+    return {
+        "image_token_id": ids["image"], "video_token_id": ids["video"], "vision_start_token_id": ids["start"],
+        "vision_end_token_id": ids["end"], "pad_token_id": ids["pad"], "eos_token_id": ids["eos"],
+        "bos_token_id": ids["pad"],
+    }
+
+
 def _mrope_section(head_dim: int) -> list[int]:
     """Split head_dim/2 rotary frequencies over (T, H, W) as Qwen does (about 1/4, 3/8, 3/8)."""
     half = head_dim // 2
