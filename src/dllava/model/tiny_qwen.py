@@ -252,17 +252,7 @@ def tiny_qwen2_5_vl_config(tokenizer: PreTrainedTokenizerBase, **text_overrides:
         "mrope_section": _mrope_section(head_dim),
     }
     vision = {**TINY_QWEN2_5_VISION, "out_hidden_size": text["hidden_size"]}
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["image"],
-        video_token_id=ids["video"],
-        vision_start_token_id=ids["start"],
-        vision_end_token_id=ids["end"],
-        pad_token_id=ids["pad"],
-        eos_token_id=ids["eos"],
-        bos_token_id=ids["pad"],
-    )
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_special_token_ids(ids))
 
 
 def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerBase, **text_overrides: Any) -> Qwen3VLConfig:
@@ -277,17 +267,7 @@ def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerBase, **text_overrides: A
         "mrope_interleaved": True,
     }
     vision = {**TINY_QWEN3_VISION, "out_hidden_size": text["hidden_size"]}
-    return Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["image"],
-        video_token_id=ids["video"],
-        vision_start_token_id=ids["start"],
-        vision_end_token_id=ids["end"],
-        pad_token_id=ids["pad"],
-        eos_token_id=ids["eos"],
-        bos_token_id=ids["pad"],
-    )
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **_special_token_ids(ids))
 
 
 _BUILDERS = {
