@@ -15,6 +15,8 @@ from dllava.data import synthetic
 from dllava.model.tiny_qwen import (
     FAMILIES,
     IMAGE_PAD,
+    TINY_QWEN2_5_VISION,
+    TINY_TEXT,
     ImageTextProcessor,
     build_qwen_tokenizer,
     expand_image_ids,
@@ -217,3 +219,22 @@ def test_processor_refuses_mismatched_images_and_grids(saved):
         processor([prompt + prompt], [image])
     with pytest.raises(ValueError, match="patch groups"):
         processor.image_tokens([1, 3, 4])
+
+
+def test_cli_size_flags_change_only_the_sizes_given(tmp_path):
+    main(["--family", "qwen2_5_vl", "--out", str(tmp_path), "--hidden", "96", "--layers", "2",
+          "--heads", "4", "--vision-hidden", "48", "--vision-depth", "2"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    assert (text["hidden_size"], text["num_hidden_layers"]) == (96, 2)
+    assert text["intermediate_size"] == TINY_TEXT["intermediate_size"]
+    assert (vision["hidden_size"], vision["depth"], vision["out_hidden_size"]) == (48, 2, 96)
+    assert vision["intermediate_size"] == TINY_QWEN2_5_VISION["intermediate_size"]
+    assert text["rope_parameters"]["mrope_section"] == [3, 4, 5]  # head_dim 24 -> 12 frequencies
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path)
+    assert model.config.text_config.hidden_size == 96
+
+
+def test_cli_size_flags_reject_non_positive_sizes(tmp_path):
+    with pytest.raises(ValueError, match="--layers must be positive"):
+        main(["--family", "qwen2_5_vl", "--out", str(tmp_path), "--layers", "0"])

@@ -241,8 +241,11 @@ def _text_settings(tokenizer: PreTrainedTokenizerBase, overrides: dict[str, Any]
     return {"vocab_size": len(tokenizer), **specials, **text}
 
 
-def tiny_qwen2_5_vl_config(tokenizer: PreTrainedTokenizerBase, **text_overrides: Any) -> Qwen2_5_VLConfig:
-    """Qwen2_5_VLConfig of the tiny model; ``text_overrides`` change the decoder (e.g. num_hidden_layers)."""
+def tiny_qwen2_5_vl_config(
+    tokenizer: PreTrainedTokenizerBase, vision_overrides: dict[str, Any] | None = None, **text_overrides: Any
+) -> Qwen2_5_VLConfig:
+    """Qwen2_5_VLConfig of the tiny model; ``text_overrides`` change the decoder (e.g. num_hidden_layers),
+    ``vision_overrides`` the ViT (e.g. hidden_size, depth)."""
     ids = _token_ids(tokenizer)
     text = _text_settings(tokenizer, text_overrides)
     head_dim = text["hidden_size"] // text["num_attention_heads"]
@@ -251,12 +254,15 @@ def tiny_qwen2_5_vl_config(tokenizer: PreTrainedTokenizerBase, **text_overrides:
         "rope_theta": 10000.0,
         "mrope_section": _mrope_section(head_dim),
     }
-    vision = {**TINY_QWEN2_5_VISION, "out_hidden_size": text["hidden_size"]}
+    vision = {**TINY_QWEN2_5_VISION, **(vision_overrides or {}), "out_hidden_size": text["hidden_size"]}
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_special_token_ids(ids))
 
 
-def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerBase, **text_overrides: Any) -> Qwen3VLConfig:
-    """Qwen3VLConfig of the tiny model (q/k norms, interleaved M-RoPE, DeepStack from ViT blocks 0-2)."""
+def tiny_qwen3_vl_config(
+    tokenizer: PreTrainedTokenizerBase, vision_overrides: dict[str, Any] | None = None, **text_overrides: Any
+) -> Qwen3VLConfig:
+    """Qwen3VLConfig of the tiny model (q/k norms, interleaved M-RoPE, DeepStack from ViT blocks 0-2);
+    overrides as for :func:`tiny_qwen2_5_vl_config`."""
     ids = _token_ids(tokenizer)
     text = _text_settings(tokenizer, text_overrides)
     text.setdefault("head_dim", text["hidden_size"] // text["num_attention_heads"])
@@ -266,7 +272,7 @@ def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerBase, **text_overrides: A
         "mrope_section": _mrope_section(text["head_dim"]),
         "mrope_interleaved": True,
     }
-    vision = {**TINY_QWEN3_VISION, "out_hidden_size": text["hidden_size"]}
+    vision = {**TINY_QWEN3_VISION, **(vision_overrides or {}), "out_hidden_size": text["hidden_size"]}
     return Qwen3VLConfig(text_config=text, vision_config=vision, **_special_token_ids(ids))
 
 
@@ -277,14 +283,15 @@ _BUILDERS = {
 
 
 def build_tiny_qwen(
-    family: str, seed: int = 0, **text_overrides: Any
+    family: str, seed: int = 0, vision_overrides: dict[str, Any] | None = None, **text_overrides: Any
 ) -> tuple[Qwen2_5_VLForConditionalGeneration | Qwen3VLForConditionalGeneration, ImageTextProcessor]:
-    """A freshly initialised tiny model of ``family`` ("qwen2_5_vl" or "qwen3_vl") and its processor."""
+    """A freshly initialised tiny model of ``family`` ("qwen2_5_vl" or "qwen3_vl") and its processor;
+    ``vision_overrides`` / ``text_overrides`` change the ViT / decoder sizes (defaults: TINY_*)."""
     processor = build_qwen_processor(family)
     make_config, model_class = _BUILDERS[family]
     tokenizer = processor.tokenizer
     torch.manual_seed(seed)
-    model = model_class(make_config(tokenizer, **text_overrides))
+    model = model_class(make_config(tokenizer, vision_overrides, **text_overrides))
     # As the released checkpoints: stop at <|im_end|> or <|endoftext|>, pad with <|endoftext|>.
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -292,13 +299,42 @@ def build_tiny_qwen(
     return model, processor
 
 
-def save_tiny_qwen(out: str | Path, family: str, seed: int = 0, **text_overrides: Any) -> Path:
+def save_tiny_qwen(
+    out: str | Path, family: str, seed: int = 0, vision_overrides: dict[str, Any] | None = None, **text_overrides: Any
+) -> Path:
     """Write an untrained tiny ``family`` model (safetensors, tokenizer, preprocessor config) to ``out``."""
     out = Path(out)
-    model, processor = build_tiny_qwen(family, seed, **text_overrides)
+    model, processor = build_tiny_qwen(family, seed, vision_overrides, **text_overrides)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+# CLI flag -> (config part, config key): the sizes a bigger tiny base (data/tiny_qwen2_5_vl) changes.
+_SIZE_KEYS = {
+    "hidden": ("text", "hidden_size"),
+    "intermediate": ("text", "intermediate_size"),
+    "layers": ("text", "num_hidden_layers"),
+    "heads": ("text", "num_attention_heads"),
+    "kv-heads": ("text", "num_key_value_heads"),
+    "vision-hidden": ("vision", "hidden_size"),
+    "vision-intermediate": ("vision", "intermediate_size"),
+    "vision-depth": ("vision", "depth"),
+    "vision-heads": ("vision", "num_heads"),
+}
+_SIZE_FLAGS = {flag: f"{part} {key}" for flag, (part, key) in _SIZE_KEYS.items()}
+
+
+def _size_overrides(args: argparse.Namespace) -> tuple[dict[str, int], dict[str, int]]:
+    """(text, vision) config overrides from the size flags that were given."""
+    parts: dict[str, dict[str, int]] = {"text": {}, "vision": {}}
+    for flag, (part, key) in _SIZE_KEYS.items():
+        value = getattr(args, flag.replace("-", "_"))
+        if value is not None:
+            if value <= 0:
+                raise ValueError(f"--{flag} must be positive, got {value}")
+            parts[part][key] = value
+    return parts["text"], parts["vision"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -306,8 +342,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family", required=True, choices=FAMILIES)
     parser.add_argument("--out", required=True, help="directory to write the untrained tiny model into")
     parser.add_argument("--seed", type=int, default=0)
+    # Size overrides (unset: the TINY_* defaults the tests use). The decoder's head_dim / 2 is split over
+    # M-RoPE's (t, h, w) sections, so keep head_dim >= 8.
+    for flag, help_text in _SIZE_FLAGS.items():
+        parser.add_argument(f"--{flag}", type=int, default=None, help=help_text)
     args = parser.parse_args(argv)
-    print(save_tiny_qwen(args.out, args.family, args.seed))
+    text, vision = _size_overrides(args)
+    print(save_tiny_qwen(args.out, args.family, args.seed, vision, **text))
 
 
 if __name__ == "__main__":
