@@ -134,6 +134,11 @@ class FamilyAdapter:
     def encode_images(self, model: nn.Module, images: dict[str, torch.Tensor]) -> ImageFeatures:
         raise NotImplementedError
 
+    def hf_inputs(self, config: Any, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inputs HF's own ``forward``/``generate`` of this family need beyond ids, mask and pixels
+        (Qwen: ``mm_token_type_ids``, without which HF silently uses 1-D positions)."""
+        return {}
+
     def prompt_positions(
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         images: dict[str, torch.Tensor] | None,

@@ -76,6 +76,11 @@ class QwenAdapter(FamilyAdapter):
         }
         return ImageFeatures(torch.cat(per_image), [f.shape[0] for f in per_image], grids, additions)
 
+    def hf_inputs(self, config: Any, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``mm_token_type_ids`` (1 at image tokens) as HF's processor returns it: HF Qwen2.5-VL's forward
+        and every Qwen ``generate`` fall back to 1-D positions without it, silently."""
+        return {"mm_token_type_ids": (input_ids == self.image_token_id(config)).to(torch.int32)}
+
     def prompt_positions(
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         images: dict[str, torch.Tensor] | None,

@@ -183,7 +183,8 @@ class DynamicVLM(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         images = {k: v for k, v in {"pixel_values": pixel_values, **image_inputs}.items() if v is not None}
         if not self.sparsity.enabled:
-            out = self.base(input_ids=input_ids, attention_mask=attention_mask, **images)
+            extra = self.adapter.hf_inputs(self.base.config, input_ids) if images else {}
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask, **images, **extra)
             return DynamicOutput(logits=out.logits, lm_loss=None if labels is None else lm_loss(out.logits, labels))
         adapter = self.adapter
         decoder = adapter.decoder(self.base)

@@ -480,6 +480,7 @@ class DynamicLitModule(L.LightningModule):
         else:
             output = self.base.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, **images,
+                **adapter.hf_inputs(self.base.config, prompt_ids),
                 max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos,
                 synced_gpus=self.sharded,
             )
