@@ -46,8 +46,10 @@ def image_token_count(grid_thw: Sequence[int] | torch.Tensor, merge_size: int) -
     """LLM tokens of one image: ``t * h * w / merge_size**2`` (the merger joins merge_size x merge_size
     patches into one token), as the Qwen processors expand ``<|image_pad|>``."""
     t, h, w = (int(v) for v in grid_thw)
-    if merge_size < 1 or h % merge_size or w % merge_size:
-        raise ValueError(f"image grid (t={t}, h={h}, w={w}) is not divisible by merge_size={merge_size}")
+    if merge_size < 1 or min(t, h, w) <= 0 or h % merge_size or w % merge_size:
+        m = merge_size
+        raise ValueError(f"image grid (t={t}, h={h}, w={w}) is not divisible by merge_size={m}: "
+                         f"not a grid of whole {m}x{m} patch groups")
     return t * h * w // (merge_size * merge_size)
 
 

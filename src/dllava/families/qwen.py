@@ -79,7 +79,9 @@ class QwenAdapter(FamilyAdapter):
     def hf_inputs(self, config: Any, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """``mm_token_type_ids`` (1 at image tokens) as HF's processor returns it: HF Qwen2.5-VL's forward
         and every Qwen ``generate`` fall back to 1-D positions without it, silently."""
-        return {"mm_token_type_ids": (input_ids == self.image_token_id(config)).to(torch.int32)}
+        from dllava.families.qwen_processor import mm_token_type_ids
+
+        return {"mm_token_type_ids": mm_token_type_ids(input_ids, self.image_token_id(config))}
 
     def prompt_positions(
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -90,8 +92,7 @@ class QwenAdapter(FamilyAdapter):
         Computed on the host (it walks token runs in Python) and moved to the ids' device, so a meta
         benchmark passes host ids."""
         grid = (images or {}).get("image_grid_thw")
-        image_token = self.image_token_id(model.config)
-        types = (input_ids == image_token).to(torch.int32)
+        types = self.hf_inputs(model.config, input_ids)["mm_token_type_ids"]
         if not bool(types.any()):  # text only: M-RoPE's three rows are the 1-D positions
             text = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
             return text[None].expand(3, -1, -1).contiguous()

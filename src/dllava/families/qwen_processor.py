@@ -55,12 +55,9 @@ class ImageTextProcessor:
 
     def image_tokens(self, image_grid_thw_row: Sequence[int] | torch.Tensor) -> int:
         """LLM tokens of one image: t * h * w patches over merge_size**2 (the merger's 2x2 groups)."""
-        t, h, w = (int(v) for v in image_grid_thw_row)
-        m = self.merge_size
-        if min(t, h, w) <= 0 or h % m or w % m:
-            raise ValueError(f"image_grid_thw row {(t, h, w)} is not a grid of whole {m}x{m} patch groups")
-        merged = t * h * w // (m * m)
-        return merged
+        from dllava.data.qwen_pixels import image_token_count
+
+        return image_token_count(image_grid_thw_row, self.merge_size)
 
     def __call__(
         self, text: str | Sequence[str], images: Sequence[Any] = (), **tokenizer_kwargs: Any
