@@ -112,7 +112,12 @@ def evaluate(llava: nn.Module, heads: PatchHeads, batch: tuple[torch.Tensor, ...
     """Per-patch accuracy on occupied patches, and on empty ones."""
     pixels, colours, shapes = batch
     with torch.no_grad():
-        colour_logits, shape_logits = heads(patch_features(llava, pixels))
+        return head_accuracies(heads(patch_features(llava, pixels)), colours, shapes)
+
+
+def head_accuracies(logits: tuple[torch.Tensor, torch.Tensor], colours: torch.Tensor, shapes: torch.Tensor) -> dict[str, float]:
+    """Colour and shape accuracy on tokens that hold an object, and "empty" accuracy on the others."""
+    colour_logits, shape_logits = logits
     occupied = colours > 0
     return {
         "colour_acc_objects": float((colour_logits.argmax(-1) == colours)[occupied].float().mean()),
@@ -162,13 +167,7 @@ def evaluate_tokens(model: nn.Module, heads: PatchHeads, batch: tuple[Any, ...])
     """:func:`evaluate` on merged tokens."""
     pixels, colours, shapes = batch
     with torch.no_grad():
-        colour_logits, shape_logits = heads(merged_features(model, pixels))
-    occupied = colours > 0
-    return {
-        "colour_acc_objects": float((colour_logits.argmax(-1) == colours)[occupied].float().mean()),
-        "shape_acc_objects": float((shape_logits.argmax(-1) == shapes)[occupied].float().mean()),
-        "empty_acc": float((shape_logits.argmax(-1) == 0)[~occupied].float().mean()),
-    }
+        return head_accuracies(heads(merged_features(model, pixels)), colours, shapes)
 
 
 def _train_heads_and_tower(
