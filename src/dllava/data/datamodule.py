@@ -36,7 +36,7 @@ from dllava.data.reader import (
     rank_share, resampled_stream,
 )
 from dllava.data.records import IMAGE_KEYS, UnreadableImage, image_error
-from dllava.families.llava import count_image_tokens  # noqa: F401  (its former home)
+from dllava.families.llava import count_image_tokens, square_grid  # noqa: F401  (count_image_tokens: its former home)
 from dllava.utils.checks import check_float, check_int, check_keys, check_mapping, check_str, check_str_list, check_urls
 
 
@@ -184,8 +184,7 @@ class SamplePreprocessor:
 
     def token_grid(self, pixels: dict[str, torch.Tensor]) -> tuple[int, int]:
         """(rows, cols) of the image's tokens (LLaVA: the square patch grid)."""
-        side = math.isqrt(self.num_image_tokens)
-        return (side, side) if side * side == self.num_image_tokens else (1, self.num_image_tokens)
+        return square_grid(self.num_image_tokens)
 
     def image_tokens(self, pixels: dict[str, torch.Tensor]) -> int:
         return self.num_image_tokens

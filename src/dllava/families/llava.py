@@ -92,11 +92,15 @@ class LlavaAdapter(FamilyAdapter):
 
     def token_grids(self, config: Any, images: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
         """The same square patch grid for every image (``image_seq_length`` tokens; one row if not square)."""
-        n = int(config.image_seq_length)
-        side = math.isqrt(n)
         pixels = images["pixel_values"]
         batch = 1 if pixels.ndim == 3 else pixels.shape[0]
-        return [(side, side) if side * side == n else (1, n)] * batch
+        return [square_grid(int(config.image_seq_length))] * batch
+
+
+def square_grid(n_image: int) -> tuple[int, int]:
+    """(rows, cols) of LLaVA's ``n_image`` patch tokens: a square, or one row when ``n`` is not one."""
+    side = math.isqrt(n_image)
+    return (side, side) if side * side == n_image else (1, n_image)
 
 
 def count_image_tokens(processor: Any) -> int:

@@ -130,9 +130,11 @@ class QwenAdapter(FamilyAdapter):
 
     # -- pictures --------------------------------------------------------------------------------
     # normalisation of the released checkpoints' processors, for pictures without an image processor
-    picture_statistics: tuple[tuple[float, ...], tuple[float, ...]] = (
-        (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711),
-    )
+    @property
+    def picture_statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        from dllava.eval.overlay import CLIP_MEAN, CLIP_STD
+
+        return CLIP_MEAN, CLIP_STD
 
     def images_for_pictures(self, images: dict[str, torch.Tensor], image_processor: Any = None) -> list[Any]:
         """Each image rebuilt from its flattened patches at the size the processor resized it to (the
