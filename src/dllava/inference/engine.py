@@ -37,7 +37,7 @@ from dllava.inference.selection import (
     num_kept,
     text_rate_keep,
 )
-from dllava.sparse.decisions import image_columns, keep_score
+from dllava.sparse.decisions import image_columns, keep_score, top_per_row
 from dllava.sparse.model import DynamicVLM
 
 
@@ -175,10 +175,7 @@ class SparseEngine:
             score = fastv_score.float()
         else:
             score = torch.rand(batch, n, generator=state.generator).to(image_hidden.device)
-        budgets = [image_budget(self.method, c, self.keep) for c in features.counts]
-        order = score.masked_fill(~valid, float("-inf")).topk(max(budgets), dim=-1).indices
-        chosen = torch.arange(order.shape[1], device=order.device)[None] < torch.tensor(budgets, device=order.device)[:, None]
-        return torch.zeros(batch, n, dtype=torch.bool, device=image_hidden.device).scatter(1, order, chosen)
+        return top_per_row(score, [image_budget(self.method, c, self.keep) for c in features.counts], valid)
 
     def _text_decisions(self, hidden: torch.Tensor, first_step: int) -> torch.Tensor:
         """(B, m) bool keep for fed generated tokens ``first_step .. first_step + m - 1``."""

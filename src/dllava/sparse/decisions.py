@@ -48,10 +48,16 @@ def topk_keep(logits: torch.Tensor, keep: float, valid: torch.Tensor | None = No
     kept = torch.zeros_like(score)
     if valid is None:
         return kept.scatter(-1, score.topk(num_kept(n, keep), dim=-1).indices, 1.0)
-    budgets = torch.tensor([num_kept(int(c), keep) if c else 0 for c in valid.sum(-1).tolist()], device=score.device)
-    order = score.masked_fill(~valid, float("-inf")).topk(int(budgets.max()), dim=-1).indices
-    chosen = torch.arange(order.shape[1], device=score.device)[None] < budgets[:, None]
-    return kept.scatter(-1, order, chosen.to(kept.dtype))
+    budgets = [num_kept(int(c), keep) if c else 0 for c in valid.sum(-1).tolist()]
+    return top_per_row(score, budgets, valid).to(kept.dtype)
+
+
+def top_per_row(score: torch.Tensor, budgets: list[int], valid: torch.Tensor) -> torch.Tensor:
+    """(B, n) bool: the ``budgets[b]`` highest scores among row b's ``valid`` slots (host budgets, so the
+    same code runs on the meta device)."""
+    order = score.masked_fill(~valid, float("-inf")).topk(max(budgets), dim=-1).indices
+    chosen = torch.arange(order.shape[1], device=score.device)[None] < torch.tensor(budgets, device=score.device)[:, None]
+    return torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter(1, order, chosen)
 
 
 def image_columns(image_mask: torch.Tensor, width: int) -> torch.Tensor:
