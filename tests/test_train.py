@@ -248,8 +248,31 @@ def test_sparse_run_logs_tau_keep_ratios_and_exports_predictors(tiny_model_dir, 
     assert reloaded.sparsity.text_min_len == 8 and reloaded.image_predictor is not None
     ckpt = torch.load(json.loads((tmp_path / "summary.json").read_text())["ckpt_path"], map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["sparsity"]["text_min_len"] == 8
+    assert ckpt["hyper_parameters"]["sparsity"]["attention"] == "auto" and ckpt["dllava_gated_attention"] == "sdpa"
     assert any(k.startswith("model.image_predictor.") for k in ckpt["state_dict"])
     assert any(k.startswith("model.text_predictor.") for k in ckpt["state_dict"])
+
+
+@pytest.mark.slow
+def test_fused_and_eager_gated_softmax_train_the_same_steps(tiny_model_dir, synthetic_dir, tmp_path):
+    """Same seed, 12 steps with text sparsification on: every step's loss of ``sparsity.attention=sdpa``
+    equals ``eager``'s to 1e-4 relative (fp32; the full 100-step comparison is in the README)."""
+    import csv
+
+    losses = {}
+    for attention in ("eager", "sdpa"):
+        run = tmp_path / attention
+        overrides = _overrides(
+            tiny_model_dir, synthetic_dir, "logger=csv", "trainer.max_steps=12", "data.epoch_samples=96",
+            "trainer.log_every_n_steps=1", "test=false", "sparsity.text_min_len=8", "seed=3",
+            f"sparsity.attention={attention}", "+callbacks.gumbel_tau._target_=dllava.training.callbacks.GumbelTauSchedule",
+        )
+        _train(run, overrides)
+        rows = csv.DictReader(next(run.glob("csv/*/metrics.csv")).open())
+        losses[attention] = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses["sdpa"]) == len(losses["eager"]) == 12
+    for step, (fused, eager) in enumerate(zip(losses["sdpa"], losses["eager"])):
+        assert fused == pytest.approx(eager, rel=1e-4), step
 
 
 BAD_VALUES = [  # (override, the key the error must start with): each fails in train.py's start-up check

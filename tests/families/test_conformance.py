@@ -334,3 +334,37 @@ def test_prefill_flops_equal_flop_counter(family: Family, method: str):
              "dynamic": flops.image_predictor_flops(shape.hidden, family.model.predictor_config, features.most, batch)}
     expected = flops.prefill_flops(shape, family.sparse_layer, length, kept, batch=batch, extra=extra[method])
     assert counted == expected + family.adapter.vision_flops(family.hf.config, features)
+
+
+# -- 10. fused gated attention == eager, in the training forward -----------------------------------
+def _train_step_grads(family: Family, attention: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss, logits and every parameter's gradient of one training-mode forward (Gumbel straight-through
+    image decisions, same seed) with the gated softmax computed by ``attention``."""
+    model = family.model
+    valid = _valid(family)
+    predicted_from_a_token = valid & torch.nn.functional.pad(valid[:, :-1], (1, 0))  # not from left padding
+    labels = family.input_ids.masked_fill(~predicted_from_a_token, -100)
+    previous, model.sparsity.attention = model.sparsity.attention, attention
+    try:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        out = model(family.input_ids, family.attention_mask, labels=labels, mode="train", tau=1.0, **family.images)
+        loss = out.lm_loss + out.budget_loss_vision
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    finally:
+        model.sparsity.attention = previous
+        model.zero_grad(set_to_none=True)
+    return loss.detach(), out.logits.detach(), grads
+
+
+def test_fused_training_forward_equals_eager(family: Family):
+    """Every gated layer through SDPA's log-gate bias: the loss, the logits at real tokens and the
+    gradient of every parameter (predictors included) equal the eager reference's (fp32)."""
+    loss, logits, grads = _train_step_grads(family, "sdpa")
+    ref_loss, ref_logits, ref_grads = _train_step_grads(family, "eager")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits[_valid(family)], ref_logits[_valid(family)], rtol=1e-4, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and any(n.startswith("image_predictor") for n in grads)
+    for name, ref in ref_grads.items():  # (+ atol: gradients that are 0 in exact arithmetic, e.g. key biases)
+        assert float((grads[name] - ref).abs().max()) <= 1e-3 * float(ref.abs().max()) + 1e-7, name

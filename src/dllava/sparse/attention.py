@@ -8,20 +8,45 @@ Dropped tokens still run as queries. Layers < K (and the vision tower) keep thei
 The function is registered under :data:`ATTENTION_NAME` in ``AttentionInterface`` together with a mask
 function in ``AttentionMaskInterface`` (without it transformers would pass ``attention_mask=None``). It
 reads two extra keyword arguments that the decoder loop passes through the HF layers: ``policy``
-(B, N_keys) keep gate in [0, 1] and ``sparse_layer`` (K). Without a policy it is plain SDPA, so a
-model switched to it still runs HF's own ``forward`` and ``generate`` unchanged.
+(B, N_keys) keep gate in [0, 1], ``sparse_layer`` (K) and ``gate_attention``, the implementation of
+the gated softmax (``sparsity.attention``): ``eager`` (:func:`gated_softmax_attention`, the reference,
+N x N fp32 scores per head) or a fused one through the log-gate bias (:mod:`dllava.sparse.log_gate`):
+``sdpa`` or ``flex``. Without a policy it is plain SDPA, so a model switched to it still runs HF's own
+``forward`` and ``generate`` unchanged.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from dllava.sparse.log_gate import (
+    GateMasks,
+    flash_cpu_gated_attention,
+    flex_gated_attention,
+    sdpa_mask_gated_attention,
+)
+
 ATTENTION_NAME = "dllava_gated"
+ATTENTION_CHOICES = ("auto", "eager", "sdpa", "flex")
+
+
+def resolve_attention(choice: str, device: torch.device | str) -> str:
+    """The gated-softmax implementation ``sparsity.attention`` names on ``device``.
+
+    ``auto`` is ``sdpa`` on every device. The issue that added the fused paths asked for FlexAttention on
+    CUDA; it stays opt-in (``flex``) until its backward has been checked against the eager reference on
+    a GPU (``tests/sparse/test_fused_attention.py`` does so wherever CUDA is present), because a wrong
+    default would train silently wrong. SDPA's memory-efficient CUDA kernel returns the bias gradient.
+    """
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"sparsity.attention must be one of {list(ATTENTION_CHOICES)}, got {choice!r}")
+    return "sdpa" if choice == "auto" else choice
 
 
 def gated_softmax_attention(
@@ -88,16 +113,32 @@ def gated_attention_forward(
     scaling: float | None = None,
     policy: torch.Tensor | None = None,
     sparse_layer: int | None = None,
+    gate_attention: str = "auto",
+    gate_masks: GateMasks | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """``AttentionInterface`` entry: gated softmax in layers >= ``sparse_layer`` when a policy is given."""
+    """``AttentionInterface`` entry: gated softmax in layers >= ``sparse_layer`` when a policy is given,
+    computed by ``gate_attention`` (a ``sparsity.attention`` value); ``gate_masks`` (made by the caller
+    once per forward from ``policy`` and ``attention_mask``) shares the gate's masks between layers."""
     if policy is None or sparse_layer is None or module.layer_idx < sparse_layer:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    implementation = resolve_attention(gate_attention, query.device)
+    if implementation != "eager":
+        masks = gate_masks or GateMasks(policy, attention_mask)
+        return fused_kernel(implementation, query.device)(module, query, key, value, masks, scaling), None
     groups = getattr(module, "num_key_value_groups", 1)
     output = gated_softmax_attention(
         query, repeat_kv(key, groups), repeat_kv(value, groups), policy, attention_mask, scaling
     )
     return output.transpose(1, 2).contiguous(), None
+
+
+def fused_kernel(implementation: str, device: torch.device) -> Callable[..., torch.Tensor]:
+    """The log-gate function of a fused ``sparsity.attention`` on ``device`` (``sdpa``: SDPA's CPU flash
+    kernel with our backward on CPU, SDPA with a mask that requires grad elsewhere)."""
+    if implementation == "flex":
+        return flex_gated_attention
+    return flash_cpu_gated_attention if device.type == "cpu" else sdpa_mask_gated_attention
 
 
 def register_gated_attention() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from dllava.sparse.attention import resolve_attention
 from dllava.utils.checks import check_bool, check_float, check_int
 
 
@@ -19,7 +20,9 @@ class SparsityConfig:
     ``keep`` is the vision keep target r_I (the top-k fraction at inference), ``text_keep`` the
     output-text target r_T, ``layer`` the decoder layer K whose input the predictors read and from
     which on the decisions gate attention, ``loss_weight`` the budget-loss weight lambda. Only final
-    answers of at least ``text_min_len`` tokens are text-sparsified during training.
+    answers of at least ``text_min_len`` tokens are text-sparsified during training. ``attention`` is
+    how the gated softmax is computed (``dllava.sparse.attention.resolve_attention``): ``auto``,
+    ``eager`` (the reference), ``sdpa`` or ``flex``.
     """
 
     vision: bool = True
@@ -31,6 +34,7 @@ class SparsityConfig:
     text_min_len: int = 50
     tau_start: float = 1.0
     tau_end: float = 0.1
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         self.vision = check_bool("sparsity.vision", self.vision)
@@ -43,6 +47,7 @@ class SparsityConfig:
         self.text_min_len = check_int("sparsity.text_min_len", self.text_min_len, low=1)
         for key in ("tau_start", "tau_end"):
             setattr(self, key, check_float(f"sparsity.{key}", getattr(self, key), low=0, low_open=True))
+        resolve_attention(self.attention, "cpu")  # raises on an unknown name, naming the key
         if self.text and not self.vision:
             # As in the reference code, the attention gate is built in the vision branch.
             raise ValueError("sparsity.text=true needs sparsity.vision=true (text-only sparsification is not supported)")

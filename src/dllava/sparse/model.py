@@ -32,6 +32,7 @@ from torch import nn
 from dllava.families import FamilyAdapter, ImageFeatures, adapter_for, get_adapter, next_positions
 from dllava.families.llava import positions_from_mask  # noqa: F401  (re-exported: its former home)
 from dllava.sparse.attention import ATTENTION_NAME, register_gated_attention
+from dllava.sparse.log_gate import GateMasks
 from dllava.sparse.config import PredictorConfig, SparsityConfig
 from dllava.sparse.decisions import budget_loss, gumbel_keep, image_columns, keep_ratio, threshold_keep, topk_keep
 from dllava.sparse.predictors import ImagePredictor, TextPredictor, init_predictor_weights
@@ -204,20 +205,24 @@ class DynamicVLM(nn.Module):
             hidden = hidden.masked_scatter(image_mask[..., None], image_features.flat.to(hidden.dtype))
         if position_ids is None:
             position_ids = adapter.prompt_positions(self.base, input_ids, attention_mask, images)
-        mask = causal_padding_mask(attention_mask, hidden.dtype)
+        # no padding: None is causal to every attention path, and lets SDPA use its causal kernels
+        mask = None if bool(attention_mask.all()) else causal_padding_mask(attention_mask, hidden.dtype)
         position_embeddings = adapter.rotary(self.base, hidden, position_ids)
         additions = {} if image_features is None else image_features.layer_additions
         out = DynamicOutput(logits=hidden)
-        policy = None
+        policy = gate_masks = None
         for index, layer in enumerate(decoder.layers):
             if index == self.sparsity.layer:
                 policy = self._decide(hidden, image_mask, attention_mask, answer_span, mode, tau, generated_from, keep, out)
+                gate_masks = GateMasks(policy, mask, key_valid=attention_mask)  # mask = causal + these keys
             hidden = layer(
                 hidden,
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
                 policy=policy,
                 sparse_layer=self.sparsity.layer,
+                gate_attention=self.sparsity.attention,
+                gate_masks=gate_masks,
             )
             if index in additions:
                 hidden = add_at(hidden, image_mask, additions[index])

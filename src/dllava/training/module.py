@@ -30,6 +30,7 @@ from dllava.data.conversation import IGNORE_INDEX
 from dllava.data.reader import COUNT_KEYS
 from dllava.metrics.answers import exact_match
 from dllava.model.loading import ModelSource, load_base_model, load_processor
+from dllava.sparse.attention import resolve_attention
 from dllava.sparse.config import PredictorConfig, SparsityConfig
 from dllava.sparse.decisions import budget_loss
 from dllava.sparse.model import PREDICTORS_FILE, DynamicVLM
@@ -132,6 +133,7 @@ def step_seed(base: int, step: int, micro_batch: int, rank: int) -> int:
 
 # Checkpoint key of the best validation answer accuracy so far (MaxMetric states are not in state_dict).
 BEST_KEY = "dllava_best"
+ATTENTION_KEY = "dllava_gated_attention"
 
 SPARSE_METRICS = (
     "lm_loss", "budget_loss_vision", "budget_loss_text", "vision_keep", "vision_keep_threshold",
@@ -273,6 +275,15 @@ class DynamicLitModule(L.LightningModule):
         # seed_everything (train.py) and the strategies' reset_seed set this identically on every
         # process and again on resume; without cfg.seed it is random and runs are not reproducible
         self._base_seed = torch.initial_seed()
+        if self.sparsity.enabled:
+            resolved = self.gated_attention()
+            log.info("gated softmax: %s (sparsity.attention=%s on %s)", resolved, self.sparsity.attention, self.device.type)
+            for logger in self.loggers:
+                logger.log_hyperparams({"sparsity/attention_resolved": resolved})
+
+    def gated_attention(self) -> str:
+        """The gated-softmax implementation this module trains and validates with on its device."""
+        return resolve_attention(self.sparsity.attention, self.device)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
@@ -537,6 +548,8 @@ class DynamicLitModule(L.LightningModule):
         checkpoint[RUN_KEY] = {"wandb_id": wandb_ids[0] if wandb_ids and wandb_ids[0] else None}
         best = float(self.val_acc_best.max_value)  # the same on every rank: updated with synced accuracies
         checkpoint[BEST_KEY] = {"val/answer_acc_best": best if math.isfinite(best) else None}
+        # hyper_parameters keep sparsity.attention as configured ("auto"); this is what it ran as
+        checkpoint[ATTENTION_KEY] = self.gated_attention() if self.sparsity.enabled else None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resumed_best = (checkpoint.get(BEST_KEY) or {}).get("val/answer_acc_best")
