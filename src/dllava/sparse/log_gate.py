@@ -218,51 +218,52 @@ class FlashCpuGatedAttention(torch.autograd.Function):
         n_q, n_k = query.shape[-2], key.shape[-2]
         visible = masks.own_visible(n_q, n_k, query.device)
         mask, causal = masks.kernel_mask(n_q, query.dtype, delta)
+        # padded once for forward and backward: q's column 1, k's 0 (scores unchanged); v's the dropped
+        # share, so the output's extra column is each query's weight on dropped keys (backward sets it 0)
+        query_pad, key_pad = _pad(query, 1.0), _pad(key, 0.0)
+        value_pad = _pad(value, (1 - gate.to(query.dtype))[:, None, :] if delta > 0 else 0.0)
+        out_pad, lse = _FLASH_CPU(query_pad, key_pad, value_pad, 0.0, causal, attn_mask=mask, scale=scale)
+        own_exp, extra, result = _own_key_added(query, key, value, out_pad[..., :-1], lse, gate, visible, scale, delta)
         if delta > 0:
-            dropped = (1 - gate.to(query.dtype))[:, None, :]  # (B, 1, Nk), broadcast over heads
-            out, lse = _FLASH_CPU(_pad(query, 0.0), _pad(key, 0.0), _pad(value, dropped), 0.0, causal,
-                                  attn_mask=mask, scale=scale)
-            out, leaked = out[..., :-1], out[..., -1]
-        else:
-            out, lse = _FLASH_CPU(query, key, value, 0.0, causal, attn_mask=mask, scale=scale)
-        result, extra = _own_key_added(query, key, value, out, lse, gate, visible, scale, delta)
-        if delta > 0 and float((leaked * (1 / (1 + extra))).masked_fill(~visible, 0.0).max()) > torch.finfo(query.dtype).eps:
-            exact_mask, _ = masks.kernel_mask(n_q, query.dtype, 0.0)
-            exact_out, exact_lse = _FLASH_CPU(query, key, value, 0.0, causal, attn_mask=exact_mask, scale=scale)
-            result = _own_key_added(query, key, value, exact_out, exact_lse, gate, visible, scale, 0.0)[0]
-        ctx.save_for_backward(query, key, value, out, lse, extra, gate)
+            leaked = (out_pad[..., -1] / (1 + extra)).masked_fill(~visible, 0.0)
+            if float(leaked.max()) > torch.finfo(query.dtype).eps:
+                exact_mask, _ = masks.kernel_mask(n_q, query.dtype, 0.0)
+                exact_out, exact_lse = _FLASH_CPU(query, key, value, 0.0, causal, attn_mask=exact_mask, scale=scale)
+                result = _own_key_added(query, key, value, exact_out, exact_lse, gate, visible, scale, 0.0)[2]
+        ctx.save_for_backward(query_pad, key_pad, value_pad, out_pad, lse, own_exp, extra, gate)
         ctx.masks, ctx.scale, ctx.delta = masks, scale, delta
         return result
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, out, lse, extra, gate = ctx.saved_tensors
+        query_pad, key_pad, value_pad, out_pad, lse, own_exp, extra, gate = ctx.saved_tensors
+        query, key, value, out = (t[..., :-1] for t in (query_pad, key_pad, value_pad, out_pad))
         n_q, n_k = query.shape[-2], key.shape[-2]
         own = slice(n_k - n_q, n_k)
         compute = _compute_dtype(query)
         scale = ctx.scale
         grad = grad_out.to(compute)
         keep = 1 / (1 + extra)
-        d_keep = (grad * (out.to(compute) - value[..., own, :].to(compute))).sum(-1)
+        d_keep = torch.einsum("bhnd,bhnd->bhn", grad, out.to(compute) - value[..., own, :].to(compute))
         d_extra = -keep.square() * d_keep
         # through exp(S_ii), also -dL/dlse; 0 where only the own key is seen (extra = inf: o_i = v_i)
         d_score = torch.where(torch.isfinite(extra), d_extra * extra, 0.0)
+        value_pad[..., -1] = 0.0  # (the forward's dropped share is not a value)
+        out_pad[..., -1] = d_score.to(out_pad.dtype)  # kernel's D_i = dO . o - dL/dlse
         mask, causal = ctx.masks.kernel_mask(n_q, query.dtype, ctx.delta)
         dq, dk, dv = _FLASH_CPU_BACKWARD(
-            _pad((keep[..., None] * grad).to(query.dtype), 1.0), _pad(query, 1.0), _pad(key, 0.0), _pad(value, 0.0),
-            _pad(out, d_score), lse, 0.0, causal, attn_mask=mask, scale=scale,
+            _pad((keep[..., None] * grad).to(query.dtype), 1.0), query_pad, key_pad, value_pad, out_pad, lse, 0.0,
+            causal, attn_mask=mask, scale=scale,
         )
         column_sums = dk[..., -1].to(compute) / scale
         dq, dk, dv = (t[..., :-1].to(compute) for t in (dq, dk, dv))
-        dq += (d_score * scale)[..., None] * key[..., own, :].to(compute)
-        dk[..., own, :] += (d_score * scale)[..., None] * query.to(compute)
-        dv[..., own, :] += (1 - keep)[..., None] * grad
+        d_score = (d_score * scale)[..., None]
+        dq.addcmul_(d_score, key[..., own, :].to(compute))
+        dk[..., own, :].addcmul_(d_score, query.to(compute))
+        dv[..., own, :].addcmul_((1 - keep)[..., None], grad)
         grad_gate = None
         if ctx.needs_input_grad[3]:
             grad_gate = column_sums.sum(1) / (gate.to(compute) + ctx.delta)
-            visible = ctx.masks.own_visible(n_q, n_k, query.device)
-            own_scores = (query.to(compute) * key[..., own, :].to(compute)).sum(-1) * scale
-            own_exp = torch.exp((own_scores - lse.to(compute)).masked_fill(~visible, float("-inf")))
             grad_gate[:, own] -= (d_extra * own_exp).sum(1)
             grad_gate = grad_gate.to(gate.dtype)
         return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), grad_gate, None, None, None
@@ -274,16 +275,17 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 def _own_key_added(query, key, value, out, lse, gate, visible, scale, delta):
     """The fully gated output with each query's own key put back at weight 1 (its gate share
-    ``1 - G_i - delta`` added): (output in query's dtype, a_i in fp32 or wider)."""
+    ``1 - G_i - delta`` added): ``exp(S_ii - lse_i)`` (0 where the own key is not visible), ``a_i`` (both
+    in fp32 or wider) and the output in query's dtype."""
     n_q, n_k = query.shape[-2], key.shape[-2]
     own = slice(n_k - n_q, n_k)
     compute = _compute_dtype(query)
-    scores = (query.to(compute) * key[..., own, :].to(compute)).sum(-1) * scale
-    share = 1 - gate[:, None, own].to(compute) - delta
-    extra = share * torch.exp((scores - lse.to(compute)).masked_fill(~visible, float("-inf")))
+    scores = torch.einsum("bhnd,bhnd->bhn", query.to(compute), key[..., own, :].to(compute)) * scale
+    own_exp = torch.exp((scores - lse.to(compute)).masked_fill(~visible, float("-inf")))
+    extra = (1 - gate[:, None, own].to(compute) - delta) * own_exp
     keep = (1 / (1 + extra))[..., None]  # 0 when only the own key is visible (extra = inf)
-    result = keep * out.to(compute) + (1 - keep) * value[..., own, :].to(compute)
-    return result.to(query.dtype), extra
+    result = torch.lerp(value[..., own, :].to(compute), out.to(compute), keep)
+    return own_exp, extra, result.to(query.dtype)
 
 
 def flash_cpu_gated_attention(
