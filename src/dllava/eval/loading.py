@@ -72,7 +72,7 @@ def load_for_eval(ckpt_path: str | Path, device: str = "auto", dtype: str | None
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} or null, got {dtype!r}")
     device = choose_device(device)
     if path.is_file():
-        model, processor = _from_lightning(path, dtype)
+        model, processor = load_lightning_model(path, dtype)
     elif (path / "config.json").is_file():
         model, processor = _from_directory(path, dtype)
     else:
@@ -108,7 +108,9 @@ def read_lightning_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _from_lightning(path: Path, dtype: str | None) -> tuple[DynamicVLM, Any]:
+def load_lightning_model(path: Path, dtype: str | None = None) -> tuple[DynamicVLM, Any]:
+    """The model of a ``train.py`` checkpoint file (built from its hyper-parameters, its ``state_dict``
+    loaded strictly) and the processor of its ``model.pretrained``."""
     checkpoint = read_lightning_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
     source = dict(hparams["model"])
