@@ -27,8 +27,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from dllava.sparse.log_gate import (
     GateMasks,
+    allowed_keys,
+    compute_dtype,
     flash_cpu_gated_attention,
     flex_gated_attention,
+    own_key,
     sdpa_mask_gated_attention,
 )
 
@@ -36,8 +39,9 @@ ATTENTION_NAME = "dllava_gated"
 ATTENTION_CHOICES = ("auto", "eager", "sdpa", "flex")
 
 
-def resolve_attention(choice: str, device: torch.device | str) -> str:
-    """The gated-softmax implementation ``sparsity.attention`` names on ``device``.
+def resolve_attention(choice: str) -> str:
+    """The gated-softmax implementation ``sparsity.attention`` names (:func:`fused_kernel` then picks the
+    kernel for the device).
 
     ``auto`` is ``sdpa`` on every device. The issue that added the fused paths asked for FlexAttention on
     CUDA; it stays opt-in (``flex``) until its backward has been checked against the eager reference on
@@ -78,18 +82,13 @@ def gated_softmax_attention(
     """
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     n_q, n_k = query.shape[-2], key.shape[-2]
-    compute = torch.promote_types(query.dtype, torch.float32)  # fp32 at least (fp64 for gradcheck)
+    compute = compute_dtype(query.dtype)  # fp32 at least (fp64 for gradcheck)
     scores = torch.matmul(query.to(compute), key.to(compute).transpose(-1, -2)) * scaling
-    offset = torch.arange(n_q, device=query.device)[:, None] + (n_k - n_q)
-    keys = torch.arange(n_k, device=query.device)
-    if attention_mask is None:
-        scores = scores.masked_fill(keys > offset, torch.finfo(scores.dtype).min)
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~allowed_keys(attention_mask, n_q, n_k, query.device), torch.finfo(compute).min)
     else:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask.to(compute)
-    own = offset == keys
+        scores = scores + attention_mask.to(compute)
+    own = own_key(n_q, n_k, query.device)
     gates = torch.where(own, torch.ones((), dtype=compute, device=gate.device), gate.to(compute)[:, None, None, :])
     row_max = scores.masked_fill(gates == 0, float("-inf")).amax(-1, keepdim=True).detach()
     weights = torch.exp((scores - row_max).clamp(max=gate_exponent_cap(compute))) * gates
@@ -122,7 +121,7 @@ def gated_attention_forward(
     once per forward from ``policy`` and ``attention_mask``) shares the gate's masks between layers."""
     if policy is None or sparse_layer is None or module.layer_idx < sparse_layer:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    implementation = resolve_attention(gate_attention, query.device)
+    implementation = resolve_attention(gate_attention)
     if implementation != "eager":
         masks = gate_masks or GateMasks(policy, attention_mask)
         return fused_kernel(implementation, query.device)(module, query, key, value, masks, scaling), None

@@ -47,7 +47,7 @@ class SparsityConfig:
         self.text_min_len = check_int("sparsity.text_min_len", self.text_min_len, low=1)
         for key in ("tau_start", "tau_end"):
             setattr(self, key, check_float(f"sparsity.{key}", getattr(self, key), low=0, low_open=True))
-        resolve_attention(self.attention, "cpu")  # raises on an unknown name, naming the key
+        resolve_attention(self.attention)  # raises on an unknown name, naming the key
         if self.text and not self.vision:
             # As in the reference code, the attention gate is built in the vision branch.
             raise ValueError("sparsity.text=true needs sparsity.vision=true (text-only sparsification is not supported)")

@@ -3,21 +3,25 @@
 Multiplying ``exp(S_ij)`` by a key gate ``G_j`` (own key exempt) equals adding ``log(G_j + delta)`` to the
 logits before an ordinary softmax, up to O(delta), in the output and in the gradient to ``G``: the
 ``1 / (G_j + delta)`` of the log cancels the ``(G_j + delta)`` that the biased softmax puts into
-``dS_ij``. So the gate can ride any kernel that takes a differentiable additive bias: SDPA with a float
-mask that requires grad (CPU: the math kernel; CUDA: the memory-efficient kernel, which returns the
-bias gradient) and FlexAttention with a ``score_mod`` reading a per-key log-gate vector (its backward
-needs CUDA in torch 2.13; its forward also runs on CPU).
+``dS_ij``. So the gate can ride kernels that take an additive bias. Three do here, all behind one
+signature ``(module, query, key, value, masks, scaling, delta) -> (B, Nq, h, d)``:
 
-One case the bias alone gets wrong: a dropped key (``G_j = 0``) scoring more than ``log(1 / delta)``
-above every kept key takes real weight. So every forward value comes from an exact pass in which a
-dropped key's bias is the dtype's minimum (absorbing any score; a finite, exact softmax over the kept
-keys), and, when the gate requires grad, the gradients come from the delta-biased pass computed beside
-it: ``out = biased + (exact - biased).detach()``. The exact pass runs under ``no_grad`` (no saved
-tensors), so training pays one extra attention forward per gated layer and no extra memory. While the
-gap stays below ``log(1 / delta)`` (46 at the default) the two passes agree to O(delta * exp(gap)) and
-the gradients equal the multiplicative gate's; beyond it the forward is still exact and the gradients
-are those of the delta-softmax (finite, dominated by that key; that key's own gate gradient nearly 0),
-where the eager reference saturates only the gate's.
+* :func:`flash_cpu_gated_attention` (``sparsity.attention=sdpa`` on CPU): SDPA's CPU flash kernel with our
+  own backward (:class:`FlashCpuGatedAttention`); nothing N x N is kept, or even built when the padding
+  is known.
+* :func:`sdpa_mask_gated_attention` (``sdpa`` elsewhere): ``F.scaled_dot_product_attention`` with a
+  (B, 1, Nq, Nk) float mask that requires grad (CUDA's memory-efficient kernel returns its gradient).
+* :func:`flex_gated_attention` (``flex``): a ``score_mod`` reading a per-key log-gate vector and a block
+  mask (its backward needs CUDA in torch 2.13; its forward also runs on CPU).
+
+One case the bias alone gets wrong: a dropped key (``G_j = 0``) scoring more than ``log(1 / delta)`` (46
+at the default) above the kept keys takes real weight. Every path's value is therefore exact there: the
+last two always run an exact pass (the dtype's minimum as a dropped key's bias) under ``no_grad`` beside
+the biased one and return ``biased + (exact - biased).detach()``; the CPU path measures the weight its
+biased pass puts on dropped keys and reruns exactly only when that exceeds the dtype's epsilon. Beyond
+that gap the gradients are those of the delta-softmax (finite, dominated by that key; its own gate
+gradient nearly 0), where the eager reference saturates only the gate's. :class:`GateMasks` builds the
+masks once per forward for all gated layers.
 
 ``attention_mask`` follows ``dllava.sparse.attention``: additive float (B, 1, Nq, Nk), boolean
 (True = attend) or None (causal); the queries are the last Nq positions of the keys.
@@ -35,6 +39,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 # above the kept keys, large enough that 1 / delta (the gate gradient's factor) is finite in fp32 and
 # that delta * exp(score - logsumexp) stays a normal fp32 number for every key with a say.
 LOG_GATE_DELTA = 1e-20
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype softmax statistics and gate gradients are computed in: fp32 at least (fp64 in tests)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def allowed_keys(attention_mask: torch.Tensor | None, n_q: int, n_k: int, device: torch.device) -> torch.Tensor:
@@ -57,7 +66,7 @@ def log_gate(
 ) -> torch.Tensor:
     """Per-key bias in ``dtype`` (fp32 at least): ``log(G + delta)``, or with ``exact`` ``log(G)`` and the
     dtype's minimum where ``G == 0`` (a dropped key then takes no weight whatever its score)."""
-    compute = torch.promote_types(dtype, torch.float32)
+    compute = compute_dtype(dtype)
     gate = gate.to(compute)
     if not exact:
         return torch.log(gate + delta)
@@ -240,7 +249,7 @@ class FlashCpuGatedAttention(torch.autograd.Function):
         query, key, value, out = (t[..., :-1] for t in (query_pad, key_pad, value_pad, out_pad))
         n_q, n_k = query.shape[-2], key.shape[-2]
         own = slice(n_k - n_q, n_k)
-        compute = _compute_dtype(query)
+        compute = compute_dtype(query.dtype)
         scale = ctx.scale
         grad = grad_out.to(compute)
         keep = 1 / (1 + extra)
@@ -269,17 +278,13 @@ class FlashCpuGatedAttention(torch.autograd.Function):
         return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), grad_gate, None, None, None
 
 
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(tensor.dtype, torch.float32)  # fp32 at least (fp64 in tests)
-
-
 def _own_key_added(query, key, value, out, lse, gate, visible, scale, delta):
     """The fully gated output with each query's own key put back at weight 1 (its gate share
     ``1 - G_i - delta`` added): ``exp(S_ii - lse_i)`` (0 where the own key is not visible), ``a_i`` (both
     in fp32 or wider) and the output in query's dtype."""
     n_q, n_k = query.shape[-2], key.shape[-2]
     own = slice(n_k - n_q, n_k)
-    compute = _compute_dtype(query)
+    compute = compute_dtype(query.dtype)
     scores = torch.einsum("bhnd,bhnd->bhn", query.to(compute), key[..., own, :].to(compute)) * scale
     own_exp = torch.exp((scores - lse.to(compute)).masked_fill(~visible, float("-inf")))
     extra = (1 - gate[:, None, own].to(compute) - delta) * own_exp

@@ -32,9 +32,9 @@ from torch import nn
 from dllava.families import FamilyAdapter, ImageFeatures, adapter_for, get_adapter, next_positions
 from dllava.families.llava import positions_from_mask  # noqa: F401  (re-exported: its former home)
 from dllava.sparse.attention import ATTENTION_NAME, register_gated_attention
-from dllava.sparse.log_gate import GateMasks
 from dllava.sparse.config import PredictorConfig, SparsityConfig
 from dllava.sparse.decisions import budget_loss, gumbel_keep, image_columns, keep_ratio, threshold_keep, topk_keep
+from dllava.sparse.log_gate import GateMasks
 from dllava.sparse.predictors import ImagePredictor, TextPredictor, init_predictor_weights
 
 PREDICTORS_FILE = "predictors.safetensors"

@@ -282,8 +282,8 @@ class DynamicLitModule(L.LightningModule):
                 logger.log_hyperparams({"sparsity/attention_resolved": resolved})
 
     def gated_attention(self) -> str:
-        """The gated-softmax implementation this module trains and validates with on its device."""
-        return resolve_attention(self.sparsity.attention, self.device)
+        """The gated-softmax implementation this module trains and validates with."""
+        return resolve_attention(self.sparsity.attention)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
