@@ -40,3 +40,57 @@ def test_budget_loss_averages_over_the_whole_batch():
     eligible = torch.tensor([True, False])
     assert budget_loss(ratio, 0.2, eligible).item() == pytest.approx((0.3**2) / 2)
     assert budget_loss(ratio, 0.2).item() == pytest.approx((0.3**2 + 0.2**2) / 2)
+
+
+# -- budget groups (views) --------------------------------------------------------------------------
+def _groups_case(seed: int):
+    """Random scores over 3 rows of up to 40 slots, each slot in group 0..3 or -1 (always kept), with
+    per-row padding."""
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randn(3, 40, generator=g)
+    groups = torch.randint(-1, 4, (3, 40), generator=g)
+    valid = torch.arange(40)[None] < torch.tensor([[40], [25], [7]])
+    return score, groups, valid
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("keep", [0.1, 0.25, 0.5, 1.0])
+def test_top_per_group_equals_a_loop_over_groups(seed, keep):
+    from dllava.sparse.decisions import num_kept, top_per_group
+
+    score, groups, valid = _groups_case(seed)
+    kept = top_per_group(score, groups, valid, keep)
+    for b in range(3):
+        expected = set()
+        for g in range(-1, 4):
+            slots = [i for i in range(40) if valid[b, i] and groups[b, i] == g]
+            if g < 0:
+                expected |= set(slots)
+            elif slots:
+                ranked = sorted(slots, key=lambda i: -float(score[b, i]))
+                expected |= set(ranked[: num_kept(len(slots), keep)])
+        assert set(kept[b].nonzero()[:, 0].tolist()) == expected
+
+
+def test_one_group_is_the_plain_per_sample_budget():
+    from dllava.sparse.decisions import top_per_group
+
+    logits = torch.randn(3, 40, 2, generator=torch.Generator().manual_seed(0))
+    valid = torch.arange(40)[None] < torch.tensor([[40], [25], [7]])
+    plain = topk_keep(logits, 0.2, valid)
+    grouped = topk_keep(logits, 0.2, valid, torch.where(valid, 0, -1))
+    assert torch.equal(plain, grouped)
+    assert torch.equal(top_per_group(logits[..., 0] - logits[..., 1], torch.where(valid, 0, -1), valid, 0.2), plain.bool())
+
+
+def test_per_group_budget_error_averages_each_samples_groups():
+    from dllava.sparse.decisions import budget_errors, group_keep_ratio
+
+    kept = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    groups = torch.tensor([[0, 0, 1, 1, -1, -1], [0, 0, 0, 0, 0, -1]])
+    valid = torch.ones_like(kept, dtype=torch.bool)
+    ratio, present = group_keep_ratio(kept, groups, valid)
+    assert ratio.flatten().tolist() == pytest.approx([0.5, 1.0, 0.4, 0.0]) and present.tolist() == [[True, True], [True, False]]
+    errors = budget_errors(ratio, 0.5, present)
+    assert errors.tolist() == pytest.approx([(0.0 + 0.25) / 2, 0.01])
+    assert budget_loss(ratio, 0.5, present).item() == pytest.approx((0.125 + 0.01) / 2)

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
+from dllava.sparse.decisions import check_budget, group_budgets, group_sizes
+
 # Position ids everywhere in the seam are (R, B, N): R = 1 for 1-D RoPE, 3 for M-RoPE (t, h, w rows).
 
 
@@ -30,17 +32,25 @@ class ImageFeatures:
     positions row by row); ``counts`` the tokens per sample (host ints, so shapes never depend on device
     data); ``grids`` each image's (rows, cols) token grid (for pictures); ``layer_additions`` maps a
     decoder layer index i to flat (T, H) features added at the image positions after layer i
-    (Qwen3-VL's DeepStack), empty for other families.
+    (Qwen3-VL's DeepStack), empty for other families. ``views`` (T,) host longs say which view of its
+    image each token comes from (LLaVA-NeXT / OneVision: 0 = the base view, 1.. = the crops) and -1 for
+    tokens that are never dropped and never counted in a budget (their newline tokens); None: every
+    token is droppable and the image is one view.
     """
 
     flat: torch.Tensor
     counts: list[int]
     grids: list[tuple[int, int]]
     layer_additions: dict[int, torch.Tensor] = field(default_factory=dict)
+    views: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.flat.device.type != "meta" and sum(self.counts) != self.flat.shape[0]:
             raise ValueError(f"image features hold {self.flat.shape[0]} tokens, counts say {sum(self.counts)}")
+        if self.views is not None:
+            self.views = self.views.detach().to("cpu", torch.long)
+            if self.views.shape != (sum(self.counts),):
+                raise ValueError(f"views must hold one id per image token ({sum(self.counts)}), got {tuple(self.views.shape)}")
 
     @property
     def most(self) -> int:
@@ -60,6 +70,35 @@ class ImageFeatures:
             pad = self.most - part.shape[0]
             rows.append(torch.cat([part, part.new_zeros(pad, part.shape[1])]) if pad else part)
         return torch.stack(rows)
+
+    def slot_views(self, device: torch.device | None = None) -> torch.Tensor:
+        """(B, most) long: each padded slot's view id (-1 at never-dropped tokens and at padding)."""
+        views = self.views if self.views is not None else torch.zeros(sum(self.counts), dtype=torch.long)
+        slots = torch.full((len(self.counts), self.most), -1, dtype=torch.long)
+        for row, part in enumerate(torch.split(views, self.counts)):
+            slots[row, : part.shape[0]] = part
+        return slots.to(device)
+
+    def groups(self, budget: str = "global", device: torch.device | None = None) -> torch.Tensor:
+        """(B, most) long budget group of every slot under ``budget`` (:data:`~dllava.sparse.decisions.BUDGETS`): ``global``, one
+        group per sample (0); ``per_view``, one per view; -1 at tokens always kept and at padding."""
+        views = self.slot_views(device)
+        if check_budget(budget) == "global":
+            return torch.where(views >= 0, 0, -1)
+        return views
+
+    def droppable(self, device: torch.device | None = None) -> torch.Tensor:
+        """(B, most) bool: slots holding a token some method may drop (a budget counts only these)."""
+        return self.slot_views(device) >= 0
+
+    def kept_counts(self, keep: float | None, budget: str = "global") -> list[int]:
+        """Image tokens each sample keeps after prefill: its never-dropped tokens plus ``int(n * keep)``
+        of every budget group (keep None: all of them, the dense arm)."""
+        if keep is None:
+            return list(self.counts)
+        groups, valid = self.groups(budget), self.valid()
+        fixed = (valid & (groups < 0)).sum(-1).tolist()
+        return [f + sum(b) for f, b in zip(fixed, group_budgets(group_sizes(groups, valid), keep))]
 
     @classmethod
     def from_stacked(cls, stacked: torch.Tensor, grid: tuple[int, int] | None = None) -> "ImageFeatures":

@@ -32,12 +32,11 @@ from dllava.inference.flops import DecoderShape, cache_tokens, kv_bytes
 from dllava.inference.selection import (
     check_method,
     check_text_policy,
-    image_budget,
     last_token_attention,
     num_kept,
     text_rate_keep,
 )
-from dllava.sparse.decisions import image_columns, keep_score, top_per_row
+from dllava.sparse.decisions import check_budget, image_columns, keep_score, top_per_group
 from dllava.sparse.model import DynamicVLM
 
 
@@ -91,6 +90,7 @@ class SparseEngine:
         text: str | float = "learned",
         layer: int | None = None,
         seed: int = 0,
+        budget: str | None = None,
     ) -> None:
         self.model = model
         self.method = check_method(method)
@@ -105,9 +105,15 @@ class SparseEngine:
         if self.text == "learned" and model.text_predictor is None:
             raise ValueError("text='learned' needs a model with a text predictor; use text='off' or a rate")
         self.seed = seed
+        self.budget = check_budget(model.sparsity.budget if budget is None else budget)
         self.adapter = model.adapter
         self.lm = self.adapter.decoder(model.base)
         self.image_token_id = self.adapter.image_token_id(model.base.config)
+
+    @property
+    def image_keep_share(self) -> float | None:
+        """The share of droppable image tokens this engine keeps (None: all, the dense method)."""
+        return None if self.method == "dense" else self.keep
 
     # -- building blocks -------------------------------------------------------------------------
     def _embed(self, input_ids: torch.Tensor, features: ImageFeatures | None, prompt_len: int):
@@ -161,7 +167,8 @@ class SparseEngine:
         self, state: RequestState, image_hidden: torch.Tensor, fastv_score: torch.Tensor | None
     ) -> torch.Tensor:
         """(B, n_image) bool keep of the image tokens, made once per request: each sample keeps
-        ``int(n_b * keep)`` of its own ``n_b`` tokens (padding slots are never kept)."""
+        ``int(n_b * keep)`` of its own ``n_b`` droppable tokens, or of each view's under the ``per_view``
+        budget, plus the tokens never dropped (padding slots are never kept)."""
         batch, n, _ = image_hidden.shape
         features = state.image_features
         valid = features.valid(image_hidden.device)
@@ -175,7 +182,7 @@ class SparseEngine:
             score = fastv_score.float()
         else:
             score = torch.rand(batch, n, generator=state.generator).to(image_hidden.device)
-        return top_per_row(score, [image_budget(self.method, c, self.keep) for c in features.counts], valid)
+        return top_per_group(score, features.groups(self.budget), features.valid(), self.keep)
 
     def _text_decisions(self, hidden: torch.Tensor, first_step: int) -> torch.Tensor:
         """(B, m) bool keep for fed generated tokens ``first_step .. first_step + m - 1``."""
@@ -281,7 +288,8 @@ class SparseEngine:
                 image_hidden = hidden.gather(1, image_cols[..., None].expand(-1, -1, hidden.shape[-1]))
                 state.image_keep = self._select_images(state, image_hidden, fastv_score)
             keep_cols = keep_cols.scatter(1, image_cols, state.image_keep | ~features.valid(hidden.device))
-            n_keep = max(length - c + image_budget(self.method, c, self.keep) for c in features.counts)
+            kept = features.kept_counts(self.image_keep_share, self.budget)
+            n_keep = max(length - c + k for c, k in zip(features.counts, kept))
         if state.fed:  # fed tokens face the text decision; the newest is kept for its own step
             decided = self._text_decisions(hidden[:, state.prompt_len :], 0)
             keep_cols[:, state.prompt_len : length - 1] = decided[:, :-1]
@@ -381,8 +389,9 @@ class SparseEngine:
         """Per-sample statistics as a single-sample run would give them: a sample's own tokens fed
         before its EOS count, the pad tokens a finished sample keeps feeding in a batch do not."""
         batch = sequences.shape[0]
-        n_image = state.image_features.counts if state.image_features is not None else [0] * batch
-        kept_images = [image_budget(self.method, n, self.keep) for n in n_image]
+        features = state.image_features
+        n_image = features.counts if features is not None else [0] * batch
+        kept_images = features.kept_counts(self.image_keep_share, self.budget) if features is not None else n_image
         prompt = state.attention_mask[:, : state.prompt_len].sum(-1).tolist()
         fed = [max(0, n - 1) for n in lengths]
         kept = [sum(int(state.text_kept[t][b]) for t in range(fed[b])) for b in range(batch)]

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dllava.sparse.attention import resolve_attention
+from dllava.sparse.decisions import check_budget
 from dllava.utils.checks import check_bool, check_float, check_int
 
 
@@ -22,7 +23,9 @@ class SparsityConfig:
     which on the decisions gate attention, ``loss_weight`` the budget-loss weight lambda. Only final
     answers of at least ``text_min_len`` tokens are text-sparsified during training. ``attention`` is
     how the gated softmax is computed (``dllava.sparse.attention.resolve_attention``): ``auto``,
-    ``eager`` (the reference), ``sdpa`` or ``flex``.
+    ``eager`` (the reference), ``sdpa`` or ``flex``. ``budget`` is the image-budget convention
+    (:func:`dllava.sparse.decisions.check_budget`): ``global`` (a share of each sample's droppable image
+    tokens) or ``per_view`` (that share inside every view of a multi-view image, LLaVA-NeXT/OneVision).
     """
 
     vision: bool = True
@@ -35,6 +38,7 @@ class SparsityConfig:
     tau_start: float = 1.0
     tau_end: float = 0.1
     attention: str = "auto"
+    budget: str = "global"
 
     def __post_init__(self) -> None:
         self.vision = check_bool("sparsity.vision", self.vision)
@@ -48,6 +52,7 @@ class SparsityConfig:
         for key in ("tau_start", "tau_end"):
             setattr(self, key, check_float(f"sparsity.{key}", getattr(self, key), low=0, low_open=True))
         resolve_attention(self.attention)  # raises on an unknown name, naming the key
+        check_budget(self.budget)
         if self.text and not self.vision:
             # As in the reference code, the attention gate is built in the vision branch.
             raise ValueError("sparsity.text=true needs sparsity.vision=true (text-only sparsification is not supported)")

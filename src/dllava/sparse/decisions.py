@@ -32,6 +32,17 @@ def keep_score(logits: torch.Tensor) -> torch.Tensor:
     return logits[..., 0] - logits[..., 1]
 
 
+BUDGETS = ("global", "per_view")
+
+
+def check_budget(budget: str) -> str:
+    """The image-budget convention: ``global`` keeps ``int(n * keep)`` of a sample's droppable image tokens
+    wherever they are; ``per_view`` keeps that share inside each view (base view and every crop)."""
+    if budget not in BUDGETS:
+        raise ValueError(f"sparsity.budget must be one of {BUDGETS}, got {budget!r}")
+    return budget
+
+
 def num_kept(n: int, keep: float) -> int:
     """``int(n * keep)`` (at least one): the inference-time image budget of every method."""
     if not 0 < keep <= 1:
@@ -39,17 +50,66 @@ def num_kept(n: int, keep: float) -> int:
     return max(1, int(n * keep))
 
 
-def topk_keep(logits: torch.Tensor, keep: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+def topk_keep(
+    logits: torch.Tensor, keep: float, valid: torch.Tensor | None = None, groups: torch.Tensor | None = None
+) -> torch.Tensor:
     """Keep the ``int(n_b * keep)`` tokens with the highest keep log-probability in each row b (ranked by
     :func:`keep_score`): (B, n, 2) -> (B, n). ``valid`` (B, n) marks each row's real tokens (``n_b`` of them, first in the
-    row) when rows hold different counts; padding slots are never kept."""
+    row) when rows hold different counts; padding slots are never kept. ``groups`` (B, n) splits a row
+    into budget groups (:func:`top_per_group`: each keeps its own share; -1 marks tokens always kept)."""
     n = logits.shape[-2]
     score = keep_score(logits)
     kept = torch.zeros_like(score)
+    if groups is not None:
+        valid = torch.ones_like(groups, dtype=torch.bool) if valid is None else valid
+        return top_per_group(score, groups, valid, keep).to(kept.dtype)
     if valid is None:
         return kept.scatter(-1, score.topk(num_kept(n, keep), dim=-1).indices, 1.0)
     budgets = [num_kept(int(c), keep) if c else 0 for c in valid.sum(-1).tolist()]
     return top_per_row(score, budgets, valid).to(kept.dtype)
+
+
+def group_sizes(groups: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, G) host counts of each row's valid tokens in budget group g = 0 .. G-1 (``groups`` -1: none)."""
+    groups, valid = groups.cpu(), valid.cpu()
+    n_groups = int(groups.max()) + 1 if groups.numel() else 0
+    sizes = torch.zeros(groups.shape[0], max(n_groups, 1), dtype=torch.long)
+    member = valid & (groups >= 0)
+    return sizes.scatter_add_(1, groups.clamp_min(0), member.long())
+
+
+def group_budgets(sizes: torch.Tensor, keep: float) -> list[list[int]]:
+    """``int(size * keep)`` (at least one) of every non-empty group, 0 for empty ones: (B, G) -> host lists."""
+    return [[num_kept(int(s), keep) if s else 0 for s in row] for row in sizes.tolist()]
+
+
+def top_per_group(score: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor, keep: float) -> torch.Tensor:
+    """(B, n) bool: inside each budget group g of row b (slots with ``groups == g``), the
+    ``int(n_bg * keep)`` highest scores; slots with ``groups == -1`` (e.g. LLaVA-NeXT's newline tokens) are
+    always kept. One group per row is the plain per-sample budget; one group per view is ``per_view``.
+    ``groups`` and ``valid`` may live on the host (budgets are host ints, so this runs on the meta device)."""
+    batch, n = score.shape
+    sizes = group_sizes(groups, valid)
+    groups, valid = groups.to(score.device), valid.to(score.device)
+    budgets = group_budgets(sizes, keep)
+    n_groups = sizes.shape[1]
+    ids = torch.arange(n_groups, device=score.device)
+    member = (groups[:, None, :] == ids[None, :, None]) & valid[:, None, :]  # (B, G, n)
+    chosen = top_per_row(
+        score[:, None].expand(-1, n_groups, -1).reshape(batch * n_groups, n),
+        [b for row in budgets for b in row],
+        member.reshape(batch * n_groups, n),
+    )
+    return chosen.reshape(batch, n_groups, n).any(1) | (valid & (groups < 0))
+
+
+def group_keep_ratio(kept: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group kept fractions (B, G) and which groups hold any token (B, G) (``groups`` -1: in none)."""
+    n_groups = int(groups.max().clamp_min(0)) + 1
+    member = (groups[:, None, :] == torch.arange(n_groups, device=groups.device)[None, :, None]) & valid[:, None, :]
+    member = member.to(kept.dtype)
+    size = member.sum(-1)
+    return (member * kept[:, None, :]).sum(-1) / size.clamp_min(1), size > 0
 
 
 def top_per_row(score: torch.Tensor, budgets: list[int], valid: torch.Tensor) -> torch.Tensor:
@@ -75,13 +135,24 @@ def keep_ratio(kept: torch.Tensor, valid: torch.Tensor | None = None) -> torch.T
     return (kept * valid).sum(-1) / valid.sum(-1).clamp_min(1)
 
 
+def budget_errors(ratio: torch.Tensor, target: float, eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) per-sample ``(target - ratio_b)^2``, 0 for ineligible samples. A (B, G) ``ratio`` (one per
+    budget group, ``eligible`` (B, G) marking the groups a sample has) averages each sample's groups, so
+    the ``per_view`` convention pulls every view to the target and a sample weighs the same either way."""
+    error = (target - ratio) ** 2
+    if eligible is not None:
+        error = error * eligible.to(error.dtype)
+    if error.dim() == 2:
+        present = (eligible.to(error.dtype) if eligible is not None else torch.ones_like(error)).sum(-1)
+        error = error.sum(-1) / present.clamp_min(1)
+    return error
+
+
 def budget_loss(ratio: torch.Tensor, target: float, eligible: torch.Tensor | None = None) -> torch.Tensor:
-    """``mean_b (target - ratio_b)^2`` over the whole batch; ineligible samples contribute 0.
+    """``mean_b (target - ratio_b)^2`` over the whole batch (:func:`budget_errors`); ineligible samples
+    contribute 0.
 
     Averaging over every sample (not only eligible ones) follows the reference code, whose text term
     is diluted by short-answer samples (PAPER.md section 5).
     """
-    error = (target - ratio) ** 2
-    if eligible is not None:
-        error = error * eligible.to(error.dtype)
-    return error.mean()
+    return budget_errors(ratio, target, eligible).mean()

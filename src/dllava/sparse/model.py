@@ -33,7 +33,16 @@ from dllava.families import FamilyAdapter, ImageFeatures, adapter_for, get_adapt
 from dllava.families.llava import positions_from_mask  # noqa: F401  (re-exported: its former home)
 from dllava.sparse.attention import ATTENTION_NAME, register_gated_attention
 from dllava.sparse.config import PredictorConfig, SparsityConfig
-from dllava.sparse.decisions import budget_loss, gumbel_keep, image_columns, keep_ratio, threshold_keep, topk_keep
+from dllava.sparse.decisions import (
+    budget_errors,
+    budget_loss,
+    group_keep_ratio,
+    gumbel_keep,
+    image_columns,
+    keep_ratio,
+    threshold_keep,
+    topk_keep,
+)
 from dllava.sparse.log_gate import GateMasks
 from dllava.sparse.predictors import ImagePredictor, TextPredictor, init_predictor_weights
 
@@ -60,6 +69,7 @@ class DynamicOutput:
     vision_keep_expected: torch.Tensor | None = None  # (B,) mean keep probability
     text_keep: torch.Tensor | None = None  # (B,)
     text_eligible: torch.Tensor | None = None  # (B,) bool
+    vision_budget_error: torch.Tensor | None = None  # (B,) each sample's vision budget term (its mean is the loss)
     budget_loss_vision: torch.Tensor | None = None
     budget_loss_text: torch.Tensor | None = None
 
@@ -213,7 +223,9 @@ class DynamicVLM(nn.Module):
         policy = gate_masks = None
         for index, layer in enumerate(decoder.layers):
             if index == self.sparsity.layer:
-                policy = self._decide(hidden, image_mask, attention_mask, answer_span, mode, tau, generated_from, keep, out)
+                policy = self._decide(
+                    hidden, image_mask, attention_mask, answer_span, mode, tau, generated_from, keep, out, image_features
+                )
                 gate_masks = GateMasks(policy, mask, key_valid=attention_mask)  # mask = causal + these keys
             hidden = layer(
                 hidden,
@@ -242,8 +254,12 @@ class DynamicVLM(nn.Module):
         generated_from: int | None,
         keep: float | None,
         out: DynamicOutput,
+        image_features: ImageFeatures | None = None,
     ) -> torch.Tensor:
-        """The (B, N) keep gate for layers >= K; fills the decisions and budget losses into ``out``."""
+        """The (B, N) keep gate for layers >= K; fills the decisions and budget losses into ``out``.
+
+        Image tokens the features mark as never dropped (LLaVA-NeXT's newlines) keep gate 1 and count in
+        no ratio; budgets follow ``sparsity.budget`` (per sample, or per view)."""
         batch, length = image_mask.shape
         policy = hidden.new_ones(batch, length, dtype=torch.float32)
         if self.image_predictor is not None and image_mask.any():
@@ -253,21 +269,32 @@ class DynamicVLM(nn.Module):
             ragged = not bool(valid.all())
             image_hidden = hidden.gather(1, columns[..., None].expand(-1, -1, hidden.shape[-1]))
             logits = self.image_predictor(image_hidden, valid=valid if ragged else None)
+            budget = self.sparsity.budget
+            if image_features is not None:
+                groups = image_features.groups(budget, hidden.device)
+            else:
+                groups = torch.where(valid, 0, -1)
+            droppable = valid & (groups >= 0)
             if mode == "train":
-                kept = gumbel_keep(logits, tau)
+                kept = torch.where(droppable, gumbel_keep(logits, tau), 1.0)
             elif mode in ("eval", "generate"):
-                kept = topk_keep(logits, self.sparsity.keep if keep is None else keep, valid)
+                kept = topk_keep(logits, self.sparsity.keep if keep is None else keep, valid, groups)
             else:
                 kept = torch.ones_like(logits[..., 0])
             kept = kept * valid
             policy = policy.scatter(1, columns, torch.where(valid, kept.float(), policy.gather(1, columns)))
             out.image_keep = kept
             out.image_valid = valid
-            out.vision_keep = keep_ratio(kept, valid)
+            out.vision_keep = keep_ratio(kept, droppable)
             with torch.no_grad():
-                out.vision_keep_threshold = keep_ratio(threshold_keep(logits), valid)
-                out.vision_keep_expected = keep_ratio(logits.float().softmax(-1)[..., 0], valid)
-            out.budget_loss_vision = budget_loss(out.vision_keep, self.sparsity.keep)
+                out.vision_keep_threshold = keep_ratio(threshold_keep(logits), droppable)
+                out.vision_keep_expected = keep_ratio(logits.float().softmax(-1)[..., 0], droppable)
+            if budget == "per_view":
+                view_ratio, present = group_keep_ratio(kept, groups, valid)
+                out.vision_budget_error = budget_errors(view_ratio, self.sparsity.keep, present)
+            else:
+                out.vision_budget_error = budget_errors(out.vision_keep, self.sparsity.keep)
+            out.budget_loss_vision = out.vision_budget_error.mean()
         if self.text_predictor is not None:
             text_mask, eligible = self._text_positions(attention_mask, answer_span, mode, generated_from)
             # In training the predictor also runs when no answer is eligible (its budget term is then 0):

@@ -450,8 +450,8 @@ class DynamicLitModule(L.LightningModule):
             for name in ("vision_keep", "vision_keep_threshold", "vision_keep_expected"):
                 if getattr(out, name) is not None:
                     found[name] = (getattr(out, name)[valid].mean(), real)
-            if out.budget_loss_vision is not None and out.vision_keep is not None:
-                found["budget_loss_vision"] = (budget_loss(out.vision_keep[valid], self.sparsity.keep), real)
+            if out.budget_loss_vision is not None and out.vision_budget_error is not None:
+                found["budget_loss_vision"] = (out.vision_budget_error[valid].mean(), real)
             if out.budget_loss_text is not None and out.text_keep is not None:
                 eligible = out.text_eligible[valid]
                 found["budget_loss_text"] = (budget_loss(out.text_keep[valid], self.sparsity.text_keep, eligible), real)
