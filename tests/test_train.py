@@ -492,3 +492,30 @@ def test_good_values_of_every_type_pass_the_start_up_check(tiny_model_dir, synth
                   ["trainer=fsdp2", "trainer.precision=32", "trainer.devices=[0,1]", "trainer.deterministic=warn"],
                   ["experiment=paper_7b"], ["data=llava_shards"], ["callbacks=default", "logger=wandb"]):
         check_train_config(compose("train", _overrides(tiny_model_dir, synthetic_dir, *extra), output_dir=tmp_path))
+
+
+@pytest.mark.parametrize("budget", ["global", "per_view"])
+def test_anyres_sparse_run_meets_its_budget_convention(tmp_path, budget):
+    """model=tiny_llava_next on the non-square task (ragged counts, newline tokens): a short sparse run
+    under each budget convention finishes, its validation keeps the target share of the droppable image
+    tokens (newlines never count), and the checkpoint records the convention."""
+    from dllava.data.synthetic import generate
+    from dllava.model.tiny_next import save_tiny_next
+
+    model_dir = save_tiny_next(tmp_path / "tiny_next", "llava_next", num_hidden_layers=3)
+    data = tmp_path / "data"
+    generate(data, train=64, val=32, test=0, seed=0, samples_per_shard=32, cell=16, grid_sizes=[(4, 4), (4, 6), (6, 4)])
+    overrides = [
+        "model=tiny_llava_next", f"model.pretrained={model_dir}", "data.synthetic=null",
+        f"data.train_urls={data}/train-*.tar", f"data.val_urls={data}/val-*.tar", f"data.test_urls={data}/val-*.tar",
+        "data.num_workers=0",
+        "data.batch_size=8", "data.eval_batch_size=16", "callbacks=none", "logger=csv", "test=false",
+        "trainer.max_steps=4", "data.epoch_samples=32", f"sparsity.budget={budget}", "sparsity.keep=0.25",
+    ]
+    metrics = _train(tmp_path / "run", overrides)
+    # top-k per sample (global) or per view: int(n * 0.25) of 16-token views and 48-96-token crop grids
+    assert abs(float(metrics["val/vision_keep"]) - 0.25) <= 0.05
+    assert float(metrics["val/budget_loss_vision"]) < 0.0025
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    ckpt = torch.load(summary["ckpt_path"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["sparsity"]["budget"] == budget

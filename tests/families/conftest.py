@@ -27,10 +27,10 @@ from PIL import Image
 from dllava.families import FamilyAdapter, adapter_for
 from dllava.sparse.model import DynamicVLM
 
-FAMILIES = ("llava", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("llava", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision")
 # Qwen3-VL at K = 1: tokens are dropped before decoder layer 1, so two of the three DeepStack additions
 # (after layers 0, 1, 2) land on the pruned sequence. Qwen2.5-VL at K = 2 covers a later layer.
-SPARSE_LAYER = {"llava": 1, "qwen2_5_vl": 2, "qwen3_vl": 1}
+SPARSE_LAYER = {"llava": 1, "qwen2_5_vl": 2, "qwen3_vl": 1, "llava_next": 2, "llava_onevision": 1}
 PREDICTOR = {"d_model": 32, "heads": 2, "ff": 64, "layers": 1}
 # (height, width) px per prompt: multiples of 28 px (Qwen2.5-VL) / 32 px (Qwen3-VL) pass unresized and
 # give 16, 24 and 48 image tokens; LLaVA resizes every image to 96 px (64 tokens each).
@@ -38,6 +38,10 @@ IMAGE_SIZES = {
     "llava": [(96, 96), (80, 120), (96, 96)],
     "qwen2_5_vl": [(112, 112), (112, 168), (168, 224)],
     "qwen3_vl": [(128, 128), (128, 192), (192, 256)],
+    # anyres: 2x2, 2x3 (unpadded: 40 of 64 px rows hold image) and 3x2 crops of 32 px views -> 88, 94, 124
+    # tokens with newlines; OneVision at anyres_max_2 also shrinks every stitched grid (46, 52, 46).
+    "llava_next": [(64, 64), (40, 96), (96, 64)],
+    "llava_onevision": [(64, 64), (40, 96), (96, 64)],
 }
 QUESTIONS = (
     "what color is the shape at row one column two ?",
@@ -59,6 +63,8 @@ class Family:
     inputs: dict[str, torch.Tensor]  # everything the processor returned (HF's forward/generate kwargs)
     pad_token_id: int
     reference: dict[str, Any] = field(default_factory=dict)
+    # per sample, over its image tokens: where HF packed its learned ``image_newline`` (anyres families)
+    newlines: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -85,6 +91,14 @@ class Family:
     def sparse_layer(self) -> int:
         return self.model.sparsity.layer
 
+    def budgets(self, keep: float) -> list[int]:
+        """Image tokens each sample keeps at ``keep`` (global budget): ``int(n * keep)`` of the tokens
+        that are not HF's newline embedding, plus every newline."""
+        from dllava.sparse.decisions import num_kept
+
+        fixed = [int(n.sum()) for n in self.newlines] or [0] * len(self.counts)
+        return [num_kept(c - f, keep) + f for c, f in zip(self.counts, fixed)]
+
     def sample(self, i: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Prompt ``i`` alone, without its padding: ids (1, n), mask, pixel inputs."""
         row = self.input_ids[i, self.attention_mask[i].bool()][None]
@@ -101,7 +115,7 @@ def _image(height: int, width: int, seed: int) -> Image.Image:
 
 
 def _texts(name: str, processor: Any) -> list[str]:
-    if name == "llava":
+    if name in ("llava", "llava_next"):
         from dllava.data.conversation import (
             ASSISTANT_ROLE,
             IMAGE_PLACEHOLDER,
@@ -123,6 +137,11 @@ def _save(name: str, out: Path) -> Path:
         from dllava.model.tiny import save_tiny_llava
 
         return save_tiny_llava(out, seed=0, num_hidden_layers=3)
+    if name in ("llava_next", "llava_onevision"):
+        from dllava.model.tiny_next import save_tiny_next
+
+        ratio = {"vision_aspect_ratio": "anyres_max_2"} if name == "llava_onevision" else {}
+        return save_tiny_next(out, name, seed=0, num_hidden_layers=3, **ratio)
     from dllava.model.tiny_qwen import save_tiny_qwen
 
     return save_tiny_qwen(out, name, seed=0)
@@ -134,9 +153,20 @@ def _encode(name: str, processor: Any) -> dict[str, torch.Tensor]:
     texts = _texts(name, processor)
     if name == "llava":
         encoded = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    else:  # dllava's stand-in for HF's Qwen processors (which need torchvision): tensors, padded
+    else:  # dllava's stand-ins for HF's Qwen / anyres processors (which need torchvision): tensors, padded
         encoded = processor(texts, images)
     return {k: v for k, v in encoded.items()}
+
+
+def hf_newlines(family: Family) -> list[torch.Tensor]:
+    """Per sample, which of its packed image features are HF's ``image_newline`` vector (computed with
+    HF's own ``get_image_features``, not with dllava's layout); empty for families without one."""
+    newline = getattr(family.hf.model, "image_newline", None)
+    if newline is None:
+        return []
+    with torch.no_grad():
+        packed = family.hf.model.get_image_features(**family.images, return_dict=True).pooler_output
+    return [(p - newline).abs().amax(-1) == 0 for p in packed]
 
 
 def _center_text_predictor(family: Family) -> None:
@@ -193,4 +223,5 @@ def family(request, tmp_path_factory) -> Family:
     fam = Family(name, path, adapter, hf, model, _encode(name, processor), int(processor.tokenizer.pad_token_id))
     _center_text_predictor(fam)
     fam.reference = hf_generate(fam)
+    fam.newlines = hf_newlines(fam)
     return fam

@@ -1,5 +1,6 @@
 """The family conformance suite: every check below runs on a tiny random model of every family
-(LLaVA-1.5, Qwen2.5-VL, Qwen3-VL), and a new family is supported when it passes this file.
+(LLaVA-1.5, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT, LLaVA-OneVision), and a new family is supported when it
+passes this file.
 
 References nobody here wrote: HF's own forward and ``generate`` (logits, tokens, and the position ids
 its decoder receives), HF's rotary module, and ``torch.utils.flop_counter.FlopCounterMode``. The
@@ -130,7 +131,7 @@ def test_keep_one_equals_hf_generate(family: Family, use_cache: bool):
 @pytest.mark.parametrize("method", ["dynamic", "fastv", "random"])
 def test_pruned_prefill_equals_masked_forward(family: Family, method: str):
     logits, index, valid, state = _pruned_prefill(family, method)
-    budgets = [num_kept(c, 0.25) for c in family.counts]
+    budgets = family.budgets(0.25)
     assert state.image_keep.sum(-1).tolist() == budgets
     length = family.input_ids.shape[1]
     assert index.shape[1] == max(length - c + k for c, k in zip(family.counts, budgets))
@@ -206,7 +207,7 @@ def test_decoding_positions_continue_from_the_full_prompt(family: Family, use_ca
     # the rotary of the newest token in each step: the step's only column with a cache; without, the
     # last of each row's kept columns (kept ones come first, in order; text off keeps every fed token)
     hidden = torch.zeros(3, 1, 1)
-    pruned = [length - c + num_kept(c, 0.25) for c in family.counts]
+    pruned = [length - c + k for c, k in zip(family.counts, family.budgets(0.25))]
     for t in range(steps - 1):
         cos, _ = seen[t + 1]
         newest = [0] * 3 if use_cache else [n + t for n in pruned]
@@ -262,7 +263,7 @@ def test_cache_holds_exactly_the_counted_tokens(family: Family):
     prompt = family.attention_mask.sum(-1).tolist()
     assert dense == [p + 6 for p in prompt]
     # each sample: its own image tokens cut to int(n_b * keep), 6 fed tokens at rate 0.5 -> 3 kept
-    assert sparse == [p - c + num_kept(c, 0.25) + 3 for p, c in zip(prompt, family.counts)]
+    assert sparse == [p - c + k + 3 for p, c, k in zip(prompt, family.counts, family.budgets(0.25))]
     valid = state.cache.valid
     assert valid[0].sum(-1).tolist() == dense and valid[1].sum(-1).tolist() == sparse
 
@@ -278,7 +279,10 @@ def test_fastv_keeps_the_image_tokens_hf_eager_attention_ranks_highest(family: F
     state = engine.start(family.input_ids, family.attention_mask, **family.images)[1]
     for b, count in enumerate(family.counts):
         image = family.input_ids[b] == family.image_token_id
-        expected = score[b][image].topk(num_kept(count, 0.25)).indices.sort().values
+        newline = family.newlines[b] if family.newlines else torch.zeros(count, dtype=torch.bool)
+        droppable = (~newline).nonzero()[:, 0]  # newlines are kept whatever their score
+        top = score[b][image][droppable].topk(num_kept(len(droppable), 0.25)).indices
+        expected = torch.cat([droppable[top], newline.nonzero()[:, 0]]).sort().values
         assert state.image_keep[b, :count].nonzero()[:, 0].tolist() == expected.tolist()
 
 
@@ -329,7 +333,7 @@ def test_prefill_flops_equal_flop_counter(family: Family, method: str):
     features = family.model.encode_images(family.images)
     shape = flops.DecoderShape.from_config(family.model.text_config)
     batch, length = family.input_ids.shape
-    kept = length if method == "dense" else max(length - c + num_kept(c, 0.25) for c in family.counts)
+    kept = length if method == "dense" else max(length - c + k for c, k in zip(family.counts, family.budgets(0.25)))
     extra = {"dense": 0, "fastv": flops.fastv_score_flops(shape, length, batch),
              "dynamic": flops.image_predictor_flops(shape.hidden, family.model.predictor_config, features.most, batch)}
     expected = flops.prefill_flops(shape, family.sparse_layer, length, kept, batch=batch, extra=extra[method])
@@ -368,3 +372,93 @@ def test_fused_training_forward_equals_eager(family: Family):
     assert grads.keys() == ref_grads.keys() and any(n.startswith("image_predictor") for n in grads)
     for name, ref in ref_grads.items():  # (+ atol: gradients that are 0 in exact arithmetic, e.g. key biases)
         assert float((grads[name] - ref).abs().max()) <= 1e-3 * float(ref.abs().max()) + 1e-7, name
+
+
+# -- 11. multi-view images (LLaVA-NeXT / OneVision): newlines and budget conventions -----------------
+def _hf_views(family: Family) -> list[torch.Tensor]:
+    """Per sample, each image token's view as HF's own ``pack_image_features`` places it: pack one-hot
+    features (view v = base 0, then crops row-major, sets channel v of its patches) with the newline
+    vector all -1; a token's view is its largest channel (OneVision's bilinear shrinking blends
+    neighbouring views: the one with the largest weight, the first on a tie), -1 at newlines."""
+    config = family.hf.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    sizes = family.images["image_sizes"]
+    maps = []
+    for size in sizes.tolist():
+        n = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        maps.append(torch.eye(n)[:, None, :].expand(n, side * side, n).contiguous())
+    kwargs = {} if family.name == "llava_next" else {"vision_aspect_ratio": config.vision_aspect_ratio}
+    if family.name == "llava_next":
+        kwargs["vision_feature_select_strategy"] = config.vision_feature_select_strategy
+    views = []
+    for size, features in zip(sizes, maps):
+        n = features.shape[-1]
+        packed, _ = family.hf.model.pack_image_features([features], size[None], image_newline=-torch.ones(n), **kwargs)
+        views.append(torch.where(packed[0][:, 0] < 0, -1, packed[0].argmax(-1)))
+    return views
+
+
+def _needs_views(family: Family) -> None:
+    if not family.newlines:
+        pytest.skip("single-view images: no newline tokens, per_view equals global (test_per_view_is_global_for_one_view)")
+
+
+@pytest.mark.parametrize("budget", ["global", "per_view"])
+@pytest.mark.parametrize("method", METHODS)
+def test_newline_tokens_survive_every_method(family: Family, method: str, budget: str):
+    _needs_views(family)
+    engine = SparseEngine(family.model, method=method, keep=0.1, text="off", budget=budget)
+    state = engine.start(family.input_ids, family.attention_mask, **family.images)[1]
+    for b, newline in enumerate(family.newlines):
+        assert bool(state.image_keep[b, : newline.shape[0]][newline].all()), (method, b)
+    # and in training: the Gumbel decisions never gate a newline (its gate stays 1)
+    family.model.sparsity.budget = budget
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = family.model(family.input_ids, family.attention_mask, mode="train", tau=1.0, **family.images)
+    finally:
+        family.model.sparsity.budget = "global"
+    for b, newline in enumerate(family.newlines):
+        assert bool((out.image_keep[b, : newline.shape[0]][newline] == 1).all())
+        assert 0 < float(out.image_keep[b, : newline.shape[0]][~newline].mean()) < 1  # the others are decided
+
+
+def test_views_match_hf_packing(family: Family):
+    """dllava's view of every image token (ImageFeatures.views) equals where HF's packing puts each view."""
+    _needs_views(family)
+    features = family.model.encode_images(family.images)
+    ours = torch.split(features.views, features.counts)
+    for mine, hf in zip(ours, _hf_views(family)):
+        assert mine.tolist() == hf.tolist()
+
+
+@pytest.mark.parametrize("method", ["dynamic", "fastv", "random"])
+def test_each_view_keeps_its_share_under_per_view(family: Family, method: str):
+    _needs_views(family)
+    engine = SparseEngine(family.model, method=method, keep=0.25, text="off", budget="per_view")
+    state = engine.start(family.input_ids, family.attention_mask, **family.images)[1]
+    for b, views in enumerate(_hf_views(family)):
+        kept = state.image_keep[b, : views.shape[0]]
+        for view in views.unique().tolist():
+            member = views == view
+            expected = int(member.sum()) if view < 0 else num_kept(int(member.sum()), 0.25)
+            assert int(kept[member].sum()) == expected, (b, view)
+    # and the pruned prefill under per_view still equals the masked forward with its decisions
+    state.cache = None
+    logits, index, valid = engine._sequence_forward(state, every_position=True)
+    masked = _masked_logits(family, _policy(family, state.image_keep))
+    expected = masked.gather(1, index[..., None].expand(-1, -1, masked.shape[-1]))
+    assert (expected - logits)[valid].abs().max().item() <= ATOL
+
+
+def test_per_view_is_global_for_one_view(family: Family):
+    """Families whose images are one view: the two conventions make the same decisions."""
+    if family.newlines:
+        pytest.skip("multi-view family")
+    one, two = (SparseEngine(family.model, method="dynamic", keep=0.25, text="off", budget=b) for b in ("global", "per_view"))
+    a = one.start(family.input_ids, family.attention_mask, **family.images)[1]
+    b = two.start(family.input_ids, family.attention_mask, **family.images)[1]
+    assert torch.equal(a.image_keep, b.image_keep)

@@ -96,7 +96,7 @@ def test_ranks_receiving_fsdp_weights_build_an_empty_model_of_the_same_shape(tin
     assert all(empty[k].is_meta and empty[k].shape == loaded[k].shape and empty[k].dtype == loaded[k].dtype for k in loaded)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl", "llava_next", "llava_onevision"])
 def test_fsdp1_policy_wraps_each_familys_own_blocks(family, tiny_model_dir, tmp_path):
     """trainer=fsdp's FamilyUnits, run through FSDP's own module traversal (``_recursive_wrap``) with a
     plain wrapper instead of FSDP (no process group needed): it wraps every instance of the family's
@@ -116,11 +116,18 @@ def test_fsdp1_policy_wraps_each_familys_own_blocks(family, tiny_model_dir, tmp_
             super().__init__()
             self.inner = module
 
-    path = tiny_model_dir if family == "llava" else save_tiny_qwen(tmp_path / family, family)
+    from dllava.model.tiny_next import save_tiny_next
+
+    if family == "llava":
+        path = tiny_model_dir
+    elif family.startswith("llava_"):
+        path = save_tiny_next(tmp_path / family, family, num_hidden_layers=2)
+    else:
+        path = save_tiny_qwen(tmp_path / family, family)
     base = adapter_for(family).model_class().from_pretrained(path)
     no_split = set(base.model._no_split_modules)
-    if family == "llava":
-        no_split = {"CLIPEncoderLayer", "LlamaDecoderLayer"}
+    if family.startswith("llava"):  # HF also lists embeddings and (SigLIP) the pooling head: not units here
+        no_split = {"CLIPEncoderLayer", "SiglipEncoderLayer", "LlamaDecoderLayer", "Qwen2DecoderLayer"}
     root = nn.ModuleDict({"model": DynamicVLM(base, {"vision": False, "text": False})})
     expected = {name for name, m in root.named_modules() if type(m).__name__ in no_split}
     decoder = {name for name, m in root.named_modules() if type(m).__name__ in no_split and "language_model" in name}

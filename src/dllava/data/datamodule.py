@@ -173,6 +173,7 @@ class SamplePreprocessor:
         self.fill = tuple(int(round(255 * m)) for m in mean)
 
     pads_to_square = True  # object positions are mapped through the square the image is padded to
+    fixed_image_tokens = True  # every image gives the same count (the processor's)
 
     def pixel_values(self, image: Image.Image) -> torch.Tensor:
         image = expand_to_square(image, self.fill)
@@ -183,8 +184,12 @@ class SamplePreprocessor:
         return {"pixel_values": self.pixel_values(image)}
 
     def token_grid(self, pixels: dict[str, torch.Tensor]) -> tuple[int, int]:
-        """(rows, cols) of the image's tokens (LLaVA: the square patch grid)."""
+        """(rows, cols) of the image's tokens (LLaVA: the square patch grid) that object positions map to."""
         return square_grid(self.num_image_tokens)
+
+    def picture_grid(self, pixels: dict[str, torch.Tensor]) -> Any:
+        """How the image's keep row is drawn (overlays): its token grid, or the family's panels."""
+        return self.token_grid(pixels)
 
     def image_tokens(self, pixels: dict[str, torch.Tensor]) -> int:
         return self.num_image_tokens
@@ -254,6 +259,7 @@ class ChatSamplePreprocessor(SamplePreprocessor):
         self.merge_size = int(processor.image_processor.merge_size)
 
     pads_to_square = False
+    fixed_image_tokens = False
 
     def pixel_inputs(self, image: Image.Image) -> dict[str, torch.Tensor]:
         from dllava.data.qwen_pixels import qwen_pixel_inputs
@@ -280,13 +286,66 @@ class ChatSamplePreprocessor(SamplePreprocessor):
         return blank_image(self.processor.image_processor)
 
 
+class AnyresSamplePreprocessor(SamplePreprocessor):
+    """The same records for anyres families (LLaVA-NeXT, LLaVA-OneVision): the image keeps its aspect
+    ratio (base view plus crops, ``pixel_values`` (crops, 3, s, s) and ``image_sizes``), so each sample has
+    its own image-token count; rendered with the vicuna_v1 template (``chat`` False, NeXT-vicuna) or the
+    processor's chat template (OneVision's ChatML). ``token_grid`` is the base view's patch grid: the base
+    view is the whole image resized (not padded), so object positions map onto its first tokens."""
+
+    pads_to_square = False
+    fixed_image_tokens = False
+
+    def __init__(self, processor: Any, max_length: int, chat: bool) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_length = max_length
+        self.chat = chat
+        mean = getattr(processor.image_processor, "image_mean", [0.5, 0.5, 0.5])
+        self.fill = tuple(int(round(255 * m)) for m in mean)
+
+    def pixel_inputs(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        out = self.processor.pixel_inputs([image])
+        return {"pixel_values": out["pixel_values"][0], "image_sizes": out["image_sizes"][0]}
+
+    def token_grid(self, pixels: dict[str, torch.Tensor]) -> tuple[int, int]:
+        from dllava.families.llava_next import view_side
+
+        side = view_side(self.processor.config)
+        return side, side
+
+    def image_tokens(self, pixels: dict[str, torch.Tensor]) -> int:
+        return self.processor.image_tokens(pixels["image_sizes"].tolist())
+
+    def picture_grid(self, pixels: dict[str, torch.Tensor]) -> Any:
+        from dllava.families.llava_next import picture_panels
+
+        return picture_panels(self.processor.config, pixels["image_sizes"].tolist())
+
+    def encode(self, conversations: list[dict[str, Any]], n_image: int, for_generation: bool = False) -> Any:
+        if not self.chat:
+            return super().encode(conversations, n_image, for_generation)
+        from dllava.data.chat import encode_chat
+
+        return encode_chat(
+            conversations, self.tokenizer, n_image, for_generation, max_length=self.max_length,
+            image_token=self.processor.image_token, chat_template=self.processor.chat_template,
+        )
+
+
 def collate_pixels(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """One image per sample: (B, 3, H, W) stacked, or flattened patches concatenated in sample order
-    plus ``image_grid_thw`` (B, 3) when the samples carry a grid (dynamic resolution)."""
+    """One image per sample: (B, 3, H, W) stacked; flattened patches concatenated in sample order plus
+    ``image_grid_thw`` (B, 3) when the samples carry a grid (dynamic resolution); anyres crops
+    zero-padded to the most crops (B, P, 3, s, s) plus ``image_sizes`` (B, 2), as HF's processors pad."""
     if "image_grid_thw" in samples[0]:
         from dllava.data.qwen_pixels import collate_qwen_pixels
 
         return collate_qwen_pixels(samples)
+    if "image_sizes" in samples[0]:
+        most = max(s["pixel_values"].shape[0] for s in samples)
+        pixels = [s["pixel_values"] for s in samples]
+        padded = [torch.cat([p, p.new_zeros(most - p.shape[0], *p.shape[1:])]) if p.shape[0] < most else p for p in pixels]
+        return {"pixel_values": torch.stack(padded), "image_sizes": torch.stack([s["image_sizes"] for s in samples])}
     return {"pixel_values": torch.stack([s["pixel_values"] for s in samples])}
 
 
@@ -436,7 +495,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.processor = load_processor(self.processor_path)
         max_length = self.max_length or self.processor.tokenizer.model_max_length  # null: the tokenizer's
         self.preprocess = processor_family(self.processor_path).sample_preprocessor(self.processor, max_length)
-        if not isinstance(self.preprocess, ChatSamplePreprocessor):
+        if self.preprocess.fixed_image_tokens:  # per-image counts are checked per sample (ImageSpanTruncated)
             self._check_max_length(max_length)
 
     def _check_max_length(self, max_length: int) -> None:

@@ -53,6 +53,9 @@ CORRUPT_SAMPLE = "corrupt_sample"
 BROKEN_SHARD = "broken_shard"
 
 
+PIXEL_EXTRAS = ("image_grid_thw", "image_sizes")  # pixel inputs beside pixel_values, by family
+
+
 @dataclass
 class Question:
     """One question, ready for the model."""
@@ -65,14 +68,16 @@ class Question:
     kind: str = "all"
     evidence: list[int] | None = None  # image tokens (patches) that show an object, when the record says
     image_grid_thw: torch.Tensor | None = None  # (1, 3) for families with dynamic resolution (Qwen)
-    grid: tuple[int, int] | None = None  # (rows, cols) of this image's tokens
+    grid: Any = None  # how this image's keep row is drawn: (rows, cols) of its tokens, or the family's PanelGrid
+    image_sizes: torch.Tensor | None = None  # (2,) (height, width) for anyres families (LLaVA-NeXT/OneVision)
 
     @property
     def pixels(self) -> dict[str, torch.Tensor]:
         """The model's pixel inputs for this one image."""
         found = {"pixel_values": self.pixel_values}
-        if self.image_grid_thw is not None:
-            found["image_grid_thw"] = self.image_grid_thw
+        for key in PIXEL_EXTRAS:
+            if getattr(self, key) is not None:
+                found[key] = getattr(self, key)
         return found
 
 
@@ -228,7 +233,7 @@ class ShardQuestions:
         except Exception as err:  # a record the conversation template cannot render
             raise BadQuestion(CORRUPT_SAMPLE, f"{type(err).__name__}: {err}") from None
         scene = sample["record"].get("scene")
-        pixels = {k: item[k] for k in ("pixel_values", "image_grid_thw") if k in item}
+        pixels = {k: item[k] for k in ("pixel_values", *PIXEL_EXTRAS) if k in item}
         grid = self.preprocess.token_grid(pixels)
         try:
             square = self.preprocess.pads_to_square
@@ -242,7 +247,7 @@ class ShardQuestions:
             reference=item["answer"],
             kind=item["kind"],
             evidence=evidence,
-            grid=grid,
+            grid=self.preprocess.picture_grid(pixels),
             **pixels,
         )
 
@@ -328,7 +333,7 @@ class QuestionFile:
             prompt_ids=ids.input_ids,
             reference=record.get("answers", record.get("answer")),
             kind=str(record.get("category", "all")),
-            grid=self.preprocess.token_grid(pixels),
+            grid=self.preprocess.picture_grid(pixels),
             **pixels,
         )
 

@@ -6,9 +6,12 @@ from typing import Any
 
 from dllava.families.base import FamilyAdapter, ImageFeatures, gather_columns, next_positions
 from dllava.families.llava import LlavaAdapter
+from dllava.families.llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from dllava.families.qwen import Qwen3Adapter, QwenAdapter
 
-ADAPTERS: dict[str, FamilyAdapter] = {adapter.model_type: adapter for adapter in (LlavaAdapter(), QwenAdapter(), Qwen3Adapter())}
+ADAPTERS: dict[str, FamilyAdapter] = {adapter.model_type: adapter for adapter in (
+    LlavaAdapter(), QwenAdapter(), Qwen3Adapter(), LlavaNextAdapter(), LlavaOnevisionAdapter()
+)}
 
 
 def register(adapter: FamilyAdapter) -> FamilyAdapter:

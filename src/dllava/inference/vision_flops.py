@@ -63,11 +63,12 @@ def frame_lengths(image_grid_thw: Iterable[Grid]) -> list[int]:
 
 
 # -- CLIP + LLaVA projector ----------------------------------------------------------------------
-def llava_vision_flops(vision_config: Any, projector_out: int, batch: int = 1) -> int:
-    """CLIP tower (every layer runs; LLaVA reads layer -2) plus the two-layer projector."""
+def llava_vision_flops(vision_config: Any, projector_out: int, batch: int = 1, cls: bool = True) -> int:
+    """CLIP tower (every layer runs; LLaVA reads layer -2) plus the two-layer projector, ``batch`` times
+    (LLaVA-NeXT: once per view); ``cls`` False for towers without a CLS token (SigLIP)."""
     c, i = vision_config.hidden_size, vision_config.intermediate_size
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    n = patches + 1
+    n = patches + int(cls)
     embed = 2 * patches * 3 * vision_config.patch_size**2 * c
     layer = 8 * n * c * c + 4 * n * n * c + 4 * n * c * i
     projector = 2 * patches * (c * projector_out + projector_out * projector_out)

@@ -1,0 +1,322 @@
+"""LLaVA-NeXT (``llava_next``) and LLaVA-OneVision (``llava_onevision``): anyres images.
+
+One image becomes a base view (the whole image resized to the tower's size) plus a grid of crops of the
+best-fitting resolution in ``image_grid_pinpoints``. HF's ``pack_image_features`` lays the tokens out as
+the base view's patches, then the crops stitched into one grid, unpadded to the image's aspect ratio
+(OneVision: bilinearly shrunk when it holds more than ``anyres_max_N`` crops' worth), with the learned
+``image_newline`` after every row of that grid. Every one of them is an image-token position.
+
+What dllava must not get wrong here, and where it is handled:
+
+* counts differ per sample (aspect ratio): :func:`anyres_views` gives each token's view, computed with
+  HF's own geometry (``get_anyres_image_grid_shape``, ``unpad_image``) applied to a map of view ids, so
+  it cannot drift from the packing (the conformance suite checks the count and the newline positions
+  against HF's forward);
+* newline tokens are never dropped and never counted in a budget (view -1 in ``ImageFeatures.views``);
+* the budget convention (``sparsity.budget``): ``global`` or ``per_view`` (base view and every crop
+  keeps its own share). Where OneVision shrinks the crop grid bilinearly, a token blends up to four
+  source tokens; its view is the crop with the largest weight (the first on a tie);
+* positions are 1-D (Llama / Qwen2 decoders): LLaVA-1.5's rules apply.
+
+HF's ``LlavaOnevisionProcessor`` cannot be built without torchvision (its video processor), so
+:class:`AnyresProcessor` stands in for both families' processors, as ``ImageTextProcessor`` does for Qwen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from dllava.families.base import ImageFeatures, image_statistics
+from dllava.families.llava import LlavaAdapter
+
+# names a preprocessor_config.json may give; the PIL twins preprocess as the torchvision ones do
+_IMAGE_PROCESSORS = {
+    "llava_next": ("LlavaNextImageProcessorPil", "LlavaNextImageProcessor", "LlavaNextImageProcessorFast"),
+    "llava_onevision": ("LlavaOnevisionImageProcessorPil", "LlavaOnevisionImageProcessor",
+                        "LlavaOnevisionImageProcessorFast"),
+}
+
+
+def view_side(config: Any) -> int:
+    """Patches per side of one view (the tower's image size over its patch size)."""
+    return int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+
+
+def crop_grid(config: Any, image_size: Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) of crops HF chooses for an image of ``image_size`` (height, width)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    return tuple(get_anyres_image_grid_shape(
+        [int(v) for v in image_size], config.image_grid_pinpoints, config.vision_config.image_size
+    ))
+
+
+def anyres_views(config: Any, image_size: Sequence[int]) -> torch.Tensor:
+    """(n,) long: the view of each of one image's tokens in HF's packed order: 0 for the base view, 1 + r *
+    cols + c for the crop in crop row r, column c, and -1 for the newline after each stitched row."""
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    side = view_side(config)
+    rows, cols = crop_grid(config, image_size)
+    y = torch.arange(rows * side)[:, None] // side
+    x = torch.arange(cols * side)[None, :] // side
+    views = 1 + rows * cols
+    grid = nn.functional.one_hot(1 + y * cols + x, views).permute(2, 0, 1).float()  # (views, H, W) "features"
+    grid = unpad_image(grid, [int(v) for v in image_size])
+    ratio_text = getattr(config, "vision_aspect_ratio", None)
+    if ratio_text is not None:  # OneVision: shrink a grid above anyres_max_N crops, as pack_image_features does
+        max_crops = int(ratio_text.strip("anyres_max_"))
+        height, width = grid.shape[1:]
+        ratio = math.sqrt(height * width / (max_crops * side**2))
+        if ratio > 1.1:
+            size = [int(height // ratio), int(width // ratio)]
+            grid = nn.functional.interpolate(grid[None], size, mode="bilinear")[0]
+    grid = grid.argmax(0)[None].float()  # the view contributing most to each token (first on a tie)
+    grid = torch.cat([grid, torch.full((1, grid.shape[1], 1), -1.0)], dim=-1)
+    return torch.cat([torch.zeros(side * side), grid.flatten()]).long()
+
+
+def anyres_token_count(config: Any, image_size: Sequence[int]) -> int:
+    """Image tokens of one image (base view, unpadded crop grid, newlines): what the prompt must hold."""
+    return int(anyres_views(config, image_size).shape[0])
+
+
+def stitched_grid(config: Any, image_size: Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) of the stitched crop grid as packed (newline column excluded)."""
+    views = anyres_views(config, image_size)
+    side = view_side(config)
+    rows = int((views[side * side:] == -1).sum())
+    return rows, (views.shape[0] - side * side) // rows - 1
+
+
+def unpadded_window(config: Any, image_size: Sequence[int]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) in patches of the part of the padded crop grid that HF's unpadding
+    keeps (HF's ``unpad_image`` applied to a map of patch coordinates)."""
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    side = view_side(config)
+    rows, cols = crop_grid(config, image_size)
+    coords = torch.stack(torch.meshgrid(torch.arange(rows * side), torch.arange(cols * side), indexing="ij")).float()
+    kept = unpad_image(coords, [int(v) for v in image_size])
+    return int(kept[0].min()), int(kept[1].min()), kept.shape[1], kept.shape[2]
+
+
+def picture_panels(config: Any, image_size: Sequence[int]) -> Any:
+    """The overlay layout of one image's tokens: its base view's patch grid, then the stitched crops with
+    their newline column (:class:`~dllava.eval.overlay.PanelGrid`)."""
+    from dllava.eval.overlay import PanelGrid
+
+    side = view_side(config)
+    rows, cols = stitched_grid(config, image_size)
+    return PanelGrid(((side, side), (rows, cols + 1)))
+
+
+def anyres_picture(config: Any, pixels: torch.Tensor, image_size: Sequence[int], stats: dict[str, Any], unit: int = 12) -> Any:
+    """One picture of what the model saw, laid out as :func:`picture_panels`: the base view, the crops
+    stitched and cut to the unpadded window, and a grey strip for the newline column; ``pixels`` are the
+    image's (crops, 3, s, s) normalised views, ``unit`` px per stitched token."""
+    from PIL import Image
+
+    from dllava.eval.overlay import pixels_to_image
+
+    px, patch = int(config.vision_config.image_size), int(config.vision_config.patch_size)
+    rows, cols = crop_grid(config, image_size)
+    canvas = Image.new("RGB", (cols * px, rows * px))
+    for k in range(rows * cols):
+        canvas.paste(pixels_to_image(pixels[1 + k], **stats), ((k % cols) * px, (k // cols) * px))
+    top, left, height, width = unpadded_window(config, image_size)
+    region = canvas.crop((left * patch, top * patch, (left + width) * patch, (top + height) * patch))
+    grid_rows, grid_cols = stitched_grid(config, image_size)
+    tall = grid_rows * unit
+    out = Image.new("RGB", (tall + (grid_cols + 1) * unit, tall), (128, 128, 128))
+    out.paste(pixels_to_image(pixels[0], **stats).resize((tall, tall)), (0, 0))
+    out.paste(region.resize((grid_cols * unit, tall)), (tall, 0))
+    return out
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT: CLIP (CLS dropped), anyres crops with newlines, Llama/Mistral decoder, 1-D RoPE."""
+
+    model_type = "llava_next"
+    pixel_keys = ("pixel_values", "image_sizes")
+    part_prefixes = {
+        "projector": ("model.multi_modal_projector.", "model.image_newline"),
+        "vision": ("model.vision_tower.",),
+    }
+    vision_cls = True  # the tower prepends a CLS token (CLIP); SigLIP has none
+
+    def model_class(self) -> type[nn.Module]:
+        from transformers import LlavaNextForConditionalGeneration
+
+        return LlavaNextForConditionalGeneration
+
+    def config_class(self) -> type:
+        from transformers import LlavaNextConfig
+
+        return LlavaNextConfig
+
+    def _feature_kwargs(self, config: Any) -> dict[str, Any]:
+        return {
+            "vision_feature_layer": config.vision_feature_layer,
+            "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        }
+
+    def encode_images(self, model: nn.Module, images: dict[str, torch.Tensor]) -> ImageFeatures:
+        """HF's packed features (base view, unpadded crops, newlines) with each token's view."""
+        config = model.config
+        sizes = images["image_sizes"]
+        out = model.model.get_image_features(
+            pixel_values=images["pixel_values"], image_sizes=sizes, return_dict=True, **self._feature_kwargs(config)
+        )
+        per_image = list(out.pooler_output)
+        side = view_side(config)
+        grids = [(rows * side, cols * side) for rows, cols in (crop_grid(config, s) for s in sizes.tolist())]
+        views = torch.cat([anyres_views(config, s) for s in sizes.tolist()])
+        return ImageFeatures(torch.cat(per_image), [f.shape[0] for f in per_image], grids, views=views)
+
+    def vision_flops(self, config: Any, features: ImageFeatures) -> int:
+        """The tower on the base view and every crop (``grids`` hold each image's crop grid in patches)."""
+        from dllava.inference.vision_flops import llava_vision_flops
+
+        side = view_side(config)
+        passes = sum(1 + (rows // side) * (cols // side) for rows, cols in features.grids)
+        return llava_vision_flops(config.vision_config, config.text_config.hidden_size, batch=passes, cls=self.vision_cls)
+
+    # -- data ------------------------------------------------------------------------------------
+    def load_processor(self, path: str) -> Any:
+        return AnyresProcessor.from_pretrained(path, self)
+
+    def sample_preprocessor(self, processor: Any, max_length: int) -> Any:
+        """vicuna_v1 template (the llava-v1.6-vicuna checkpoints), anyres pixels, per-image counts."""
+        from dllava.data.datamodule import AnyresSamplePreprocessor
+
+        return AnyresSamplePreprocessor(processor, max_length, chat=False)
+
+    # -- pictures --------------------------------------------------------------------------------
+    def images_for_pictures(self, images: dict[str, torch.Tensor], image_processor: Any = None) -> list[Any]:
+        """Each image as the model saw it: base view | stitched crops (unpadded) | newline strip
+        (:func:`anyres_picture`). ``image_processor`` must be the :class:`AnyresProcessor` (it holds the
+        model config the layout needs)."""
+        from dllava.eval.overlay import CLIP_MEAN, CLIP_STD
+
+        config = getattr(image_processor, "config", None)
+        if config is None:
+            raise ValueError("LLaVA-NeXT / OneVision pictures need the family's AnyresProcessor (it holds the model config)")
+        pixels, sizes = images["pixel_values"], images["image_sizes"].reshape(-1, 2)
+        if pixels.ndim == 4:  # one question's crops
+            pixels = pixels[None]
+        stats = image_statistics(image_processor, (CLIP_MEAN, CLIP_STD))
+        return [anyres_picture(config, p, s.tolist(), stats) for p, s in zip(pixels, sizes)]
+
+    def token_grids(self, config: Any, images: dict[str, torch.Tensor]) -> list[Any]:
+        """Each image's :func:`picture_panels`: base view grid, then stitched crops with the newline column."""
+        return [picture_panels(config, s.tolist()) for s in images["image_sizes"].reshape(-1, 2)]
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision: SigLIP without CLS, anyres_max_N shrinking, Qwen2 decoder, ChatML."""
+
+    model_type = "llava_onevision"
+    vision_cls = False
+
+    def model_class(self) -> type[nn.Module]:
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        return LlavaOnevisionForConditionalGeneration
+
+    def config_class(self) -> type:
+        from transformers import LlavaOnevisionConfig
+
+        return LlavaOnevisionConfig
+
+    def _feature_kwargs(self, config: Any) -> dict[str, Any]:
+        return {**super()._feature_kwargs(config), "vision_aspect_ratio": config.vision_aspect_ratio}
+
+    def sample_preprocessor(self, processor: Any, max_length: int) -> Any:
+        """The processor's chat template (ChatML), anyres pixels, per-image counts."""
+        from dllava.data.datamodule import AnyresSamplePreprocessor
+
+        return AnyresSamplePreprocessor(processor, max_length, chat=True)
+
+
+class AnyresProcessor:
+    """Tokenizer, PIL image processor and chat template of a NeXT / OneVision checkpoint, without
+    torchvision: calling it does what HF's processors do (pixel crops, ``image_sizes``, each ``<image>``
+    expanded to :func:`anyres_token_count` tokens of the model's config)."""
+
+    def __init__(self, tokenizer: Any, image_processor: Any, config: Any, chat_template: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+
+    @property
+    def image_token(self) -> str:
+        return self.tokenizer.convert_ids_to_tokens(int(self.config.image_token_id))
+
+    def pixel_inputs(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """(B, crops, 3, s, s) pixels (zero-padded to the most crops) and (B, 2) ``image_sizes``."""
+        out = self.image_processor(images=list(images), return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
+
+    def image_tokens(self, image_size: Sequence[int]) -> int:
+        return anyres_token_count(self.config, image_size)
+
+    def __call__(self, text: str | Sequence[str], images: Sequence[Any] = (), **tokenizer_kwargs: Any) -> dict[str, Any]:
+        from dllava.families.qwen_processor import expand_image_placeholders
+
+        texts = [text] if isinstance(text, str) else list(text)
+        data: dict[str, Any] = {}
+        counts: list[int] = []
+        if images:
+            data.update(self.pixel_inputs(images))
+            counts = [self.image_tokens(s) for s in data["image_sizes"].tolist()]
+        expanded = []
+        for t in texts:
+            n = t.count(self.image_token)
+            expanded.append(expand_image_placeholders(t, counts[:n], self.image_token))
+            counts = counts[n:]
+        if counts:
+            raise ValueError(f"{len(images)} images given but the text holds fewer {self.image_token} placeholders")
+        tokenizer_kwargs.setdefault("padding", True)
+        data.update(self.tokenizer(expanded, return_tensors="pt", **tokenizer_kwargs))
+        return data
+
+    def save_pretrained(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
+        if self.chat_template:
+            (out / "chat_template.json").write_text(json.dumps({"chat_template": self.chat_template}))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, adapter: LlavaNextAdapter) -> AnyresProcessor:
+        """Load tokenizer, the allow-listed PIL image processor and the processor's chat template (a
+        ``chat_template.json`` / ``.jinja`` beside them, else the tokenizer's); no remote code."""
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
+
+        local = Path(path).expanduser()
+        if not (local / "preprocessor_config.json").is_file():
+            raise FileNotFoundError(f"{local / 'preprocessor_config.json'} not found: not a saved image processor")
+        name = json.loads((local / "preprocessor_config.json").read_text()).get("image_processor_type")
+        allowed = _IMAGE_PROCESSORS[adapter.model_type]
+        if name not in allowed:
+            raise ValueError(f"{local} names image processor {name!r}; expected one of {list(allowed)}")
+        image_processor = getattr(transformers, allowed[0]).from_pretrained(str(local))
+        tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=False)
+        template = None
+        if (local / "chat_template.json").is_file():
+            template = json.loads((local / "chat_template.json").read_text()).get("chat_template")
+        elif (local / "chat_template.jinja").is_file():
+            template = (local / "chat_template.jinja").read_text()
+        config = AutoConfig.from_pretrained(str(local), trust_remote_code=False)
+        return cls(tokenizer, image_processor, config, template)
