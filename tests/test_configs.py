@@ -190,6 +190,8 @@ def test_bad_bench_value_fails_at_start_naming_the_key(override, key, tmp_path):
     ("bench", []), ("bench", ["model=mid"]), ("bench", ["model=dllava_7b", "model.random_init=true", "bench.device=meta"]),
     ("bench", ["model=dllava_qwen2_5_vl_7b", "model.random_init=true", "bench.image_size=1008"]),
     ("bench", ["model=dllava_qwen3_vl_8b", "model.random_init=true"]),
+    ("bench", ["model=dllava_llava_next_7b", "model.random_init=true", "sparsity.budget=per_view"]),
+    ("bench", ["model=dllava_llava_onevision_7b", "model.random_init=true"]),
 ])
 def test_shipped_eval_and_bench_configs_pass_the_start_up_check(config, overrides, tmp_path):
     from dllava.startup import check_bench_config, check_eval_config

@@ -1,23 +1,19 @@
-"""The real-size Qwen model configs (conf/model/qwen*.yaml, dllava_qwen*.yaml) build with their family's
-HF classes on the meta device, to the parameter counts the model cards publish."""
+"""The real-size model configs of the families beyond LLaVA-1.5 (conf/model/qwen*.yaml, llava_next_7b.yaml,
+llava_onevision_7b.yaml and their dllava_ twins) build with their family's HF classes on the meta device,
+to the parameter counts the model cards publish."""
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-)
 
+from dllava.families import adapter_for
 from dllava.inference import flops
 from tests.helpers import compose
 
-CLASSES = {"qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
-           "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration)}
-# the sizes the hub model pages give (3.75B, 8.29B, 8.77B)
-PUBLISHED = {"qwen2_5_vl_3b": 3.75e9, "qwen2_5_vl_7b": 8.29e9, "qwen3_vl_8b": 8.77e9}
+# the sizes the hub model pages give (3.75B, 8.29B, 8.77B, llava-v1.6-vicuna-7b-hf 7.06B,
+# llava-onevision-qwen2-7b-ov-hf 8.03B)
+PUBLISHED = {"qwen2_5_vl_3b": 3.75e9, "qwen2_5_vl_7b": 8.29e9, "qwen3_vl_8b": 8.77e9,
+             "llava_next_7b": 7.06e9, "llava_onevision_7b": 8.03e9}
 
 
 def _model_config(option, tmp_path):
@@ -25,10 +21,10 @@ def _model_config(option, tmp_path):
 
 
 def _built(arch):
-    config_cls, model_cls = CLASSES[arch["model_type"]]
-    config = config_cls(**arch)
+    adapter = adapter_for(arch["model_type"])
+    config = adapter.config_class()(**arch)
     with torch.device("meta"):
-        return model_cls(config)
+        return adapter.model_class()(config)
 
 
 @pytest.mark.parametrize("option", sorted(PUBLISHED))

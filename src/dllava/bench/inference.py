@@ -105,9 +105,18 @@ class BenchImage:
     row), None for a family with square pixel tensors (LLaVA)."""
 
     px: tuple[int, int]
-    grid: tuple[int, int]  # (rows, cols) of image tokens
+    grid: tuple[int, int]  # (rows, cols) of image tokens (anyres: the crop grid, in patches)
     tokens: int
     patches: tuple[int, int, int] | None = None
+    views: torch.Tensor | None = None  # anyres: each token's view, -1 at newlines (ImageFeatures.views)
+    crops: int = 0  # anyres: views through the tower (base + crops)
+
+    def kept(self, method: str, keep: float, budget: str = "global") -> int:
+        """Image tokens one prompt keeps after prefill under ``method`` (newlines always kept)."""
+        if self.views is None:
+            return image_budget(method, self.tokens, keep)
+        features = ImageFeatures(torch.empty(self.tokens, 1, device="meta"), [self.tokens], [self.grid], views=self.views)
+        return features.kept_counts(None if method == "dense" else keep, budget)[0]
 
 
 def flattened_patches(adapter: FamilyAdapter) -> bool:
@@ -115,10 +124,24 @@ def flattened_patches(adapter: FamilyAdapter) -> bool:
     return "image_grid_thw" in adapter.pixel_keys
 
 
+def anyres(adapter: FamilyAdapter) -> bool:
+    """Whether the family takes anyres crops plus ``image_sizes`` (LLaVA-NeXT / OneVision)."""
+    return "image_sizes" in adapter.pixel_keys
+
+
 def bench_image(adapter: FamilyAdapter, config: Any, image_px: int | None = None) -> BenchImage:
     """The bench image of the family of ``config``: a square ``image_px`` side (None: the family's
-    default, the CLIP size for LLaVA, 1008 px for Qwen), sized the way the family's processor would."""
+    default, the CLIP size for LLaVA, 1008 px for Qwen, 672 px for the anyres families: NeXT-7B's full
+    layout, 576 base + 4 x 576 crop tokens + 48 newlines), sized the way the family's processor would."""
     vision = config.vision_config
+    if anyres(adapter):
+        from dllava.families.llava_next import anyres_views, crop_grid, view_side
+
+        px = 672 if image_px is None else int(image_px)
+        views = anyres_views(config, (px, px))
+        rows, cols = crop_grid(config, (px, px))
+        side = view_side(config)
+        return BenchImage((px, px), (rows * side, cols * side), int(views.shape[0]), views=views, crops=1 + rows * cols)
     if not flattened_patches(adapter):
         side = vision.image_size
         if image_px not in (None, side):
@@ -139,6 +162,12 @@ def bench_image(adapter: FamilyAdapter, config: Any, image_px: int | None = None
 
 def bench_pixels(image: BenchImage, config: Any, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Random pixel inputs of ``batch`` copies of ``image`` in the family's layout (on CPU)."""
+    if image.views is not None:
+        size = config.vision_config.image_size
+        return {
+            "pixel_values": torch.randn(batch, image.crops, 3, size, size, generator=generator),
+            "image_sizes": torch.tensor([list(image.px)] * batch),
+        }
     if image.patches is None:
         return {"pixel_values": torch.randn(batch, 3, *image.px, generator=generator)}
     vision = config.vision_config
@@ -156,7 +185,8 @@ def meta_features(image: BenchImage, config: Any, batch: int, hidden: int) -> Im
     flat = torch.empty(batch * image.tokens, hidden, device="meta")
     taps = qwen3_vl_deepstack_layers(config.vision_config) if hasattr(config.vision_config, "deepstack_visual_indexes") else []
     additions = {i: torch.empty_like(flat) for i in range(len(taps))}
-    return ImageFeatures(flat, [image.tokens] * batch, [image.grid] * batch, additions)
+    views = None if image.views is None else image.views.repeat(batch)
+    return ImageFeatures(flat, [image.tokens] * batch, [image.grid] * batch, additions, views=views)
 
 
 def make_prompt(
@@ -282,7 +312,7 @@ def run_bench(
         vision_s = timed_rounds({"vision": lambda: model.encode_images(pixels)}, device, warmup, repeats)["vision"]
 
     if device == "meta":
-        decode = {name: decode_accounting(engine, ids, new_tokens, dtype, n_image) for name, engine in engines.items()}
+        decode = {name: decode_accounting(engine, ids, new_tokens, dtype, image) for name, engine in engines.items()}
     else:
         for engine in engines.values():  # warm-up: the first decode of a process pays for allocations
             decode_arm(engine, ids, mask, features, min(8, new_tokens), device, positions)
@@ -324,7 +354,7 @@ def decode_arm(
     }
 
 
-def decode_accounting(engine: SparseEngine, ids: torch.Tensor, new_tokens: int, dtype: torch.dtype, n_image: int) -> dict[str, Any]:
+def decode_accounting(engine: SparseEngine, ids: torch.Tensor, new_tokens: int, dtype: torch.dtype, image: BenchImage) -> dict[str, Any]:
     """The cache a ``new_tokens`` decode would leave, from token counts (meta device: running 7B
     layers on meta costs ~0.7 s per step in fake kernels). The same counts the cache is tested
     against (tests/inference/test_engine.py); needs a fixed text rate or text off."""
@@ -332,7 +362,8 @@ def decode_accounting(engine: SparseEngine, ids: torch.Tensor, new_tokens: int, 
         raise ValueError("on the meta device text decisions cannot be read: set bench.text_keep_rate")
     shape = flops.DecoderShape.from_config(engine.model.text_config)
     prompt, fed = ids.shape[1], new_tokens - 1
-    kept_images = image_budget(engine.method, n_image, engine.keep)
+    n_image = image.tokens
+    kept_images = image.kept(engine.method, engine.keep, engine.budget)
     kept_text = fed if engine.text == "off" else sum(text_rate_keep(t, engine.text) for t in range(fed))
     dense_tokens, sparse_tokens = flops.cache_tokens(prompt, n_image, kept_images, fed, kept_text)
     size = torch.empty(0, dtype=dtype).element_size()
@@ -379,12 +410,16 @@ def report(
         }
 
     dynamic = arm("dynamic")
+    kept = image.kept("dynamic", keep, model.sparsity.budget)
     return {
         "model": getattr(model.base.config, "_name_or_path", None) or "random-init",
         "device": device,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "batch_size": batch_size,
-        "prompt": {"image_tokens": n_image, "text_tokens": text_tokens, "image_px": list(image.px), "image_grid": list(image.grid)},
+        "prompt": {"image_tokens": n_image, "image_tokens_kept": kept, "text_tokens": text_tokens,
+                   "image_px": list(image.px), "image_grid": list(image.grid),
+                   "newline_tokens": 0 if image.views is None else int((image.views < 0).sum())},
+        "budget": model.sparsity.budget,
         "layers": shape.layers,
         "sparse_layer": layer,
         "vision_keep": keep,
@@ -393,11 +428,10 @@ def report(
             "flops_dense": dense_flops["image_tokens"],
             "flops_dynamic": dynamic["prefill"]["flops"],
             "flops_ratio": dynamic["prefill"]["flops_ratio"],
-            "flops_ratio_limit": flops.paper_ratio_limit(shape.layers, layer, n_image, keep, shape.hidden),
+            "flops_ratio_limit": flops.paper_ratio_limit(shape.layers, layer, n_image, keep, shape.hidden, kept),
             "flops_paper_dense": flops.paper_prefill_flops([n_image] * shape.layers, shape.hidden, batch_size),
             "flops_paper_dynamic": flops.paper_prefill_flops(
-                flops.image_tokens_per_layer(shape.layers, layer, n_image, image_budget("dynamic", n_image, keep)),
-                shape.hidden, batch_size,
+                flops.image_tokens_per_layer(shape.layers, layer, n_image, kept), shape.hidden, batch_size,
             ),
             "flops_prompt_dense": dense_flops["prompt"],
             "flops_prompt_dynamic": dynamic["prefill"]["flops_prompt"],
@@ -443,7 +477,12 @@ def format_table(record: dict[str, Any]) -> str:
     prompt = record["prompt"]
     if "image_px" in prompt:
         (h, w), (rows, cols) = prompt["image_px"], prompt["image_grid"]
-        lines.append(f"image {h}x{w} px -> {rows}x{cols} = {prompt['image_tokens']} image tokens per prompt")
+        if prompt.get("newline_tokens"):
+            lines.append(f"image {h}x{w} px -> base view + crops ({rows}x{cols} patches) = {prompt['image_tokens']} image "
+                         f"tokens per prompt, {prompt['newline_tokens']} of them newlines (never dropped); "
+                         f"{record['budget']} budget keeps {prompt['image_tokens_kept']}")
+        else:
+            lines.append(f"image {h}x{w} px -> {rows}x{cols} = {prompt['image_tokens']} image tokens per prompt")
     lines.append(f"paper-convention limit for keep {record['vision_keep']}: {p['flops_ratio_limit']:.4f}; "
                  f"dense prefill {p['flops_dense'] / 1e12:.3f} TFLOPs (image tokens), vision tower {p['flops_vision'] / 1e12:.3f} TFLOPs")
     return "\n".join(lines)

@@ -65,11 +65,13 @@ def image_tokens_per_layer(layers: int, sparse_layer: int, n_image: int, kept: i
     return [n_image] * sparse_layer + [kept] * (layers - sparse_layer)
 
 
-def paper_ratio_limit(layers: int, sparse_layer: int, n_image: int, keep: float, hidden: int) -> float:
+def paper_ratio_limit(
+    layers: int, sparse_layer: int, n_image: int, keep: float, hidden: int, kept: int | None = None
+) -> float:
     """The prefill FLOPs ratio (sparse / dense) of the paper's convention for ``int(n_image * keep)``
-    kept tokens: what the full ratio tends to as text tokens and predictor cost vanish
-    (7B: L 32, K 2, 576 tokens, keep 0.2 -> 0.247)."""
-    kept = num_kept(n_image, keep)
+    kept tokens (or ``kept``, e.g. LLaVA-NeXT's share plus its never-dropped newlines): what the full
+    ratio tends to as text tokens and predictor cost vanish (7B: L 32, K 2, 576 tokens, keep 0.2 -> 0.247)."""
+    kept = num_kept(n_image, keep) if kept is None else kept
     sparse = paper_prefill_flops(image_tokens_per_layer(layers, sparse_layer, n_image, kept), hidden)
     return sparse / paper_prefill_flops([n_image] * layers, hidden)
 
