@@ -348,3 +348,54 @@ def test_val_panel_of_a_llava_batch_is_unchanged(tiny_model_dir, tiny_processor)
     panel = _val_panel(module, batch, out, tiny_processor)
     expected = kept_patch_panel(batch["pixel_values"], out.image_keep, captions=batch["questions"])
     assert np.array_equal(np.asarray(panel), np.asarray(expected))
+
+
+def test_panel_grid_draws_each_panel_on_its_own_part_of_the_picture():
+    """A 2x2 base view beside a 2x(3+1) stitched grid: picture 2 + 4 = 6 cells wide, each keep entry on
+    its own panel's cell (base tokens first, then the stitched rows with their newline column)."""
+    from dllava.eval.overlay import PanelGrid
+
+    image, colours = _cells(2, 6, 20)  # 120 x 40 px: columns 0-1 base view, 2-4 crops, 5 newline strip
+    grid = PanelGrid(((2, 2), (2, 4)))
+    assert grid.tokens == 12 and grid.spans(120) == [(0, 40), (40, 120)]
+    keep = torch.zeros(12, dtype=torch.bool)
+    keep[[3, 4 + 1, 4 + 7]] = True  # base (1, 1); stitched (0, 1); stitched row 1's newline
+    out = np.asarray(kept_patch_overlay(image, keep, size=120, grid=grid))
+    assert out.shape == (40, 120, 3)
+    for row, col in [(1, 1), (0, 3), (1, 5)]:  # picture cells of the three kept tokens
+        assert tuple(out[row * 20 + 10, col * 20 + 10]) == colours[row * 6 + col]
+        assert tuple(out[row * 20, col * 20]) == KEPT_COLOR
+    assert tuple(out[10, 10])[0] == tuple(out[10, 10])[1] < 120  # base (0, 0) dropped: darkened grey
+    with pytest.raises(ValueError, match="do not fill the panels"):
+        kept_patch_overlay(image, torch.zeros(11, dtype=torch.bool), grid=grid)
+
+
+def test_anyres_pictures_show_the_base_view_and_the_unpadded_crops(tmp_path):
+    """A 40 x 96 px image on the tiny NeXT (2x3 crops of 32 px: padded to 64 px high, 12 px above and
+    below; HF's unpadding keeps patch rows 1-6 of 8, i.e. px 8-56): the picture is base view | stitched
+    crops | newline strip, laid out as the adapter's token panels, and the crop panel shows exactly the
+    window the kept tokens cover: the image, plus the 4 px of padding above and below that HF's
+    patch-granular unpadding leaves in."""
+    from dllava.families import adapter_for
+    from dllava.model.tiny_next import save_tiny_next
+
+    path = save_tiny_next(tmp_path / "next", "llava_next", num_hidden_layers=1)
+    adapter = adapter_for("llava_next")
+    processor = adapter.load_processor(str(path))
+    config = adapter.model_class().config_class.from_pretrained(path)
+    stripes = np.zeros((40, 96, 3), dtype=np.uint8)
+    stripes[:, :48] = (250, 20, 20)
+    stripes[:, 48:] = (20, 20, 250)
+    pixels = processor.pixel_inputs([Image.fromarray(stripes)])
+    (grid,) = adapter.token_grids(config, pixels)
+    (picture,) = adapter.images_for_pictures(pixels, processor)
+    rows, cols_plus_newline = grid.panels[1]
+    assert grid.panels[0] == (4, 4) and cols_plus_newline == 13 and rows * 12 == picture.height
+    assert picture.width == picture.height + cols_plus_newline * 12
+    crops = np.asarray(picture)[:, picture.height : picture.width - 12].astype(int)
+    inner = crops[8:-8]  # 48 px of window -> 72 px of picture: 4 px of padding = 6 px at each edge
+    half = inner.shape[1] // 2
+    assert (inner[:, : half - 4, 0] > 200).all() and (inner[:, half + 4 :, 2] > 200).all()
+    assert crops[:4].max() < 40 and crops[-4:].max() < 40  # the padding the edge tokens still cover
+    with pytest.raises(ValueError, match="AnyresProcessor"):
+        adapter.images_for_pictures(pixels, processor.image_processor)

@@ -4,7 +4,8 @@ Image token ``i`` of a prompt is cell ``i`` of the image's token grid in row-maj
 square ``sqrt(n)`` x ``sqrt(n)`` grid of CLIP patches (``vision_feature_select_strategy = "default"``
 drops the CLS token) over the square image the model saw; for Qwen2.5-VL / Qwen3-VL each image's own
 ``rows`` x ``cols`` grid of merged 2x2 patch groups (``image_grid_thw`` h/2 x w/2) over the image at the
-size the processor resized it to. The helpers here draw from that image, or from the pixels of a batch
+size the processor resized it to; for LLaVA-NeXT / OneVision a :class:`PanelGrid`: the base view's
+patch grid beside the stitched crops (as unpadded) with their newline column. The helpers here draw from that image, or from the pixels of a batch
 (un-normalised with the processor's mean and std), which is all a LightningModule has during
 validation. The family adapter turns any family's pixel inputs back into images and token grids
 (``FamilyAdapter.images_for_pictures`` / ``token_grids``):
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -42,7 +44,26 @@ def patch_grid(n_image: int) -> tuple[int, bool]:
     raise ValueError(f"{n_image} image tokens do not form a square patch grid (with or without a CLS token)")
 
 
-Grid = tuple[int, int]  # (rows, cols) of image tokens
+@dataclass(frozen=True)
+class PanelGrid:
+    """Token grids drawn side by side on one picture, each panel as tall as the picture and as wide as its
+    cells are square: LLaVA-NeXT / OneVision's base view (side x side) next to the stitched crops
+    (rows x (cols + 1), the last column its newline tokens). A keep row fills the panels in order."""
+
+    panels: tuple[tuple[int, int], ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(rows * cols for rows, cols in self.panels)
+
+    def spans(self, width: int) -> list[tuple[int, int]]:
+        """[x0, x1) of each panel on a picture ``width`` px wide (widths in proportion cols / rows)."""
+        shares = [cols / rows for rows, cols in self.panels]
+        edges = [round(width * sum(shares[:i]) / sum(shares)) for i in range(len(shares) + 1)]
+        return list(zip(edges[:-1], edges[1:]))
+
+
+Grid = tuple[int, int]  # (rows, cols) of image tokens; or a PanelGrid of several
 
 
 def _as_bool_list(keep: torch.Tensor | np.ndarray | Sequence[bool]) -> list[bool]:
@@ -71,6 +92,24 @@ def _on_grid(flags: list[bool], grid: Grid | None) -> tuple[list[bool], int, int
             "keep row to this image's own token count"
         )
     return flags, rows, cols
+
+
+def _kept_boxes(flags: list[bool], grid: Grid | PanelGrid | None, width: int, height: int) -> tuple[list[list[int]], int]:
+    """Pixel boxes of the kept cells on a ``width`` x ``height`` picture, and the outline width."""
+    if isinstance(grid, PanelGrid):
+        if len(flags) != grid.tokens:
+            raise ValueError(f"{len(flags)} keep entries do not fill the panels {grid.panels} ({grid.tokens} tokens)")
+        boxes, lines, start = [], [], 0
+        for (rows, cols), (x0, x1) in zip(grid.panels, grid.spans(width)):
+            part = flags[start : start + rows * cols]
+            start += rows * cols
+            inner, line = _kept_boxes(part, (rows, cols), x1 - x0, height)
+            boxes += [[a + x0, b, c + x0, d] for a, b, c, d in inner]
+            lines.append(line)
+        return boxes, min(lines)
+    flags, rows, cols = _on_grid(flags, grid)
+    boxes = [cell_box(index, rows, cols, width, height) for index, kept in enumerate(flags) if kept]
+    return boxes, max(1, min(width // cols, height // rows) // 12)
 
 
 def cell_box(index: int, rows: int, cols: int, width: int, height: int) -> list[int]:
@@ -156,27 +195,27 @@ def kept_patch_overlay(
     dim: float = 0.45,
     color: tuple[int, int, int] = KEPT_COLOR,
     caption: str | None = None,
-    grid: Grid | None = None,
+    grid: Grid | PanelGrid | None = None,
 ) -> Image.Image:
     """The image with its longer side ``size`` px: dropped tokens' cells grey and darkened to ``dim`` of
     their brightness, kept cells in colour with a ``color`` border; an optional caption strip below.
 
     ``image`` is the image the model saw (see the module docstring); ``keep`` has one entry per image
     token, row-major over ``grid`` = (rows, cols); without ``grid`` it is square (``side**2`` entries, or
-    ``side**2 + 1`` with a leading CLS entry, which is ignored), as for LLaVA.
+    ``side**2 + 1`` with a leading CLS entry, which is ignored), as for LLaVA; a :class:`PanelGrid` lays
+    the row over several panels side by side (LLaVA-NeXT: base view, stitched crops and newlines).
     """
-    flags, rows, cols = _on_grid(_as_bool_list(keep), grid)
+    flags = _as_bool_list(keep)
     base = _fitted(image, size)
     width, height = base.size
+    boxes, line = _kept_boxes(flags, grid, width, height)
     dark = Image.eval(base.convert("L"), lambda v: int(v * dim)).convert("RGB")
-    boxes = [cell_box(index, rows, cols, width, height) for index, kept in enumerate(flags) if kept]
     mask = Image.new("L", (width, height), 0)
     draw_mask = ImageDraw.Draw(mask)
     for box in boxes:
         draw_mask.rectangle(box, fill=255)
     out = Image.composite(base, dark, mask)
     draw = ImageDraw.Draw(out)
-    line = max(1, min(width // cols, height // rows) // 12)
     for box in boxes:
         draw.rectangle(box, outline=color, width=line)
     if caption:
