@@ -136,3 +136,20 @@ def test_fsdp1_policy_wraps_each_familys_own_blocks(family, tiny_model_dir, tmp_
         _recursive_wrap(tree, auto_wrap_policy=FamilyUnits(parts), wrapper_cls=Wrapped, ignored_modules=set(), ignored_params=set())
         wrapped = {name.replace(".inner", "") for name, m in tree.named_modules() if isinstance(m, Wrapped)}
         assert wrapped == want and len(want) > 0
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_newline_embedding_trains_with_the_projector(family, tmp_path):
+    """The learned image_newline is part of the projector group (LLaVA-NeXT trains it with the projector);
+    the towers' blocks are vision, the decoder llm: every parameter of the tiny model lands in one part."""
+    from dllava.families import adapter_for
+    from dllava.model.tiny_next import save_tiny_next
+    from dllava.sparse.model import DynamicVLM
+
+    adapter = adapter_for(family)
+    base = adapter.model_class().from_pretrained(save_tiny_next(tmp_path / family, family, num_hidden_layers=1))
+    model = DynamicVLM(base, {"vision": False, "text": False})
+    parts = {name: part_of(name, adapter) for name, _ in model.named_parameters()}
+    assert [part for name, part in parts.items() if name.endswith("image_newline")] == ["projector"]
+    assert {part for name, part in parts.items() if "vision_tower" in name} == {"vision"}
+    assert {part for name, part in parts.items() if "language_model" in name or "lm_head" in name} == {"llm"}
