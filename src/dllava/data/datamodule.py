@@ -297,12 +297,8 @@ class AnyresSamplePreprocessor(SamplePreprocessor):
     fixed_image_tokens = False
 
     def __init__(self, processor: Any, max_length: int, chat: bool) -> None:
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.max_length = max_length
+        super().__init__(processor, num_image_tokens=0, max_length=max_length)  # counts come per image
         self.chat = chat
-        mean = getattr(processor.image_processor, "image_mean", [0.5, 0.5, 0.5])
-        self.fill = tuple(int(round(255 * m)) for m in mean)
 
     def pixel_inputs(self, image: Image.Image) -> dict[str, torch.Tensor]:
         out = self.processor.pixel_inputs([image])
