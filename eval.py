@@ -69,7 +69,7 @@ def single(
     text = cfg.method.text
     text = "off" if text is False else text  # YAML's bare `off`
     keep = 1.0 if method == "dense" else float(cfg.sparsity.keep if cfg.sparsity.keep is not None else loaded.model.sparsity.keep)
-    arm = Arm(method, keep, text)
+    arm = Arm(method, keep, text, budget_of(cfg, loaded))
     path = out / "answers.jsonl"
     try:
         with AnswerAppender(path) as append:  # each batch on disk as soon as it is answered
@@ -137,6 +137,12 @@ def write_overlays(result: Any, folder: Path, adapter: Any, processor: Any = Non
     return folder
 
 
+def budget_of(cfg: DictConfig, loaded: Any) -> str:
+    """``sparsity.budget``, or the checkpoint's trained convention when null."""
+    budget = cfg.sparsity.get("budget")
+    return str(budget if budget is not None else loaded.model.sparsity.budget)
+
+
 def compare(cfg: DictConfig, loaded: Any, source: Any, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     c = cfg.compare
     questions = list(source)  # read once for every arm
@@ -144,10 +150,11 @@ def compare(cfg: DictConfig, loaded: Any, source: Any, out: Path, settings: dict
     if not questions:
         raise NoQuestions(f"no questions to evaluate; {describe_skipped(source.skipped)}")
     keeps = [float(k) for k in c.keeps]
-    runs = [(loaded, plan_arms(loaded, list(c.methods), keeps))]
+    budget = budget_of(cfg, loaded)  # one convention for every arm, the dense-trained model's included
+    runs = [(loaded, plan_arms(loaded, list(c.methods), keeps, budget))]
     if c.dense_ckpt_path:
         dense = load_for_eval(c.dense_ckpt_path, cfg.device, cfg.dtype)
-        runs.append((dense, plan_arms(dense, list(c.dense_ckpt_methods), keeps)))
+        runs.append((dense, plan_arms(dense, list(c.dense_ckpt_methods), keeps, budget)))
     # the budget drawn side by side: overlay_keep, or the closest keep evaluated
     overlay_keep = None if c.overlay_keep is None else min(keeps, key=lambda k: abs(k - c.overlay_keep))
     report = run_comparison(runs, questions, out, overlay_keep=overlay_keep, overlays=cfg.overlays, **settings)

@@ -367,6 +367,7 @@ def _text_policy(key: str, value: Any) -> None:
 def check_eval_config(cfg: DictConfig) -> None:
     """The values eval.py reads (``conf/eval.yaml``, ``conf/method/``)."""
     from dllava.inference.selection import IMAGE_METHODS
+    from dllava.sparse.decisions import BUDGETS
 
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ValueError("ckpt_path is required: ckpt_path=<a .ckpt file or a save_pretrained directory>")
@@ -377,7 +378,10 @@ def check_eval_config(cfg: DictConfig) -> None:
         "dtype": lambda key, value: check_choice(key, value, DTYPE_NAMES, optional=True),
         "overlays": _int(low=0), "progress": _bool(), "resume": _bool(),
     })
-    _apply("sparsity", _plain(cfg, "sparsity") or {}, {"keep": _keep(optional=True)})
+    _apply("sparsity", _plain(cfg, "sparsity") or {}, {
+        "keep": _keep(optional=True),
+        "budget": lambda key, value: check_choice(key, value, list(BUDGETS), optional=True),
+    })
     _apply("method", _plain(cfg, "method") or {}, {
         "name": lambda key, value: check_choice(key, value, list(IMAGE_METHODS)), "text": _text_policy,
     })

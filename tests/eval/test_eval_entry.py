@@ -138,3 +138,39 @@ def test_every_method_option_composes_into_a_valid_arm(tmp_path, method):
     assert cfg.method.name == method
     Arm(cfg.method.name, 1.0, cfg.method.text)  # text policy valid ("off" stays a string, not YAML's false)
     assert cfg.compare.keeps == [0.1, 0.2, 0.35, 0.5] and cfg.data.shards.endswith("synthetic/test-*.tar")
+
+
+@pytest.fixture(scope="module")
+def anyres_setup(tmp_path_factory):
+    """A stock tiny LLaVA-NeXT directory (no predictors) and non-square synthetic shards (16 px cells)."""
+    from dllava.data.synthetic import generate
+    from dllava.model.tiny_next import save_tiny_next
+
+    root = tmp_path_factory.mktemp("anyres_eval")
+    model = save_tiny_next(root / "next", "llava_next", num_hidden_layers=3)
+    generate(root / "data", train=0, val=0, test=12, seed=0, samples_per_shard=12, cell=16, grid_sizes=[(4, 4), (4, 6), (6, 4)])
+    return model, root / "data"
+
+
+def test_anyres_eval_takes_the_budget_convention_and_reports_the_droppable_share(tmp_path, anyres_setup):
+    model, data = anyres_setup
+    common = [f"ckpt_path={model}", f"data.shards={data}/test-*.tar", "method=fastv", "sparsity.keep=0.25",
+              "data.limit=8", "overlays=2"]
+    _run(tmp_path / "per_view", [*common, "sparsity.budget=per_view"])
+    summary = json.loads((tmp_path / "per_view" / "eval.json").read_text())
+    assert summary["budget"] == "per_view" and summary["samples"] == 8
+    records = [json.loads(line) for line in (tmp_path / "per_view" / "answers.jsonl").open()]
+    for record in records:
+        meta = record["metadata"]
+        assert meta["budget"] == "per_view" and meta["image_tokens_fixed"] in (8, 12)  # one newline per stitched row
+        # base view 16 -> 4; every 16-token crop (unpadding cuts none of these grids) -> 4
+        crops = (meta["image_tokens"] - 16 - meta["image_tokens_fixed"]) // 16
+        assert meta["image_tokens_kept"] == meta["image_tokens_fixed"] + 4 * (1 + crops)
+    assert summary["vision_keep"] == pytest.approx(0.25)  # of the droppable tokens: newlines are not in the share
+    assert len(list((tmp_path / "per_view" / "overlays").glob("*.png"))) == 2
+    # the checkpoint has no trained convention but the default: null means global
+    _run(tmp_path / "global", common)
+    assert json.loads((tmp_path / "global" / "eval.json").read_text())["budget"] == "global"
+    # continuing the per_view run under the other convention would mix budgets: refused
+    with pytest.raises(ValueError, match="budget=per_view"):
+        _run(tmp_path / "per_view", [*common, "resume=true", f"hydra.run.dir={tmp_path / 'per_view'}"])

@@ -149,3 +149,22 @@ def test_tiny_pinpoints_give_ragged_counts_on_the_non_square_task():
     counts = [anyres_token_count(model.config, s) for s in [(64, 64), (64, 96), (96, 64)]]
     assert counts == [16 + 8 * 9, 16 + 8 * 13, 16 + 12 * 9]
     assert [64, 96] in GRID_PINPOINTS and [96, 64] in GRID_PINPOINTS
+
+
+@pytest.mark.parametrize("size", [(3, 200), (200, 3), (32, 32), (33, 70)])
+def test_extreme_aspect_ratios_pack_and_draw(tiny, size):
+    """A banner-shaped image whose unpadding leaves no stitched row (3 x 200 px: 16 base-view tokens
+    only), one of a single column, one without crops to cut: HF packs them (its count is the
+    reference), and the overlay layout and picture cover exactly that many tokens."""
+    name, path, adapter, model, processor = tiny
+    pixels = processor.pixel_inputs([_image(*size)])
+    with torch.no_grad():
+        packed = model.model.get_image_features(**pixels, return_dict=True).pooler_output
+    features = adapter.encode_images(model, pixels)
+    assert features.counts == [packed[0].shape[0]] == [anyres_token_count(model.config, size)]
+    (grid,) = adapter.token_grids(model.config, pixels)
+    assert grid.tokens == features.counts[0]
+    (picture,) = adapter.images_for_pictures(pixels, processor)
+    from dllava.eval.overlay import kept_patch_overlay
+
+    kept_patch_overlay(picture, torch.ones(grid.tokens, dtype=torch.bool), grid=grid)

@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dllava.families import FamilyAdapter, ImageFeatures
 from dllava.inference import flops
 from dllava.inference.engine import SparseEngine
-from dllava.inference.selection import image_budget, text_rate_keep
+from dllava.inference.selection import text_rate_keep
 from dllava.inference.vision_flops import qwen3_vl_deepstack_layers
 from dllava.model.loading import ModelSource, load_base_model
 from dllava.sparse.config import SparsityConfig
@@ -113,8 +113,6 @@ class BenchImage:
 
     def kept(self, method: str, keep: float, budget: str = "global") -> int:
         """Image tokens one prompt keeps after prefill under ``method`` (newlines always kept)."""
-        if self.views is None:
-            return image_budget(method, self.tokens, keep)
         features = ImageFeatures(torch.empty(self.tokens, 1, device="meta"), [self.tokens], [self.grid], views=self.views)
         return features.kept_counts(None if method == "dense" else keep, budget)[0]
 
@@ -135,13 +133,13 @@ def bench_image(adapter: FamilyAdapter, config: Any, image_px: int | None = None
     layout, 576 base + 4 x 576 crop tokens + 48 newlines), sized the way the family's processor would."""
     vision = config.vision_config
     if anyres(adapter):
-        from dllava.families.llava_next import anyres_views, crop_grid, view_side
+        from dllava.families.llava_next import anyres_layout
 
         px = 672 if image_px is None else int(image_px)
-        views = anyres_views(config, (px, px))
-        rows, cols = crop_grid(config, (px, px))
-        side = view_side(config)
-        return BenchImage((px, px), (rows * side, cols * side), int(views.shape[0]), views=views, crops=1 + rows * cols)
+        layout = anyres_layout(config, (px, px))
+        rows, cols = layout.crops
+        return BenchImage((px, px), (rows * layout.side, cols * layout.side), int(layout.views.shape[0]),
+                          views=layout.views, crops=1 + rows * cols)
     if not flattened_patches(adapter):
         side = vision.image_size
         if image_px not in (None, side):

@@ -1,8 +1,9 @@
 """Equal-budget comparison: learned (dynamic) vs FastV vs random keep at the same image-token budgets.
 
 One process, model(s) loaded once, questions read once: the trained checkpoint runs ``dense`` and
-every ``method`` at every ``keep`` (each method keeps exactly ``int(n_image * keep)`` image tokens, so a
-keep value is the same budget for all); an optional dense-trained checkpoint (``stage=dense``) runs
+every ``method`` at every ``keep`` (each method keeps exactly ``int(n * keep)`` of each question's droppable
+image tokens under one budget convention, ``sparsity.budget``, the dense-trained model's arms included, so
+a keep value is the same budget for all); an optional dense-trained checkpoint (``stage=dense``) runs
 ``dense``, the reference accuracy, and the training-free baselines at the same budgets. Output, in the
 run dir:
 
@@ -42,16 +43,17 @@ def describe(loaded: LoadedModel) -> str:
     return f"sparse-trained (keep {sparsity.keep:g})" if sparsity.enabled else "dense-trained"
 
 
-def plan_arms(loaded: LoadedModel, methods: Sequence[str], keeps: Sequence[float]) -> list[Arm]:
-    """``dense`` first, then every method at every keep (methods the model cannot run are skipped)."""
-    arms = [Arm("dense")]
+def plan_arms(loaded: LoadedModel, methods: Sequence[str], keeps: Sequence[float], budget: str = "global") -> list[Arm]:
+    """``dense`` first, then every method at every keep under one ``budget`` convention (methods the
+    model cannot run are skipped)."""
+    arms = [Arm("dense", budget=budget)]
     for method in methods:
         if method == "dense":
             continue
         if method == "dynamic" and loaded.model.image_predictor is None:
             log.warning("%s has no image predictor: skipping method=dynamic", loaded.name)
             continue
-        arms += [Arm(method, float(keep), default_text(loaded.model, method)) for keep in keeps]
+        arms += [Arm(method, float(keep), default_text(loaded.model, method), budget) for keep in keeps]
     return arms
 
 

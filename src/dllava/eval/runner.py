@@ -7,7 +7,8 @@ engine's counts; per arm (``eval.json``):
 * ``accuracy`` (exact match after light normalisation, what validation logs as ``val/answer_acc``)
   and ``vqa_accuracy`` (:func:`dllava.eval.scoring.vqa_accuracy`), overall and per kind, over the
   questions that have a reference;
-* realised keep ratios: ``vision_keep`` (kept / image tokens), ``text_keep`` (generated tokens kept in
+* realised keep ratios: ``vision_keep`` (kept / image tokens, both without the never-dropped ones:
+  LLaVA-NeXT's newlines; the share training's ``val/vision_keep`` reports), ``text_keep`` (generated tokens kept in
   the caches of layers >= K / generated tokens fed back), and ``object_recall``, the share of the
   patches that show an object which survive (questions whose record has a ``scene``, the synthetic
   task; None otherwise);
@@ -48,20 +49,24 @@ from dllava.inference import flops
 from dllava.bench.inference import sync_device
 from dllava.inference.engine import SparseEngine
 from dllava.inference.selection import check_method, check_text_policy, num_kept
+from dllava.sparse.decisions import check_budget
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One evaluation setting: image-token method, keep ratio (1.0 for dense), generated-token policy."""
+    """One evaluation setting: image-token method, keep ratio (1.0 for dense), generated-token policy,
+    image-budget convention (``global`` / ``per_view``; the same decisions for one-view families)."""
 
     method: str
     keep: float = 1.0
     text: str | float = "off"
+    budget: str = "global"
 
     def __post_init__(self) -> None:
         check_method(self.method)
         num_kept(1, self.keep)  # validates the range
         check_text_policy(self.text)
+        check_budget(self.budget)
         if self.method == "dense" and self.keep != 1.0:
             raise ValueError(f"method=dense keeps every image token: sparsity.keep must be 1.0 (or null), got {self.keep}")
 
@@ -170,7 +175,7 @@ def evaluate_arm(
     answer records as soon as they exist (``eval.py`` appends them to answers.jsonl).
     """
     model, tokenizer, device = loaded.model, loaded.processor.tokenizer, loaded.device
-    engine = SparseEngine(model, method=arm.method, keep=arm.keep, text=arm.text, seed=seed)
+    engine = SparseEngine(model, method=arm.method, keep=arm.keep, text=arm.text, seed=seed, budget=arm.budget)
     cost = CostModel(loaded, arm, engine.layer)
     dtype = next(model.parameters()).dtype
     model_id = model_id or f"{loaded.name}:{arm.label}"
@@ -222,7 +227,9 @@ def evaluate_arm(
                 "method": arm.method,
                 "keep": arm.keep,
                 "text": arm.text,
+                "budget": arm.budget,
                 "image_tokens": n_image,
+                "image_tokens_fixed": result.image_tokens_fixed[i],
                 "image_tokens_kept": kept,
                 "text_tokens_fed": result.text_tokens_fed[i],
                 "text_tokens_kept": result.text_tokens_kept[i],
@@ -290,12 +297,14 @@ def check_answered(answered: Sequence[dict[str, Any]], model_id: str, arm: Arm) 
                 f"answers.jsonl answer to question_id {record.get('question_id')!r} lacks the costs a summary needs "
                 "(written by an older eval.py?): evaluate into a new run dir"
             )
-        found = (record.get("model_id"), meta.get("method"), meta.get("keep"), meta.get("text"))
-        if found != (model_id, arm.method, arm.keep, arm.text):
+        # answers written before budgets existed were all global
+        found = (record.get("model_id"), meta.get("method"), meta.get("keep"), meta.get("text"), meta.get("budget", "global"))
+        if found != (model_id, arm.method, arm.keep, arm.text, arm.budget):
             raise ValueError(
                 f"answers.jsonl holds answers of model_id={found[0]!r} method={found[1]} keep={found[2]} "
-                f"text={found[3]}, not of model_id={model_id!r} {arm.label} text={arm.text}: continue with the "
-                "same ckpt_path, method and sparsity.keep, or evaluate into a new run dir"
+                f"text={found[3]} budget={found[4]}, not of model_id={model_id!r} {arm.label} text={arm.text} "
+                f"budget={arm.budget}: continue with the same ckpt_path, method, sparsity.keep and sparsity.budget, "
+                "or evaluate into a new run dir"
             )
 
 
@@ -310,9 +319,10 @@ def summarize(records: Sequence[dict[str, Any]], cost: CostModel) -> dict[str, A
         stats["image_tokens"].append(n_image)
         # answers written before per-question vision FLOPs were recorded: square grids (LLaVA's)
         stats["vision_flops"].append(meta["vision_flops"] if "vision_flops" in meta else cost.vision(n_image))
+        fixed = meta.get("image_tokens_fixed", 0)  # never dropped (newlines): not part of the share
         row = {
             "image_tokens_kept": kept,
-            "vision_keep": kept / n_image if n_image else 1.0,
+            "vision_keep": (kept - fixed) / (n_image - fixed) if n_image > fixed else 1.0,
             "object_recall": meta["object_patches_kept"] / meta["object_patches"] if meta.get("object_patches") else None,
             **{k: meta.get(k) for k in ("text_tokens_fed", "text_tokens_kept", "prefill_flops", "prefill_flops_dense",
                                         "prefill_flops_paper", "kv_bytes", "kv_bytes_dense")},

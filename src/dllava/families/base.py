@@ -91,14 +91,17 @@ class ImageFeatures:
         """(B, most) bool: slots holding a token some method may drop (a budget counts only these)."""
         return self.slot_views(device) >= 0
 
+    def fixed_counts(self) -> list[int]:
+        """Image tokens per sample that no method drops (LLaVA-NeXT's newlines; 0 for one-view families)."""
+        return (self.valid() & ~self.droppable()).sum(-1).tolist()
+
     def kept_counts(self, keep: float | None, budget: str = "global") -> list[int]:
-        """Image tokens each sample keeps after prefill: its never-dropped tokens plus ``int(n * keep)``
-        of every budget group (keep None: all of them, the dense arm)."""
+        """Image tokens each sample keeps after prefill: its never-dropped tokens plus ``int(n * keep)``, at
+        least one, of every non-empty budget group (keep None: all of them, the dense arm)."""
         if keep is None:
             return list(self.counts)
         groups, valid = self.groups(budget), self.valid()
-        fixed = (valid & (groups < 0)).sum(-1).tolist()
-        return [f + sum(b) for f, b in zip(fixed, group_budgets(group_sizes(groups, valid), keep))]
+        return [f + sum(b) for f, b in zip(self.fixed_counts(), group_budgets(group_sizes(groups, valid), keep))]
 
     @classmethod
     def from_stacked(cls, stacked: torch.Tensor, grid: tuple[int, int] | None = None) -> "ImageFeatures":

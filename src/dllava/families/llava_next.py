@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,38 +49,55 @@ def view_side(config: Any) -> int:
     return int(config.vision_config.image_size) // int(config.vision_config.patch_size)
 
 
-def crop_grid(config: Any, image_size: Sequence[int]) -> tuple[int, int]:
-    """(rows, cols) of crops HF chooses for an image of ``image_size`` (height, width)."""
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+@dataclass(frozen=True)
+class AnyresLayout:
+    """Where one image's tokens come from, in HF's packed order (base view, stitched crops, newlines).
 
-    return tuple(get_anyres_image_grid_shape(
-        [int(v) for v in image_size], config.image_grid_pinpoints, config.vision_config.image_size
-    ))
+    ``views`` (n,): 0 for the base view, 1 + r * cols + c for the crop in crop row r, column c, -1 for
+    the newline after each stitched row; ``crops`` (rows, cols) of crops; ``window`` (top, left, height,
+    width) in patches of the padded crop grid that HF's unpadding keeps; ``stitched`` (rows, cols) of
+    the stitched grid as packed (after OneVision's shrinking; newline column excluded; (0, 0) when the
+    unpadding leaves no row of a very wide or tall image)."""
+
+    views: torch.Tensor
+    side: int
+    crops: tuple[int, int]
+    window: tuple[int, int, int, int]
+    stitched: tuple[int, int]
+
+
+def anyres_layout(config: Any, image_size: Sequence[int]) -> AnyresLayout:
+    """The :class:`AnyresLayout` of an image of ``image_size`` (height, width), computed with HF's own
+    geometry (``get_anyres_image_grid_shape``, ``unpad_image``, the same bilinear shrink) applied to
+    one-hot maps of the views and to the patch coordinates, so it cannot drift from the packing."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    size = [int(v) for v in image_size]
+    side = view_side(config)
+    rows, cols = (int(v) for v in get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size))
+    y = torch.arange(rows * side)[:, None] // side
+    x = torch.arange(cols * side)[None, :] // side
+    onehot = nn.functional.one_hot(1 + y * cols + x, 1 + rows * cols).permute(2, 0, 1).float()  # (views, H, W)
+    coords = torch.stack(torch.meshgrid(torch.arange(rows * side), torch.arange(cols * side), indexing="ij")).float()
+    kept = unpad_image(torch.cat([onehot, coords]), size)
+    onehot, coords = kept[:-2], kept[-2:]
+    window = (int(coords[0].min()), int(coords[1].min()), *coords.shape[1:]) if coords.numel() else (0, 0, 0, 0)
+    ratio_text = getattr(config, "vision_aspect_ratio", None)
+    height, width = onehot.shape[1:]
+    if ratio_text is not None and height * width:  # OneVision: shrink above anyres_max_N crops' worth, as HF does
+        ratio = math.sqrt(height * width / (int(ratio_text.strip("anyres_max_")) * side**2))
+        if ratio > 1.1:
+            onehot = nn.functional.interpolate(onehot[None], [int(height // ratio), int(width // ratio)], mode="bilinear")[0]
+    grid = onehot.argmax(0) if onehot.numel() else torch.zeros(onehot.shape[1:], dtype=torch.long)  # largest weight, first on a tie
+    grid = torch.cat([grid, torch.full((grid.shape[0], 1), -1, dtype=torch.long)], dim=-1)
+    views = torch.cat([torch.zeros(side * side, dtype=torch.long), grid.flatten()])
+    stitched = (grid.shape[0], grid.shape[1] - 1) if grid.shape[0] else (0, 0)
+    return AnyresLayout(views, side, (rows, cols), window, stitched)
 
 
 def anyres_views(config: Any, image_size: Sequence[int]) -> torch.Tensor:
-    """(n,) long: the view of each of one image's tokens in HF's packed order: 0 for the base view, 1 + r *
-    cols + c for the crop in crop row r, column c, and -1 for the newline after each stitched row."""
-    from transformers.models.llava_next.modeling_llava_next import unpad_image
-
-    side = view_side(config)
-    rows, cols = crop_grid(config, image_size)
-    y = torch.arange(rows * side)[:, None] // side
-    x = torch.arange(cols * side)[None, :] // side
-    views = 1 + rows * cols
-    grid = nn.functional.one_hot(1 + y * cols + x, views).permute(2, 0, 1).float()  # (views, H, W) "features"
-    grid = unpad_image(grid, [int(v) for v in image_size])
-    ratio_text = getattr(config, "vision_aspect_ratio", None)
-    if ratio_text is not None:  # OneVision: shrink a grid above anyres_max_N crops, as pack_image_features does
-        max_crops = int(ratio_text.strip("anyres_max_"))
-        height, width = grid.shape[1:]
-        ratio = math.sqrt(height * width / (max_crops * side**2))
-        if ratio > 1.1:
-            size = [int(height // ratio), int(width // ratio)]
-            grid = nn.functional.interpolate(grid[None], size, mode="bilinear")[0]
-    grid = grid.argmax(0)[None].float()  # the view contributing most to each token (first on a tie)
-    grid = torch.cat([grid, torch.full((1, grid.shape[1], 1), -1.0)], dim=-1)
-    return torch.cat([torch.zeros(side * side), grid.flatten()]).long()
+    """(n,) long: the view of each of one image's tokens (:class:`AnyresLayout`)."""
+    return anyres_layout(config, image_size).views
 
 
 def anyres_token_count(config: Any, image_size: Sequence[int]) -> int:
@@ -87,34 +105,14 @@ def anyres_token_count(config: Any, image_size: Sequence[int]) -> int:
     return int(anyres_views(config, image_size).shape[0])
 
 
-def stitched_grid(config: Any, image_size: Sequence[int]) -> tuple[int, int]:
-    """(rows, cols) of the stitched crop grid as packed (newline column excluded)."""
-    views = anyres_views(config, image_size)
-    side = view_side(config)
-    rows = int((views[side * side:] == -1).sum())
-    return rows, (views.shape[0] - side * side) // rows - 1
-
-
-def unpadded_window(config: Any, image_size: Sequence[int]) -> tuple[int, int, int, int]:
-    """(top, left, height, width) in patches of the part of the padded crop grid that HF's unpadding
-    keeps (HF's ``unpad_image`` applied to a map of patch coordinates)."""
-    from transformers.models.llava_next.modeling_llava_next import unpad_image
-
-    side = view_side(config)
-    rows, cols = crop_grid(config, image_size)
-    coords = torch.stack(torch.meshgrid(torch.arange(rows * side), torch.arange(cols * side), indexing="ij")).float()
-    kept = unpad_image(coords, [int(v) for v in image_size])
-    return int(kept[0].min()), int(kept[1].min()), kept.shape[1], kept.shape[2]
-
-
 def picture_panels(config: Any, image_size: Sequence[int]) -> Any:
-    """The overlay layout of one image's tokens: its base view's patch grid, then the stitched crops with
-    their newline column (:class:`~dllava.eval.overlay.PanelGrid`)."""
+    """The overlay layout of one image's tokens: its base view's patch grid, then (when the unpadding
+    left any) the stitched crops with their newline column (:class:`~dllava.eval.overlay.PanelGrid`)."""
     from dllava.eval.overlay import PanelGrid
 
-    side = view_side(config)
-    rows, cols = stitched_grid(config, image_size)
-    return PanelGrid(((side, side), (rows, cols + 1)))
+    layout = anyres_layout(config, image_size)
+    rows, cols = layout.stitched
+    return PanelGrid(((layout.side, layout.side),) + (((rows, cols + 1),) if rows else ()))
 
 
 def anyres_picture(config: Any, pixels: torch.Tensor, image_size: Sequence[int], stats: dict[str, Any], unit: int = 12) -> Any:
@@ -125,18 +123,23 @@ def anyres_picture(config: Any, pixels: torch.Tensor, image_size: Sequence[int],
 
     from dllava.eval.overlay import pixels_to_image
 
-    px, patch = int(config.vision_config.image_size), int(config.vision_config.patch_size)
-    rows, cols = crop_grid(config, image_size)
-    canvas = Image.new("RGB", (cols * px, rows * px))
-    for k in range(rows * cols):
-        canvas.paste(pixels_to_image(pixels[1 + k], **stats), ((k % cols) * px, (k // cols) * px))
-    top, left, height, width = unpadded_window(config, image_size)
-    region = canvas.crop((left * patch, top * patch, (left + width) * patch, (top + height) * patch))
-    grid_rows, grid_cols = stitched_grid(config, image_size)
+    layout = anyres_layout(config, image_size)
+    base = pixels_to_image(pixels[0], **stats)
+    grid_rows, grid_cols = layout.stitched
+    if not grid_rows:  # nothing of the crops survived unpadding: the base view alone
+        return base.resize((layout.side * unit, layout.side * unit))
     tall = grid_rows * unit
     out = Image.new("RGB", (tall + (grid_cols + 1) * unit, tall), (128, 128, 128))
-    out.paste(pixels_to_image(pixels[0], **stats).resize((tall, tall)), (0, 0))
-    out.paste(region.resize((grid_cols * unit, tall)), (tall, 0))
+    out.paste(base.resize((tall, tall)), (0, 0))
+    if grid_cols:  # (a very tall image can keep its rows but no column: newlines only)
+        px, patch = int(config.vision_config.image_size), int(config.vision_config.patch_size)
+        rows, cols = layout.crops
+        canvas = Image.new("RGB", (cols * px, rows * px))
+        for k in range(rows * cols):
+            canvas.paste(pixels_to_image(pixels[1 + k], **stats), ((k % cols) * px, (k // cols) * px))
+        top, left, height, width = layout.window
+        region = canvas.crop((left * patch, top * patch, (left + width) * patch, (top + height) * patch))
+        out.paste(region.resize((grid_cols * unit, tall)), (tall, 0))
     return out
 
 
@@ -175,9 +178,9 @@ class LlavaNextAdapter(LlavaAdapter):
             pixel_values=images["pixel_values"], image_sizes=sizes, return_dict=True, **self._feature_kwargs(config)
         )
         per_image = list(out.pooler_output)
-        side = view_side(config)
-        grids = [(rows * side, cols * side) for rows, cols in (crop_grid(config, s) for s in sizes.tolist())]
-        views = torch.cat([anyres_views(config, s) for s in sizes.tolist()])
+        layouts = [anyres_layout(config, s) for s in sizes.tolist()]
+        grids = [(rows * lay.side, cols * lay.side) for lay in layouts for rows, cols in [lay.crops]]
+        views = torch.cat([lay.views for lay in layouts])
         return ImageFeatures(torch.cat(per_image), [f.shape[0] for f in per_image], grids, views=views)
 
     def vision_flops(self, config: Any, features: ImageFeatures) -> int:

@@ -1,8 +1,8 @@
 """Physically sparse inference for Dynamic-LLaVA on any family: pruned prefill, decoding with or without KV cache.
 
 Training only masks; here the dropped tokens are gone (PAPER.md section 7). Layers 0..K-1 run on the
-whole prompt; at layer K each sample's image tokens are cut to ``int(n_image * keep)`` of its own
-``n_image`` (learned, FastV, random or none, see :mod:`dllava.inference.selection`), and layers
+whole prompt; at layer K each sample's image tokens are cut to ``int(n * keep)`` of its own ``n``
+droppable ones (per view under the ``per_view`` budget; LLaVA-NeXT's newlines always stay) (learned, FastV, random or none, see :mod:`dllava.inference.selection`), and layers
 K..L-1 run on the shorter sequence with the kept tokens' original positions: the family's position ids
 (1-D, or M-RoPE's 3-D) are computed once on the unpruned prompt, the kept columns gathered, and
 decoding continues from the full prompt's last position (never renumbered). While decoding, each new token attends to
@@ -68,7 +68,7 @@ class GenerationResult:
     sequences: torch.Tensor  # (B, T) new tokens; finished samples continue with pad
     lengths: list[int]  # new tokens up to and including EOS
     image_tokens: list[int]  # image tokens per sample in the prompt
-    image_tokens_kept: list[int]
+    image_tokens_kept: list[int]  # never-dropped ones (image_tokens_fixed) included
     image_keep: torch.Tensor | None  # (B, n_image) bool: which image tokens survived prefill
     text_tokens_fed: list[int]  # generated tokens that went back into the model (before EOS)
     text_tokens_kept: list[int]  # of those, kept in the caches of layers >= K
@@ -77,6 +77,7 @@ class GenerationResult:
     kv_tokens_sparse_layer: list[int] | None  # valid tokens in a layer >= K
     kv_tokens_dense_layer: list[int] | None  # valid tokens in a layer < K
     image_grids: list[tuple[int, int]] | None = None  # each sample's image (rows, cols) token grid (vision FLOPs)
+    image_tokens_fixed: list[int] | None = None  # image tokens no method drops (LLaVA-NeXT's newlines)
 
 
 class SparseEngine:
@@ -416,6 +417,7 @@ class SparseEngine:
             kv_tokens_sparse_layer=sparse_tokens,
             kv_tokens_dense_layer=dense_tokens,
             image_grids=list(state.image_features.grids) if state.image_features is not None else None,
+            image_tokens_fixed=features.fixed_counts() if features is not None else [0] * batch,
         )
 
 

@@ -1,7 +1,8 @@
 """Which image tokens survive prefill, and which generated tokens stay in the cache.
 
-Image selection methods, all keeping exactly ``int(n_image * keep)`` tokens per sample in their
-original order (PAPER.md section 7.1), so every method runs through the same pruned engine:
+Image selection methods, all keeping exactly ``int(n * keep)`` of a sample's ``n`` droppable image
+tokens (or of each view's, ``sparsity.budget=per_view``; never-dropped tokens such as LLaVA-NeXT's
+newlines on top, :func:`dllava.sparse.decisions.top_per_group`) in their original order (PAPER.md section 7.1), so every method runs through the same pruned engine:
 
 * ``dynamic``: top-k of the image predictor's keep log-probability (the learned method);
 * ``fastv``: top-k of the attention the last prompt token pays to each image token in layer K-1,

@@ -2,7 +2,8 @@
 
 Training samples hard decisions with straight-through Gumbel-Softmax, so the forward pass sees 0/1
 while gradients follow the soft sample (PAPER.md section 4.1). Evaluation thresholds the logits (what
-the budget loss trains); inference keeps exactly ``int(n * keep)`` image tokens by top-k (section 7.1).
+the budget loss trains); inference keeps exactly ``int(n * keep)`` image tokens by top-k (section 7.1),
+of every budget group: a sample's droppable image tokens (``global``) or each view's (``per_view``).
 """
 
 from __future__ import annotations
@@ -93,8 +94,7 @@ def top_per_group(score: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor
     groups, valid = groups.to(score.device), valid.to(score.device)
     budgets = group_budgets(sizes, keep)
     n_groups = sizes.shape[1]
-    ids = torch.arange(n_groups, device=score.device)
-    member = (groups[:, None, :] == ids[None, :, None]) & valid[:, None, :]  # (B, G, n)
+    member = group_members(groups, valid, n_groups)
     chosen = top_per_row(
         score[:, None].expand(-1, n_groups, -1).reshape(batch * n_groups, n),
         [b for row in budgets for b in row],
@@ -103,11 +103,15 @@ def top_per_group(score: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor
     return chosen.reshape(batch, n_groups, n).any(1) | (valid & (groups < 0))
 
 
+def group_members(groups: torch.Tensor, valid: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """(B, G, n) bool: slot j of row b is a valid member of budget group g."""
+    ids = torch.arange(n_groups, device=groups.device)
+    return (groups[:, None, :] == ids[None, :, None]) & valid[:, None, :]
+
+
 def group_keep_ratio(kept: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group kept fractions (B, G) and which groups hold any token (B, G) (``groups`` -1: in none)."""
-    n_groups = int(groups.max().clamp_min(0)) + 1
-    member = (groups[:, None, :] == torch.arange(n_groups, device=groups.device)[None, :, None]) & valid[:, None, :]
-    member = member.to(kept.dtype)
+    member = group_members(groups, valid, int(groups.max().clamp_min(0)) + 1).to(kept.dtype)
     size = member.sum(-1)
     return (member * kept[:, None, :]).sum(-1) / size.clamp_min(1), size > 0
 

@@ -184,8 +184,9 @@ class DynamicVLM(nn.Module):
 
         ``mode``: ``train`` samples Gumbel decisions for image tokens and for final answers of at least
         ``text_min_len`` tokens (``answer_span`` (B, 2)); ``eval`` applies the inference policy to the
-        same tokens: top ``int(n_image * keep)`` image tokens per sample, thresholded text; ``generate``
-        keeps the top ``int(n_image * keep)`` image tokens and thresholds every token from
+        same tokens: top ``int(n * keep)`` of each sample's ``n`` droppable image tokens (per view under
+        ``sparsity.budget=per_view``; never-dropped tokens such as LLaVA-NeXT's newlines kept),
+        thresholded text; ``generate`` keeps the same image tokens and thresholds every token from
         ``generated_from`` on; ``all`` keeps everything (the gated path with G = 1). Without sparsity
         this is the plain HF forward. ``image_inputs`` are the family's other pixel inputs (Qwen:
         ``image_grid_thw``); ``position_ids`` (R, B, N) default to the family's for the whole sequence.
@@ -340,7 +341,7 @@ class DynamicVLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Greedy decoding without KV cache on the gated forward (left-padded prompts).
 
-        Image tokens: top ``int(n * keep)`` per sample; generated tokens: the text predictor's
+        Image tokens: top ``int(n * keep)`` per sample (or per view), never-dropped ones kept; generated tokens: the text predictor's
         threshold; positions continue from the full prompt's (never from the pruned one). Returns
         the new tokens (B, T) and the per-sample count of kept image tokens (None without predictors).
         A finished sample continues with ``pad_token_id``, as HF ``generate`` does.
