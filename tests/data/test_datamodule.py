@@ -140,3 +140,23 @@ def test_existing_generation_with_other_settings_is_not_overwritten(synthetic_di
     assert same == info
     with pytest.raises(ValueError, match=r"kinds: on disk \['color', .*\], configured \['shape'\]"):
         ensure_synthetic(str(synthetic_dir), train=256, val=64, test=64, seed=0, samples_per_shard=64, kinds=["shape"])
+
+
+def test_runs_started_together_generate_the_synthetic_task_once(tmp_path):
+    """A sparse run and its dense twin started together on a fresh checkout: one process generates,
+    the other waits for it and reads the same shards (without the lock both wrote the same files)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "synthetic"
+    code = ("import sys; from dllava.data.datamodule import ensure_synthetic; "
+            "info = ensure_synthetic(sys.argv[1], train=600, val=32, test=0, seed=0, samples_per_shard=100); "
+            "print('records', info['splits']['train']['records'])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in results]
+    assert all("records 600" in stdout for stdout, _ in results)
+    generated = sum("synthetic ->" in err for _, err in results)  # generate's progress bar
+    assert generated == 1, [err[-300:] for _, err in results]
+    assert sorted(p.name for p in out.glob("train-*.tar")) == [f"train-{i:06d}.tar" for i in range(6)]

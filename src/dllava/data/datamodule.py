@@ -657,13 +657,28 @@ class LlavaDataModule(L.LightningDataModule):
 def ensure_synthetic(out: str, **spec: Any) -> dict[str, Any]:
     """Generate the synthetic task into ``out`` unless a matching generation is already there.
 
-    A generation with other settings is never overwritten silently: the error says what differs.
+    A generation with other settings is never overwritten silently: the error says what differs. Runs
+    started together on a fresh checkout (a sparse run and its dense twin, a parallel sweep) take an
+    exclusive lock on ``out/.generate.lock``: one generates, the others wait and then use its shards.
     """
+    import fcntl
+
     from dllava.data import synthetic
 
     info = synthetic.read_info(out)
-    if info is None:
-        return synthetic.generate(out, **spec)
+    if info is None:  # (a complete generation is only read: its directory may be read-only)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with open(Path(out) / ".generate.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            info = synthetic.read_info(out)  # another run may have generated it meanwhile
+            if info is None:
+                return synthetic.generate(out, **spec)
+    return _check_generation(out, info, spec)
+
+
+def _check_generation(out: str, info: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    from dllava.data import synthetic
+
     expected = {k: v for k, v in spec.items() if k not in ("workers",)}
     found = {
         "train": info["splits"]["train"]["records"],
