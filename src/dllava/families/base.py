@@ -101,7 +101,8 @@ class ImageFeatures:
         if keep is None:
             return list(self.counts)
         groups, valid = self.groups(budget), self.valid()
-        return [f + sum(b) for f, b in zip(self.fixed_counts(), group_budgets(group_sizes(groups, valid), keep))]
+        fixed = (valid & (groups < 0)).sum(-1).tolist()  # -1 groups: the never-dropped tokens, either budget
+        return [f + sum(b) for f, b in zip(fixed, group_budgets(group_sizes(groups, valid), keep))]
 
     @classmethod
     def from_stacked(cls, stacked: torch.Tensor, grid: tuple[int, int] | None = None) -> "ImageFeatures":

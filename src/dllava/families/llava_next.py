@@ -272,23 +272,14 @@ class AnyresProcessor:
         return anyres_token_count(self.config, image_size)
 
     def __call__(self, text: str | Sequence[str], images: Sequence[Any] = (), **tokenizer_kwargs: Any) -> dict[str, Any]:
-        from dllava.families.qwen_processor import expand_image_placeholders
+        from dllava.families.qwen_processor import tokenize_with_images
 
-        texts = [text] if isinstance(text, str) else list(text)
         data: dict[str, Any] = {}
         counts: list[int] = []
         if images:
             data.update(self.pixel_inputs(images))
             counts = [self.image_tokens(s) for s in data["image_sizes"].tolist()]
-        expanded = []
-        for t in texts:
-            n = t.count(self.image_token)
-            expanded.append(expand_image_placeholders(t, counts[:n], self.image_token))
-            counts = counts[n:]
-        if counts:
-            raise ValueError(f"{len(images)} images given but the text holds fewer {self.image_token} placeholders")
-        tokenizer_kwargs.setdefault("padding", True)
-        data.update(self.tokenizer(expanded, return_tensors="pt", **tokenizer_kwargs))
+        data.update(tokenize_with_images(self.tokenizer, text, counts, self.image_token, **tokenizer_kwargs))
         return data
 
     def save_pretrained(self, out: str | Path) -> Path:

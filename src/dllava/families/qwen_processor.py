@@ -66,23 +66,13 @@ class ImageTextProcessor:
         ``attention_mask``, ``mm_token_type_ids`` and, given images, ``pixel_values`` (flattened patches of
         all images) and ``image_grid_thw``. Images are matched to placeholders in reading order across
         ``text``; the tokenizer's padding side applies (left for the tiny tokenizers)."""
-        texts = [text] if isinstance(text, str) else list(text)
-        image_token = self.image_token
         data: dict[str, Any] = {}
         counts: list[int] = []
         if images:
             pixels = self.image_processor(images=list(images), return_tensors="pt")
             data.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
             counts = [self.image_tokens(row) for row in pixels["image_grid_thw"]]
-        expanded = []
-        for t in texts:
-            n = t.count(image_token)
-            expanded.append(expand_image_placeholders(t, counts[:n], image_token))
-            counts = counts[n:]
-        if counts:
-            raise ValueError(f"{len(images)} images given but the text holds fewer {image_token} placeholders")
-        tokenizer_kwargs.setdefault("padding", True)
-        encoded = self.tokenizer(expanded, return_tensors="pt", **tokenizer_kwargs)
+        encoded = tokenize_with_images(self.tokenizer, text, counts, self.image_token, **tokenizer_kwargs)
         data.update(encoded)
         data["mm_token_type_ids"] = mm_token_type_ids(encoded["input_ids"], self.image_token_id)
         return BatchFeature(data)
@@ -116,6 +106,26 @@ class ImageTextProcessor:
         image_processor = IMAGE_PROCESSOR_CLASSES[name].from_pretrained(str(path))
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         return cls(tokenizer, image_processor)
+
+
+def tokenize_with_images(
+    tokenizer: PreTrainedTokenizerBase, text: str | Sequence[str], counts: Sequence[int], image_token: str,
+    **tokenizer_kwargs: Any,
+) -> Any:
+    """What a multimodal processor does with its texts: the i-th ``image_token`` across ``text`` (in
+    reading order) expanded to ``counts[i]`` copies, then tokenized to padded tensors (the tokenizer's
+    padding side)."""
+    texts = [text] if isinstance(text, str) else list(text)
+    remaining = list(counts)
+    expanded = []
+    for t in texts:
+        n = t.count(image_token)
+        expanded.append(expand_image_placeholders(t, remaining[:n], image_token))
+        remaining = remaining[n:]
+    if remaining:
+        raise ValueError(f"{len(counts)} images given but the text holds fewer {image_token} placeholders")
+    tokenizer_kwargs.setdefault("padding", True)
+    return tokenizer(expanded, return_tensors="pt", **tokenizer_kwargs)
 
 
 def expand_image_placeholders(text: str, counts: Sequence[int], image_token: str = IMAGE_PAD) -> str:

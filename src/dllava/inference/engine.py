@@ -183,6 +183,7 @@ class SparseEngine:
             score = fastv_score.float()
         else:
             score = torch.rand(batch, n, generator=state.generator).to(image_hidden.device)
+        # host groups and mask: the budgets are counted on the host, so this also runs on the meta device
         return top_per_group(score, features.groups(self.budget), features.valid(), self.keep)
 
     def _text_decisions(self, hidden: torch.Tensor, first_step: int) -> torch.Tensor:

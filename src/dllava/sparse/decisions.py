@@ -58,16 +58,12 @@ def topk_keep(
     :func:`keep_score`): (B, n, 2) -> (B, n). ``valid`` (B, n) marks each row's real tokens (``n_b`` of them, first in the
     row) when rows hold different counts; padding slots are never kept. ``groups`` (B, n) splits a row
     into budget groups (:func:`top_per_group`: each keeps its own share; -1 marks tokens always kept)."""
-    n = logits.shape[-2]
     score = keep_score(logits)
-    kept = torch.zeros_like(score)
-    if groups is not None:
-        valid = torch.ones_like(groups, dtype=torch.bool) if valid is None else valid
-        return top_per_group(score, groups, valid, keep).to(kept.dtype)
     if valid is None:
-        return kept.scatter(-1, score.topk(num_kept(n, keep), dim=-1).indices, 1.0)
-    budgets = [num_kept(int(c), keep) if c else 0 for c in valid.sum(-1).tolist()]
-    return top_per_row(score, budgets, valid).to(kept.dtype)
+        valid = torch.ones_like(score, dtype=torch.bool)
+    if groups is None:  # one group per row: the plain per-sample budget
+        groups = torch.where(valid, 0, -1)
+    return top_per_group(score, groups, valid, keep).to(score.dtype)
 
 
 def group_sizes(groups: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
