@@ -17,6 +17,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from dllava.data.synthetic import (
+    CLASSIC_KINDS,
     COLORS,
     COUNT_WORDS,
     LONG_KINDS,
@@ -27,6 +28,8 @@ from dllava.data.synthetic import (
     WIDE_WORDS,
     WORDS,
     _jpeg,
+    describe_in_detail,
+    quadrant,
     generate,
     main,
     make_conversation,
@@ -107,8 +110,47 @@ def test_earlier_rounds_are_short_and_final_kind_is_uniform():
     for record in _records("train", 2000):
         assert all(kind in SHORT_KINDS for kind in record["kinds"][:-1])
         finals[record["kinds"][-1]] += 1
-    assert set(finals) == set(SHORT_KINDS + LONG_KINDS)
+    assert set(finals) == set(SHORT_KINDS + ("describe",))  # detail only when asked for
     assert all(abs(n / 2000 - 0.2) < 0.04 for n in finals.values()), finals
+
+
+def test_detailed_descriptions_are_long_and_say_everything_about_the_scene():
+    """150-400 words; every object's colour, shape, cell and quadrant, and one sentence per other object."""
+    lengths, chats = [], Counter()
+    for record in _records("train", 1500, kinds=LONG_KINDS + SHORT_KINDS):
+        if record["kinds"][-1] != "detail":
+            continue
+        scene, answer = record["scene"], record["conversations"][-1]["value"]
+        assert answer == describe_in_detail(scene, 24)
+        words = answer.split()
+        lengths.append(len(words))
+        assert len(scene) >= 3
+        for obj in scene:
+            vertical, horizontal = quadrant(obj, 24)
+            where = f"at row {POSITION_WORDS[obj['row']]} column {POSITION_WORDS[obj['col']]} , in the "
+            assert f"a {obj['color']} {obj['shape']} . it is {where}{('top', 'bottom')[vertical]} " in answer
+            assert f"{('left', 'right')[horizontal]} corner of its cell" in answer
+        n = len(scene)
+        assert answer.count(" it is ") == n + n * (n - 1)  # where it is, and relative to each other object
+        chats[len(record["kinds"])] += 1
+    assert 150 <= min(lengths) and max(lengths) <= 400, (min(lengths), max(lengths))
+    assert set(chats) == {1, 2, 3, 7, 8} and chats[7] + chats[8] > 0.3 * sum(chats.values()), chats
+
+
+def test_relations_compare_rows_then_columns():
+    a = {"color": "red", "shape": "circle", "row": 0, "col": 1, "box": [38, 6, 47, 15]}
+    b = {"color": "blue", "shape": "square", "row": 2, "col": 3, "box": [78, 54, 88, 64]}
+    c = {"color": "green", "shape": "diamond", "row": 0, "col": 3, "box": [78, 6, 88, 16]}
+    text = describe_in_detail([a, b, c], 24)
+    assert "it is above and to the left of the blue square ." in text
+    assert "it is to the left of the green diamond in the same row ." in text
+    assert "it is below the green diamond in the same column ." in text
+    assert "the first shape is a red circle . it is at row one column two , in the top right corner" in text
+
+
+def test_a_detail_kind_with_too_few_short_kinds_stays_single_round():
+    for i in range(200):
+        assert len(make_conversation("train", i, 0, kinds=["color", "detail"])["kinds"]) <= 3
 
 
 def test_no_question_repeats_within_a_record():
@@ -191,7 +233,7 @@ def test_answers_match_scene():
                 assert _cell(question) in occupied
             assert answer == _expected_answer(kind, question, record["scene"]), (kind, question)
             kinds[kind] += 1
-    assert set(kinds) == set(SHORT_KINDS + LONG_KINDS)
+    assert set(kinds) == set(CLASSIC_KINDS)
 
 
 def test_text_is_lowercase_single_spaced_with_separate_punctuation():
@@ -301,7 +343,7 @@ def test_an_info_json_from_before_kinds_existed_reads_as_all_five_kinds(tmp_path
     info = generate(tmp_path, train=1, val=0, test=0, seed=0)
     del info["kinds"]
     (tmp_path / "info.json").write_text(json.dumps(info))
-    assert read_info(tmp_path)["kinds"] == list(SHORT_KINDS + LONG_KINDS)
+    assert read_info(tmp_path)["kinds"] == list(CLASSIC_KINDS)
 
 
 def test_regenerating_smaller_removes_stale_shards(tmp_path):
@@ -321,7 +363,7 @@ def test_a_kinds_subset_asks_only_those_kinds_and_answers_them_from_the_scene(ki
 
 
 def test_the_default_kinds_give_the_same_records_as_naming_all_five():
-    assert _records("val", 50) == [make_conversation("val", i, 0, kinds=SHORT_KINDS + LONG_KINDS) for i in range(50)]
+    assert _records("val", 50) == [make_conversation("val", i, 0, kinds=CLASSIC_KINDS) for i in range(50)]
 
 
 # -- validation and CLI ------------------------------------------------------------------------------

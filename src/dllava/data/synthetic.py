@@ -58,8 +58,12 @@ WIDE_POSITION_WORDS = POSITION_WORDS + ("five", "six")  # rows / columns of a gr
 MAX_SIDE = len(WIDE_POSITION_WORDS)
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
 SHORT_KINDS = ("color", "shape", "count", "exist")
-LONG_KINDS = ("describe",)
+LONG_KINDS = ("describe", "detail")
 FINAL_KINDS = SHORT_KINDS + LONG_KINDS
+CLASSIC_KINDS = SHORT_KINDS + ("describe",)  # the kinds generations drew from before ``detail`` existed
+ORDINALS = ("first", "second", "third", "fourth")
+DETAIL_MIN_OBJECTS = 3  # detailed descriptions run 150-400 tokens only with 3-4 objects
+CHAT_ROUNDS = (7, 8)  # a detailed description ends a chat of this many rounds half of the time
 SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 MIN_OBJECTS, MAX_OBJECTS = 2, 4
 MAX_ROUNDS = 3
@@ -85,6 +89,14 @@ WORDS: tuple[str, ...] = tuple(
 # Every word of any layout's records: WORDS plus the rows / columns five and six. WORDS itself stays the
 # square task's vocabulary (tiny LLaVA tokenizers are built from it).
 WIDE_WORDS: tuple[str, ...] = tuple(sorted(set(WORDS) | set(WIDE_POSITION_WORDS)))
+
+# Words only the ``detail`` kind uses. They come after WORDS (tiny tokenizers append them after ``<image>``),
+# so a tokenizer built before the kind existed is a prefix of one built now and its ids stay valid.
+_DETAIL_TEXT = (
+    "describe the image in full detail . there are shapes each its own cell . the first second third fourth shape is a at row column , in the "
+    "top bottom left right corner of its cell . it is above below and to the in the same row column as"
+)
+DETAIL_WORDS: tuple[str, ...] = tuple(sorted(set(_DETAIL_TEXT.split()) - set(WIDE_WORDS)))
 
 Scene = list[dict[str, Any]]
 
@@ -275,12 +287,52 @@ def describe(scene: Scene) -> str:
     return " ".join(parts)
 
 
+def quadrant(obj: dict[str, Any], cell: int) -> tuple[int, int]:
+    """(vertical, horizontal) quadrant of its cell the object sits in: 0 = top / left, 1 = bottom / right."""
+    x0, y0 = obj["box"][:2]
+    half = cell // 2
+    return int(y0 - obj["row"] * cell >= half), int(x0 - obj["col"] * cell >= half)
+
+
+def _relation(obj: dict[str, Any], other: dict[str, Any]) -> str:
+    """Where ``obj`` is relative to ``other`` (never the same cell), as one sentence."""
+    name = f"the {other['color']} {other['shape']}"
+    vertical = "above" if obj["row"] < other["row"] else "below"
+    horizontal = "left" if obj["col"] < other["col"] else "right"
+    if obj["row"] == other["row"]:
+        return f"it is to the {horizontal} of {name} in the same row ."
+    if obj["col"] == other["col"]:
+        return f"it is {vertical} {name} in the same column ."
+    return f"it is {vertical} and to the {horizontal} of {name} ."
+
+
+def describe_in_detail(scene: Scene, cell: int) -> str:
+    """The ``detail`` answer (150-400 words for 3-4 objects): the count, then every object in reading
+    order with its colour, shape, cell and quadrant, and where it is relative to every other object.
+
+    'there are three shapes in the image , each in its own cell . the first shape is a red circle . it is at row one column two , in the top
+    left corner of its cell . it is above and to the left of the blue square . ...'
+    """
+    ordered = sorted(scene, key=lambda o: (o["row"], o["col"]))
+    parts = [f"there are {COUNT_WORDS[len(scene)]} shapes in the image , each in its own cell ."]
+    for n, obj in enumerate(ordered):
+        vertical, horizontal = quadrant(obj, cell)
+        parts.append(f"the {ORDINALS[n]} shape is a {obj['color']} {obj['shape']} .")
+        parts.append(
+            f"it is at {_where(obj)} , in the {('top', 'bottom')[vertical]} {('left', 'right')[horizontal]} "
+            "corner of its cell ."
+        )
+        parts.extend(_relation(obj, other) for other in ordered if other is not obj)
+    return " ".join(parts)
+
+
 def ask(
     kind: str,
     scene: Scene,
     rng: np.random.Generator,
     answer: str | None = None,
     exclude: Collection[str] = (),
+    cell: int = 24,
 ) -> tuple[str, str] | None:
     """One (question, answer) of ``kind`` about ``scene``, its question not in ``exclude``.
 
@@ -298,6 +350,9 @@ def ask(
         options = _exist_options(scene, answer or draw_answer(kind, rng), rng)
     elif kind == "describe":
         options = [("describe the image in detail .", describe(scene))]
+    elif kind == "detail":
+        fits = len(scene) >= DETAIL_MIN_OBJECTS
+        options = [("describe the image in full detail .", describe_in_detail(scene, cell))] if fits else []
     else:
         raise ValueError(f"unknown question kind {kind!r}; expected one of {FINAL_KINDS}")
     options = [(q, a) for q, a in options if q not in exclude]
@@ -331,9 +386,11 @@ def _exist_options(scene: Scene, answer: str, rng: np.random.Generator) -> list[
     return [(f"is there a {c} {s} ?", answer) for c, s in pairs]
 
 
-def _draw_plan(rng: np.random.Generator, kinds: tuple[str, ...] = FINAL_KINDS) -> list[tuple[str, str | None]]:
+def _draw_plan(rng: np.random.Generator, kinds: tuple[str, ...] = CLASSIC_KINDS) -> list[tuple[str, str | None]]:
     """1-3 rounds of (kind, fixed answer or None): short kinds first, the final kind uniform over ``kinds``
-    (all five by default; without a short kind, a single round).
+    (the classic five by default; without a short kind, a single round). A ``detail`` final round ends a chat of
+    CHAT_ROUNDS rounds half of the time when at least three short kinds are drawn from (the short rounds
+    cycle through them in a random order, so no scene of 3-4 objects runs out of questions).
 
     Count answers that no scene could serve together (counts of distinct colours summing past
     MAX_OBJECTS, e.g. "three" twice) are redrawn.
@@ -342,6 +399,10 @@ def _draw_plan(rng: np.random.Generator, kinds: tuple[str, ...] = FINAL_KINDS) -
     rounds = int(rng.integers(1, MAX_ROUNDS + 1)) if short else 1
     chosen = [short[int(rng.integers(len(short)))] for _ in range(rounds - 1)]
     chosen.append(kinds[int(rng.integers(len(kinds)))])
+    if chosen[-1] == "detail" and len(short) >= 3 and rng.random() < 0.5:  # draws only for detail
+        rounds = int(rng.integers(CHAT_ROUNDS[0], CHAT_ROUNDS[1] + 1))
+        cycle = [short[int(i)] for i in rng.permutation(len(short))]
+        chosen = [cycle[i % len(cycle)] for i in range(rounds - 1)] + ["detail"]
     plan: list[tuple[str, str | None]] = []
     for kind in chosen:
         answer = draw_answer(kind, rng)
@@ -356,12 +417,12 @@ def _objects_counted(plan: list[tuple[str, str | None]]) -> int:
 
 
 def _exchanges(
-    plan: list[tuple[str, str | None]], scene: Scene, rng: np.random.Generator
+    plan: list[tuple[str, str | None]], scene: Scene, rng: np.random.Generator, cell: int
 ) -> list[tuple[str, str]] | None:
     """One distinct question per round of ``plan``, or None when this scene cannot serve them all."""
     asked: list[tuple[str, str]] = []
     for kind, answer in plan:
-        exchange = ask(kind, scene, rng, answer, exclude={q for q, _ in asked})
+        exchange = ask(kind, scene, rng, answer, exclude={q for q, _ in asked}, cell=cell)
         if exchange is None:
             return None
         asked.append(exchange)
@@ -380,7 +441,7 @@ def _conversation(
     plan = _draw_plan(rng, kinds)
     for _ in range(MAX_SCENE_DRAWS):
         scene = make_scene(rng, layout=layout)
-        exchanges = _exchanges(plan, scene, rng)
+        exchanges = _exchanges(plan, scene, rng, layout.cell)
         if exchanges is not None:
             break
     else:  # pragma: no cover - failing 1000 draws has probability below 1e-15
@@ -405,7 +466,7 @@ def make_conversation(
     seed: int,
     image_size: int = 96,
     grid: int = 4,
-    kinds: Collection[str] = FINAL_KINDS,
+    kinds: Collection[str] = CLASSIC_KINDS,
     cell: int | None = None,
     grid_sizes: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, Any]:
@@ -421,14 +482,14 @@ def make_record(
     seed: int,
     image_size: int = 96,
     grid: int = 4,
-    kinds: Collection[str] = FINAL_KINDS,
+    kinds: Collection[str] = CLASSIC_KINDS,
     cell: int | None = None,
     grid_sizes: Sequence[Sequence[int]] | None = None,
 ) -> tuple[dict[str, Any], Image.Image]:
     """Record ``index`` of ``split`` (LLaVA mix665k schema plus ``kinds`` and ``scene``) and its RGB image.
 
     ``kinds`` restricts the questions (e.g. ``["shape"]`` for a curriculum stage); the default draws
-    from all five kinds. ``cell`` and ``grid_sizes`` choose other layouts (:func:`layouts`)."""
+    from the five kinds that predate ``detail`` (records stay byte-identical; ask for it by name). ``cell`` and ``grid_sizes`` choose other layouts (:func:`layouts`)."""
     choices = layouts(image_size, grid, cell, grid_sizes)
     rng = _rng(seed, split, index)
     layout = _draw_layout(rng, choices)
@@ -482,7 +543,7 @@ def write_split(
     samples_per_shard: int = 1000,
     workers: int = 1,
     progress: tqdm | None = None,
-    kinds: Collection[str] = FINAL_KINDS,
+    kinds: Collection[str] = CLASSIC_KINDS,
     cell: int | None = None,
     grid_sizes: Sequence[Sequence[int]] | None = None,
 ) -> list[str]:
@@ -531,7 +592,7 @@ def generate(
     grid: int = 4,
     samples_per_shard: int = 1000,
     workers: int = 1,
-    kinds: Collection[str] = FINAL_KINDS,
+    kinds: Collection[str] = CLASSIC_KINDS,
     cell: int | None = None,
     grid_sizes: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, Any]:
@@ -578,7 +639,7 @@ def read_info(out: str | Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     info = json.loads(path.read_text())
-    info.setdefault("kinds", list(FINAL_KINDS))  # generations from before kinds existed drew from all five
+    info.setdefault("kinds", list(CLASSIC_KINDS))  # generations from before kinds existed drew from these five
     return info
 
 
@@ -602,8 +663,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=1, help="processes writing shards (default 1)")
     parser.add_argument(
-        "--kinds", default=",".join(FINAL_KINDS),
-        help=f"comma-separated question kinds to draw from (default all: {','.join(FINAL_KINDS)})",
+        "--kinds", default=",".join(CLASSIC_KINDS),
+        help=f"comma-separated question kinds to draw from, of {','.join(FINAL_KINDS)} (default: {','.join(CLASSIC_KINDS)})",
     )
     return parser
 

@@ -51,10 +51,15 @@ TINY_TEXT = dict(
 )
 
 
-def tiny_vocabulary() -> list[str]:
-    """Special tokens, then every word the template and the synthetic task can produce, then ``<image>``.
+def tiny_vocabulary(detail: bool = False) -> list[str]:
+    """Special tokens, then every word the template and the synthetic task can produce, then ``<image>``,
+    then the words of the ``detail`` kind.
 
-    The image token comes last, as in llava-hf checkpoints.
+    The detail words (``detail=True``) come after the image token because they were added later: a
+    checkpoint saved with the 66-word vocabulary keeps every id when it is extended
+    (:func:`extend_vocabulary`). Without them the vocabulary is the 66 words that fresh test models are
+    built from (their random init, and so every seeded test, stays as it was); the CLI and the committed
+    base use the full one.
     """
     splitter = pre_tokenizers.Whitespace()
     template_text = f"{SYSTEM_PROMPT} {USER_ROLE}: {ASSISTANT_ROLE}:"
@@ -63,12 +68,12 @@ def tiny_vocabulary() -> list[str]:
     for word in words:
         if word not in vocab:
             vocab.append(word)
-    return vocab + [IMAGE_PLACEHOLDER]
+    return vocab + [IMAGE_PLACEHOLDER] + ([w for w in synthetic.DETAIL_WORDS if w not in vocab] if detail else [])
 
 
-def build_tiny_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(model_max_length: int = 512, detail: bool = False) -> PreTrainedTokenizerFast:
     """Word-level tokenizer that adds ``<s>`` like Llama's and knows ``<image>`` as a special token."""
-    vocab = {word: i for i, word in enumerate(tiny_vocabulary())}
+    vocab = {word: i for i, word in enumerate(tiny_vocabulary(detail))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
@@ -84,13 +89,13 @@ def build_tiny_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast
     )
 
 
-def build_tiny_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:
+def build_tiny_processor(tokenizer: PreTrainedTokenizerFast | None = None, detail: bool = False) -> LlavaProcessor:
     """CLIP preprocessing at 96 px plus the tokenizer, wrapped as HF's ``LlavaProcessor``."""
     size = TINY_VISION["image_size"]
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=tokenizer or build_tiny_tokenizer(),
+        tokenizer=tokenizer or build_tiny_tokenizer(detail=detail),
         patch_size=TINY_VISION["patch_size"],
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
@@ -119,9 +124,11 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, **text_overrides: Any) -> Ll
     )
 
 
-def build_tiny_llava(seed: int = 0, **text_overrides: Any) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A freshly initialised tiny LLaVA and its processor."""
-    processor = build_tiny_processor()
+def build_tiny_llava(
+    seed: int = 0, detail: bool = False, **text_overrides: Any
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A freshly initialised tiny LLaVA and its processor (``detail``: with the detail kind's words)."""
+    processor = build_tiny_processor(detail=detail)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(tiny_config(processor.tokenizer, **text_overrides))
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
@@ -130,10 +137,31 @@ def build_tiny_llava(seed: int = 0, **text_overrides: Any) -> tuple[LlavaForCond
     return model, processor
 
 
-def save_tiny_llava(out: str | Path, seed: int = 0, **text_overrides: Any) -> Path:
+def save_tiny_llava(out: str | Path, seed: int = 0, detail: bool = False, **text_overrides: Any) -> Path:
     """Write an untrained tiny LLaVA (safetensors, tokenizer, processor) to ``out``."""
     out = Path(out)
-    model, processor = build_tiny_llava(seed, **text_overrides)
+    model, processor = build_tiny_llava(seed, detail, **text_overrides)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def extend_vocabulary(src: str | Path, out: str | Path) -> Path:
+    """Copy the trained tiny LLaVA at ``src`` to ``out`` with today's vocabulary (new words appended).
+
+    Every id of ``src``'s tokenizer must keep its word (raises otherwise), so the copy computes exactly
+    what ``src`` computes on any old text; the new rows of the embedding and the LM head start at the
+    mean of the old ones (HF's ``resize_token_embeddings`` default).
+    """
+    model = LlavaForConditionalGeneration.from_pretrained(src)
+    old = PreTrainedTokenizerFast.from_pretrained(src).get_vocab()
+    processor = build_tiny_processor(detail=True)
+    new = processor.tokenizer.get_vocab()
+    moved = sorted(w for w, i in old.items() if new.get(w) != i)
+    if moved:
+        raise ValueError(f"{src}: today's tiny vocabulary is not an extension of its tokenizer (moved: {moved[:8]})")
+    model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=True)
+    out = Path(out)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
@@ -141,10 +169,12 @@ def save_tiny_llava(out: str | Path, seed: int = 0, **text_overrides: Any) -> Pa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="directory to write the untrained tiny model into")
+    parser.add_argument("--out", required=True, help="directory to write the model into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extend", default=None,
+                        help="a trained tiny LLaVA to copy with today's vocabulary instead (new words appended)")
     args = parser.parse_args(argv)
-    print(save_tiny_llava(args.out, args.seed))
+    print(extend_vocabulary(args.extend, args.out) if args.extend else save_tiny_llava(args.out, args.seed, detail=True))
 
 
 if __name__ == "__main__":
