@@ -10,6 +10,9 @@ and left-padding slots are marked invalid and **masked** in attention (the refer
 with unmasked zero keys). A new token is always written and always attends to itself in its own step;
 :meth:`commit` then decides whether it stays. A dropped token's slot is overwritten by the next one, so
 memory grows only with kept tokens (plus the batch's longest sample, as with any padded cache).
+:meth:`evict` drops an earlier token (output-side baselines such as H2O); the next one-column step
+writes into the freed slot, so an evicting policy's buffers stay at its budget. Slot order does not
+matter: keys are stored rotated at their true positions and every cached key precedes a new query.
 
 Write pointers are host integers, so no step reads a device tensor back: a step also runs on the
 meta device (shape-only benchmarks of 7B models) when decisions are given as host booleans.
@@ -41,6 +44,8 @@ class SparseKVCache:
         self.valid: list[torch.Tensor | None] = [None, None]  # per group: (B, capacity) bool
         self.length: list[list[int]] = [[0] * batch_size, [0] * batch_size]  # write pointers, per group and sample
         self._slots: list[torch.Tensor | None] = [None, None]  # (B, n) slots of the open step
+        self.free: list[list[list[int]]] = [[[] for _ in range(batch_size)] for _ in range(2)]  # evicted slots
+        self.open_slots: list[list[int] | None] = [None, None]  # host slots of a one-column open step
 
     def group(self, layer_idx: int) -> int:
         return SPARSE if layer_idx >= self.sparse_from else DENSE
@@ -57,7 +62,10 @@ class SparseKVCache:
         """
         batch, n = key_valid.shape
         device = key_valid.device
-        starts = torch.tensor(self.length[group], device=device)
+        free = self.free[group]
+        host = [min(free[b]) if n == 1 and free[b] else self.length[group][b] for b in range(batch)]
+        self.open_slots[group] = host if n == 1 else None
+        starts = torch.tensor(host, device=device)
         slots = starts[:, None] + torch.arange(n, device=device)[None]
         total = max(self.length[group]) + n
         self._ensure_capacity(group, total, device)
@@ -70,7 +78,8 @@ class SparseKVCache:
             order = torch.arange(n, device=device)[None].expand(batch, n)
         column_order = torch.full((batch, total), -1, dtype=order.dtype, device=device)
         column_order[torch.arange(batch, device=device)[:, None], slots] = order
-        is_new = columns[None] >= starts[:, None]
+        is_new = torch.zeros(batch, total, dtype=torch.bool, device=device)
+        is_new[torch.arange(batch, device=device)[:, None], slots] = True
         earlier_new = column_order[:, None, :] <= order[:, :, None]  # (B, n, T)
         visible = valid[:, None, :total] & (~is_new[:, None, :] | (is_new[:, None, :] & earlier_new))
         own = columns[None, None, :] == slots[:, :, None]
@@ -108,9 +117,24 @@ class SparseKVCache:
             if not all(keep):
                 rows = torch.tensor([b for b, k in enumerate(keep) if not k], device=slots.device)
                 self.valid[group][rows, slots[rows, 0]] = False
+        host = self.open_slots[group]
         for b in range(self.batch_size):
-            self.length[group][b] += n if keep is None else int(keep[b])
+            if host is not None and host[b] < self.length[group][b]:  # wrote into an evicted slot
+                if keep is None or keep[b]:
+                    self.free[group][b].remove(host[b])
+            else:
+                self.length[group][b] += n if keep is None else int(keep[b])
         self._slots[group] = None
+        self.open_slots[group] = None
+
+    def evict(self, group: int, sample: int, slot: int) -> None:
+        """Drop the token in ``slot`` of ``sample`` from every layer of ``group``; the slot is reused."""
+        if self._slots[group] is not None:
+            raise RuntimeError("evict() between open() and commit()")
+        if not 0 <= slot < self.length[group][sample] or slot in self.free[group][sample]:
+            raise ValueError(f"sample {sample}: slot {slot} holds no token to evict")
+        self.valid[group][sample, slot] = False
+        self.free[group][sample].append(slot)
 
     # -- accounting ------------------------------------------------------------------------------
     def token_counts(self) -> tuple[list[int], list[int]]:

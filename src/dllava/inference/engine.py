@@ -25,16 +25,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from dllava.families import ImageFeatures, gather_columns, next_positions
 from dllava.inference.cache import DENSE, SPARSE, SparseKVCache
 from dllava.inference.flops import DecoderShape, cache_tokens, kv_bytes
-from dllava.inference.selection import (
-    check_method,
+from dllava.inference.selection import check_method, last_token_attention, newest_query_attention, num_kept
+from dllava.inference.text_policies import (
+    TextMembership,
+    accumulate_attention,
+    check_share,
     check_text_policy,
-    last_token_attention,
-    num_kept,
-    text_rate_keep,
+    decide_newest,
 )
 from dllava.sparse.decisions import check_budget, image_columns, keep_score, top_per_group
 from dllava.sparse.model import DynamicVLM
@@ -51,9 +53,10 @@ class RequestState:
     position_ids: torch.Tensor  # (R, B, N) of the unpruned sequence so far (prompt + fed tokens)
     cache: SparseKVCache | None = None
     image_keep: torch.Tensor | None = None  # (B, n_image) bool, fixed after prefill (False on padding slots)
-    text_kept: list[list[bool]] = field(default_factory=list)  # per fed token: (B,) decisions
+    text_kept: list[list[bool]] = field(default_factory=list)  # per fed token: (B,) decisions when fed
     generator: torch.Generator | None = None
     newest_decision: list[bool] | None = None  # no-cache path: the decision for the token just fed
+    text: TextMembership | None = None  # which fed tokens stay now (evicting policies change earlier ones)
 
     @property
     def fed(self) -> int:
@@ -71,13 +74,15 @@ class GenerationResult:
     image_tokens_kept: list[int]  # never-dropped ones (image_tokens_fixed) included
     image_keep: torch.Tensor | None  # (B, n_image) bool: which image tokens survived prefill
     text_tokens_fed: list[int]  # generated tokens that went back into the model (before EOS)
-    text_tokens_kept: list[int]  # of those, kept in the caches of layers >= K
+    text_tokens_kept: list[int]  # of those, staying in the sparse layers (>= K) after the last one was fed
     kv_bytes: list[int] | None  # stored K/V bytes over all layers (cache path)
     kv_bytes_dense: list[int] | None  # the same tokens without any pruning
     kv_tokens_sparse_layer: list[int] | None  # valid tokens in a layer >= K
     kv_tokens_dense_layer: list[int] | None  # valid tokens in a layer < K
     image_grids: list[tuple[int, int]] | None = None  # each sample's image (rows, cols) token grid (vision FLOPs)
     image_tokens_fixed: list[int] | None = None  # image tokens no method drops (LLaVA-NeXT's newlines)
+    text_computing: list[list[int]] | None = None  # per fed token: generated tokens its step ran in layers >= K
+    prompt_tokens_sparse: list[int] | None = None  # prompt tokens in layers >= K (image tokens pruned)
 
 
 class SparseEngine:
@@ -92,12 +97,19 @@ class SparseEngine:
         layer: int | None = None,
         seed: int = 0,
         budget: str | None = None,
+        text_keep: float | None = None,
+        sinks: int = 4,
     ) -> None:
         self.model = model
         self.method = check_method(method)
         self.keep = float(model.sparsity.keep if keep is None else keep)
         num_kept(1, self.keep)  # validates the range
         self.text = check_text_policy(text)
+        # the share of generated tokens the budget policies (random, streaming, h2o) keep
+        self.text_share = check_share(model.sparsity.text_keep if text_keep is None else text_keep)
+        if sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {sinks}")
+        self.sinks = int(sinks)
         self.layer = int(model.sparsity.layer if layer is None else layer)
         if not 1 <= self.layer < model.num_layers:
             raise ValueError(f"layer must be in [1, {model.num_layers - 1}], got {self.layer}")
@@ -186,16 +198,32 @@ class SparseEngine:
         # host groups and mask: the budgets are counted on the host, so this also runs on the meta device
         return top_per_group(score, features.groups(self.budget), features.valid(), self.keep)
 
-    def _text_decisions(self, hidden: torch.Tensor, first_step: int) -> torch.Tensor:
-        """(B, m) bool keep for fed generated tokens ``first_step .. first_step + m - 1``."""
-        batch, m, _ = hidden.shape
-        if self.text == "off":
-            return torch.ones(batch, m, dtype=torch.bool, device=hidden.device)
-        if self.text == "learned":
-            logits = self.model.text_predictor(hidden)
-            return logits[..., 0] > logits[..., 1]
-        row = torch.tensor([text_rate_keep(first_step + t, self.text) for t in range(m)], device=hidden.device)
-        return row[None].expand(batch, m)
+    def _learned_keep(self, hidden: torch.Tensor) -> list[bool] | None:
+        """The text predictor's keep decision (B,) for the newest token's layer-K input (B, 1, H)."""
+        if self.text != "learned":
+            return None
+        logits = self.model.text_predictor(hidden)
+        return (logits[:, -1, 0] > logits[:, -1, 1]).tolist()
+
+    def _decide_newest(
+        self, state: RequestState, hidden: torch.Tensor, attention: torch.Tensor | None, fed_of: list[list[int]]
+    ) -> tuple[list[bool], list[tuple[int, int]]]:
+        """Apply the text policy to the token just fed: whether it stays (B,) and the evictions.
+
+        ``attention`` (B, T) is the newest query's layer-K attention over T keys (``h2o`` only) and
+        ``fed_of[b][c]`` the fed index of key ``c`` (-1: a prompt token)."""
+        members = state.text
+        if attention is not None:
+            rows = attention.tolist()
+            scores = [[0.0] * state.fed for _ in range(len(rows))]
+            for b, row in enumerate(rows):
+                for c, j in enumerate(fed_of[b]):
+                    if j >= 0:
+                        scores[b][j] += row[c]
+            accumulate_attention(members, scores)
+        return decide_newest(
+            self.text, members, state.fed - 1, self._learned_keep(hidden), self.text_share, self.sinks, state.generator
+        )
 
     # -- prefill and no-cache steps --------------------------------------------------------------
     @torch.no_grad()
@@ -240,6 +268,7 @@ class SparseEngine:
             position_ids=self._prompt_positions(input_ids, attention_mask, images, position_ids),
             cache=SparseKVCache(self.model.num_layers, self.layer, input_ids.shape[0]) if use_cache else None,
             generator=generator,
+            text=TextMembership(input_ids.shape[0]),
         )
         return self._sequence_forward(state), state
 
@@ -292,17 +321,20 @@ class SparseEngine:
             keep_cols = keep_cols.scatter(1, image_cols, state.image_keep | ~features.valid(hidden.device))
             kept = features.kept_counts(self.image_keep_share, self.budget)
             n_keep = max(length - c + k for c, k in zip(features.counts, kept))
-        if state.fed:  # fed tokens face the text decision; the newest is kept for its own step
-            decided = self._text_decisions(hidden[:, state.prompt_len :], 0)
-            keep_cols[:, state.prompt_len : length - 1] = decided[:, :-1]
-            state.newest_decision = decided[:, -1].tolist()
+        newest = state.fed - 1  # the token fed this step (no-cache decoding), -1 at prefill
+        if newest >= 0:  # earlier fed tokens stay as the policy left them; the newest takes part in its step
+            staying = torch.tensor(state.text.alive, dtype=torch.bool, device=hidden.device).reshape(batch, newest)
+            keep_cols[:, state.prompt_len : length - 1] = staying
             n_keep = int(keep_cols.sum(-1).max())
+            newest_hidden = hidden[:, -1:]
         # Kept columns first, in original order; rows with fewer kept columns are filled with dropped
         # ones, which stay queries but are masked as keys.
         index = torch.sort((~keep_cols).to(torch.uint8), dim=-1, stable=True).indices[:, :n_keep]
         hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         key_valid = (key_valid & keep_cols).gather(1, index)
         rotary = self.adapter.rotary(self.model.base, hidden, gather_columns(position_ids, index))
+        if newest >= 0:
+            state.newest_decision = self._no_cache_decision(state, newest_hidden, hidden, rotary, key_valid, index)
         additions = {i: a.gather(1, index[..., None].expand(-1, -1, a.shape[-1])) for i, a in additions.items()}
         mask = cache.open(SPARSE, key_valid, order=index) if cache is not None else self._mask(key_valid, index)
         hidden = self._layers(self.layer, len(self.lm.layers), hidden, mask, rotary, cache, additions)
@@ -312,6 +344,30 @@ class SparseEngine:
             return self._logits(hidden), index, key_valid
         last = (index == length - 1).to(torch.uint8).argmax(-1)  # where the newest column went
         return self._logits(hidden[torch.arange(batch, device=hidden.device), last])
+
+    def _no_cache_decision(
+        self, state: RequestState, newest_hidden: torch.Tensor, hidden: torch.Tensor, rotary: Any,
+        key_valid: torch.Tensor, index: torch.Tensor,
+    ) -> list[bool]:
+        """The policy's decision for the newest token on the pruned sequence entering layer K (its
+        evictions only change ``state.text``: the next step's sequence leaves those tokens out)."""
+        attention, fed_of = None, []
+        if self.text == "h2o":
+            layer = self.lm.layers[self.layer]
+            _, keys = self.adapter.query_key(layer.self_attn, layer.input_layernorm(hidden), -1)
+            cos, sin = rotary
+            _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
+            length = state.input_ids.shape[1]
+            last = (index == length - 1).to(torch.uint8).argmax(-1)
+            rows = torch.arange(index.shape[0], device=index.device)
+            newest_rotary = (cos[rows, last][:, None], sin[rows, last][:, None])
+            attention = newest_query_attention(
+                layer, newest_hidden, newest_rotary, keys, key_valid, self.adapter.query_key
+            )
+            columns = (index - state.prompt_len).masked_fill(~key_valid, -1).tolist()
+            fed_of = [[j if j >= 0 else -1 for j in row] for row in columns]
+        keep, _ = self._decide_newest(state, newest_hidden, attention, fed_of)
+        return keep
 
     @torch.no_grad()
     def step(self, state: RequestState, tokens: torch.Tensor) -> torch.Tensor:
@@ -338,10 +394,31 @@ class SparseEngine:
         mask = cache.open(DENSE, ones)
         hidden = self._layers(0, self.layer, hidden, mask, rotary, cache)
         cache.commit(DENSE)
-        decided = self._text_decisions(hidden, step)[:, 0].tolist()
+        newest_hidden = hidden
         mask = cache.open(SPARSE, ones)
+        slots = cache.open_slots[SPARSE]
         hidden = self._layers(self.layer, len(self.lm.layers), hidden, mask, rotary, cache)
+        attention, fed_of = None, []
+        members = state.text
+        if self.text == "h2o":  # the newest query over layer K's cached keys, its own included
+            total = max(cache.length[SPARSE]) + 1
+            attention = newest_query_attention(
+                self.lm.layers[self.layer], newest_hidden, rotary, cache.keys[self.layer][:, :, :total],
+                cache.valid[SPARSE][:, :total], self.adapter.query_key,
+            )
+            fed_of = [[-1] * total for _ in range(batch)]
+            for b in range(batch):
+                for j, slot in enumerate(members.slots[b]):
+                    if slot >= 0:
+                        fed_of[b][slot] = j
+                fed_of[b][slots[b]] = step
+        decided, evicted = self._decide_newest(state, newest_hidden, attention, fed_of)
         cache.commit(SPARSE, decided)
+        for b in range(batch):
+            members.slots[b].append(slots[b] if decided[b] else -1)
+        for b, j in evicted:
+            cache.evict(SPARSE, b, members.slots[b][j])
+            members.slots[b][j] = -1
         return self._logits(hidden[:, -1]), decided
 
     # -- generate --------------------------------------------------------------------------------
@@ -396,7 +473,9 @@ class SparseEngine:
         kept_images = features.kept_counts(self.image_keep_share, self.budget) if features is not None else n_image
         prompt = state.attention_mask[:, : state.prompt_len].sum(-1).tolist()
         fed = [max(0, n - 1) for n in lengths]
-        kept = [sum(int(state.text_kept[t][b]) for t in range(fed[b])) for b in range(batch)]
+        computing = [state.text.computing[b][: fed[b]] for b in range(batch)]
+        # staying after the sample's own last fed token (later pad tokens may evict more in a batch)
+        kept = [state.text.staying_after[b][f - 1] if f else 0 for b, f in enumerate(fed)]
         counts = [cache_tokens(p, n, i, f, k) for p, n, i, f, k in zip(prompt, n_image, kept_images, fed, kept)]
         dense_tokens, sparse_tokens = [d for d, _ in counts], [s for _, s in counts]
         kv = kv_dense = None
@@ -419,6 +498,8 @@ class SparseEngine:
             kv_tokens_dense_layer=dense_tokens,
             image_grids=list(state.image_features.grids) if state.image_features is not None else None,
             image_tokens_fixed=features.fixed_counts() if features is not None else [0] * batch,
+            text_computing=computing,
+            prompt_tokens_sparse=[p - n + k for p, n, k in zip(prompt, n_image, kept_images)],
         )
 
 

@@ -10,19 +10,17 @@ newlines on top, :func:`dllava.sparse.decisions.top_per_group`) in their origina
 * ``random``: a uniformly random subset (seeded per request);
 * ``dense``: keep everything.
 
-Text decisions for generated tokens: ``learned`` thresholds the text predictor (section 7.3), ``off``
-keeps every token, a float ``r`` keeps a fixed fraction ``r`` in a fixed pattern (token t is kept when
-``floor((t+1) r) > floor(t r)``), the stand-in for a trained predictor on random weights.
+Text decisions for generated tokens live in :mod:`dllava.inference.text_policies`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from dllava.inference.text_policies import check_text_policy, text_rate_keep  # noqa: F401 (re-exported)
 from dllava.sparse.decisions import num_kept
 
 IMAGE_METHODS = ("dynamic", "dense", "fastv", "random")
@@ -32,19 +30,6 @@ def check_method(method: str) -> str:
     if method not in IMAGE_METHODS:
         raise ValueError(f"method must be one of {IMAGE_METHODS}, got {method!r}")
     return method
-
-
-def check_text_policy(text: str | float) -> str | float:
-    """``learned``, ``off`` or a keep rate in (0, 1]."""
-    if isinstance(text, str) and text in ("learned", "off"):
-        return text
-    try:
-        rate = float(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"text policy must be 'learned', 'off' or a keep rate in (0, 1], got {text!r}") from None
-    if not 0 < rate <= 1:
-        raise ValueError(f"text keep rate must be in (0, 1], got {rate}")
-    return rate
 
 
 def image_budget(method: str, n_image: int, keep: float) -> int:
@@ -79,13 +64,32 @@ def last_token_attention(
     q_pos = n + query_index if query_index < 0 else query_index
     query, _ = apply_rotary_pos_emb(query, query, cos[:, q_pos : q_pos + 1], sin[:, q_pos : q_pos + 1])
     _, key = apply_rotary_pos_emb(key, key, cos, sin)
+    allowed = key_valid & (torch.arange(n, device=hidden.device) <= q_pos)
+    return attention_row(attn, query, key, allowed)
+
+
+def attention_row(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of one rotated query (B, h, 1, d) over rotated keys (B, h_kv, N, d) where
+    ``allowed`` (B, N), in fp32, mean over heads: (B, N)."""
     key = repeat_kv(key, attn.num_key_value_groups)
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scaling  # (B, h, 1, N)
-    allowed = key_valid[:, None, None, :] & (torch.arange(n, device=hidden.device) <= q_pos)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
     return scores.softmax(-1).mean(1)[:, 0]
 
 
-def text_rate_keep(step: int, rate: float) -> bool:
-    """The fixed-rate pattern: generated token ``step`` (0-based) is kept iff floor((t+1)r) > floor(t r)."""
-    return math.floor((step + 1) * rate + 1e-9) > math.floor(step * rate + 1e-9)
+def newest_query_attention(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    keys: torch.Tensor,
+    allowed: torch.Tensor,
+    query_key: Any,
+) -> torch.Tensor:
+    """H2O's score row: attention of the newest token (``hidden`` (B, 1, H) entering ``layer``, at the
+    rotary ``position_embeddings`` of its own position) over already rotated ``keys`` (B, h_kv, T, d)
+    where ``allowed`` (B, T): (B, T). The keys come from the cache (with cache) or are recomputed from
+    the pruned sequence (without), so both paths score the same keys."""
+    query, _ = query_key(layer.self_attn, layer.input_layernorm(hidden), -1)
+    cos, sin = position_embeddings
+    query, _ = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])
+    return attention_row(layer.self_attn, query, keys, allowed)
