@@ -11,6 +11,7 @@ Examples:
     python eval.py -m ckpt_path=<run>/hf method=dynamic,fastv,random sparsity.keep=0.1,0.2   # sweep_summary.csv
     python eval.py ckpt_path=<run>/hf hydra.run.dir=<interrupted eval run> resume=true  # continue it
     python eval.py ckpt_path=<run>/hf compare.enabled=true compare.dense_ckpt_path=<dense run>/checkpoints/last.ckpt
+    python eval.py ckpt_path=<run>/checkpoints/last.ckpt compare.decode=true       # learned text decisions vs H2O etc.
     python eval.py ckpt_path=<llava dir> data.questions=llava_vqav2_mscoco_test-dev2015.jsonl \\
         data.image_folder=<coco test2015> generation.max_new_tokens=128
 """
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dllava.eval.answers import AnswerAppender, read_partial_answer_file, write_answer_file
 from dllava.eval.compare import plan_arms, run_comparison
+from dllava.eval.decode import run_decode_comparison
 from dllava.eval.loading import load_for_eval
 from dllava.eval.overlay import kept_patch_overlay, tile
 from dllava.eval.questions import describe_skipped, question_source, write_skipped
@@ -47,14 +49,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation ``cfg`` describes; returns the flat metrics written to summary.json."""
     check_eval_config(cfg)  # every value's type and range, named by its key, before any work
     out = Path(cfg.paths.output_dir)
-    if cfg.compare.enabled and cfg.resume:
-        raise ValueError("resume=true continues a single evaluation; a comparison (compare.enabled=true) starts over")
-    answered = None if cfg.compare.enabled else earlier_answers(out / "answers.jsonl", cfg.resume)  # before the slow load
+    comparing = cfg.compare.enabled or cfg.compare.decode
+    if comparing and cfg.resume:
+        raise ValueError("resume=true continues a single evaluation; a comparison (compare.enabled / compare.decode) starts over")
+    answered = None if comparing else earlier_answers(out / "answers.jsonl", cfg.resume)  # before the slow load
     loaded = load_for_eval(cfg.ckpt_path, cfg.device, cfg.dtype)
     data = OmegaConf.to_container(cfg.data, resolve=True)
+    if cfg.compare.decode:
+        data["answer_kinds"] = OmegaConf.to_container(cfg.decode.answer_kinds) if cfg.decode.answer_kinds else None
     questions = question_source(data, loaded.processor, loaded.model.adapter)
     settings = dict(batch_size=data["batch_size"], max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.seed, progress=cfg.progress)
-    if cfg.compare.enabled:
+    if cfg.compare.decode:
+        metrics = decode(cfg, loaded, questions, out, settings)
+    elif cfg.compare.enabled:
         metrics = compare(cfg, loaded, questions, out, settings)
     else:
         metrics = single(cfg, loaded, questions, out, settings, answered)
@@ -165,6 +172,27 @@ def compare(cfg: DictConfig, loaded: Any, source: Any, out: Path, settings: dict
     for row in report["rows"]:
         name = f"compare/{_slug(row['model'])}/{row['method']}@{row['keep']:g}"
         metrics.update({f"{name}/accuracy": row["accuracy"], f"{name}/prefill_flops": row["prefill_flops"]})
+    return metrics
+
+
+def decode(cfg: DictConfig, loaded: Any, source: Any, out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The decoding comparison (``compare.decode=true``): decode_table.{md,csv}, decode_pareto.png, decode.json."""
+    d = cfg.decode
+    questions = list(source)
+    skipped = report_skipped(source.skipped, out)
+    if not questions:
+        raise NoQuestions(f"no questions with answers of kinds {list(d.answer_kinds or [])}; {describe_skipped(source.skipped)}")
+    report = run_decode_comparison(
+        loaded, questions, out, methods=list(d.methods), max_new_tokens=d.max_new_tokens, batch_size=settings["batch_size"],
+        sinks=d.sinks, cell=d.cell, seed=settings["seed"], progress=settings["progress"],
+    )
+    print(Path(report["paths"]["markdown"]).read_text())
+    write_json_atomic(out / "decode.json", report)
+    log.info("wrote %s", ", ".join(report["paths"].values()))
+    metrics: dict[str, Any] = {"decode/share": report["share"], "decode/skipped": sum(skipped.values())}
+    for row in report["rows"]:
+        metrics.update({f"decode/{row['method']}/{k}": row[k] for k in ("object_f1", "ppl", "kv_ratio", "decode_flops_ratio")
+                        if row[k] is not None})
     return metrics
 
 

@@ -402,7 +402,19 @@ def check_eval_config(cfg: DictConfig) -> None:
         "dense_ckpt_path": _str(optional=True),
         "dense_ckpt_methods": lambda key, value: check_str_list(key, value, choices=IMAGE_METHODS),
         "overlay_keep": _keep(optional=True),
+        "decode": _bool(),
     })
+    from dllava.eval.decode import ROWS
+
+    _apply("decode", _plain(cfg, "decode") or {}, {
+        "methods": lambda key, value: check_str_list(key, value, choices=ROWS, nonempty=True),
+        "answer_kinds": lambda key, value: check_str_list(key, value, optional=True),
+        "max_new_tokens": _int(low=1),
+        "sinks": _int(low=0),
+        "cell": _int(low=2),
+    })
+    if cfg.compare.get("decode") and cfg.compare.get("enabled"):
+        raise ValueError("compare.enabled=true and compare.decode=true are two comparisons: run one at a time")
 
 
 def check_bench_config(cfg: DictConfig) -> None:

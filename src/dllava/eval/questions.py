@@ -70,6 +70,7 @@ class Question:
     image_grid_thw: torch.Tensor | None = None  # (1, 3) for families with dynamic resolution (Qwen)
     grid: Any = None  # how this image's keep row is drawn: (rows, cols) of its tokens, or the family's PanelGrid
     image_sizes: torch.Tensor | None = None  # (2,) (height, width) for anyres families (LLaVA-NeXT/OneVision)
+    scene: list[dict[str, Any]] | None = None  # the synthetic task's objects, when the record has them
 
     @property
     def pixels(self) -> dict[str, torch.Tensor]:
@@ -247,6 +248,7 @@ class ShardQuestions:
             reference=item["answer"],
             kind=item["kind"],
             evidence=evidence,
+            scene=scene,
             grid=self.preprocess.picture_grid(pixels),
             **pixels,
         )

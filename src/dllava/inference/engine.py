@@ -464,6 +464,35 @@ class SparseEngine:
                 break
         return self.summarize(state, torch.stack(tokens, 1), lengths)
 
+    @torch.no_grad()
+    def reference_nll(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        references: list[list[int]],
+        use_cache: bool = True,
+        **image_inputs: torch.Tensor,
+    ) -> list[tuple[float, int]]:
+        """Teacher-forced negative log-likelihood of each sample's ``references`` token ids after its prompt,
+        through the same sparse decoding: every reference token is fed back and faces the text policy,
+        so a dropped or evicted token is really absent for the tokens after it. Returns per sample
+        ``(summed NLL, tokens)``; perplexity is ``exp(summed / tokens)``."""
+        if any(not ref for ref in references):
+            raise ValueError("every reference needs at least one token")
+        logits, state = self.start(input_ids, attention_mask, use_cache=use_cache, **image_inputs)
+        longest = max(len(ref) for ref in references)
+        pad = torch.zeros(len(references), dtype=torch.long, device=input_ids.device)
+        totals = [0.0] * len(references)
+        for t in range(longest):
+            if t > 0:
+                fed = [ref[t - 1] if t - 1 < len(ref) else 0 for ref in references]  # pad after a sample's end
+                logits = self.step(state, pad + torch.tensor(fed, device=input_ids.device))
+            logp = logits.float().log_softmax(-1)
+            for b, ref in enumerate(references):
+                if t < len(ref):
+                    totals[b] -= float(logp[b, ref[t]])
+        return [(total, len(ref)) for total, ref in zip(totals, references)]
+
     def summarize(self, state: RequestState, sequences: torch.Tensor, lengths: list[int]) -> GenerationResult:
         """Per-sample statistics as a single-sample run would give them: a sample's own tokens fed
         before its EOS count, the pad tokens a finished sample keeps feeding in a batch do not."""

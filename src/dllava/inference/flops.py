@@ -137,3 +137,19 @@ def kv_bytes(shape: DecoderShape, sparse_layer: int, dense_tokens: int, sparse_t
     """K + V bytes of one sample: ``dense_tokens`` in layers < K, ``sparse_tokens`` in layers >= K."""
     per_token = 2 * shape.kv_heads * shape.head_dim * element_size
     return per_token * (sparse_layer * dense_tokens + (shape.layers - sparse_layer) * sparse_tokens)
+
+
+def nocache_decode_flops(
+    shape: DecoderShape, sparse_layer: int, prompt: int, prompt_sparse: int, computing: list[int], extra_per_step: int = 0
+) -> int:
+    """Decoder FLOPs of decoding one sample without a KV cache: step ``t`` re-runs the whole sequence,
+    ``prompt + t + 1`` tokens in layers < K and ``prompt_sparse + computing[t]`` in layers >= K (the pruned
+    prompt plus the generated tokens taking part, the newest included), every position a query
+    (section 7.2); plus the LM head on the newest position and ``extra_per_step`` (e.g. the text predictor)."""
+    total = 0
+    for t, n_generated in enumerate(computing):
+        full, sparse = prompt + t + 1, prompt_sparse + n_generated
+        total += sparse_layer * layer_flops(shape, full, full)
+        total += (shape.layers - sparse_layer) * layer_flops(shape, sparse, sparse)
+        total += lm_head_flops(shape, 1) + extra_per_step
+    return total
