@@ -160,3 +160,18 @@ def test_runs_started_together_generate_the_synthetic_task_once(tmp_path):
     generated = sum("synthetic ->" in err for _, err in results)  # generate's progress bar
     assert generated == 1, [err[-300:] for _, err in results]
     assert sorted(p.name for p in out.glob("train-*.tar")) == [f"train-{i:06d}.tar" for i in range(6)]
+
+
+def test_a_tokenizer_without_the_words_of_the_kinds_drawn_fails_naming_them():
+    """A word-level tokenizer made before the detail kind (or without rows five and six) would turn those
+    words into <unk> and train on them silently."""
+    from dllava.data.datamodule import check_tokenizer_knows
+    from dllava.model.tiny import build_tiny_tokenizer
+
+    classic, full = build_tiny_tokenizer(), build_tiny_tokenizer(full=True)
+    check_tokenizer_knows(classic, {"kinds": ["color", "describe"]}, "classic")
+    with pytest.raises(ValueError, match=r"'above'.*detail.*--extend"):
+        check_tokenizer_knows(classic, {"kinds": ["color", "detail"]}, "classic")
+    with pytest.raises(ValueError, match=r"\['five', 'six'\]"):
+        check_tokenizer_knows(classic, {"kinds": ["color"], "grid_sizes": [[4, 6]]}, "classic")
+    check_tokenizer_knows(full, {"kinds": ["color", "detail"], "grid_sizes": [[6, 6]]}, "full")

@@ -493,6 +493,8 @@ class LlavaDataModule(L.LightningDataModule):
         self.preprocess = processor_family(self.processor_path).sample_preprocessor(self.processor, max_length)
         if self.preprocess.fixed_image_tokens:  # per-image counts are checked per sample (ImageSpanTruncated)
             self._check_max_length(max_length)
+        if self.synthetic is not None:
+            check_tokenizer_knows(self.processor.tokenizer, self.synthetic, self.processor_path)
 
     def _check_max_length(self, max_length: int) -> None:
         num_image_tokens = count_image_tokens(self.processor)
@@ -652,6 +654,27 @@ class LlavaDataModule(L.LightningDataModule):
         if self.test_urls is None:
             raise ValueError("data.test_urls is not set; set it or run with test=false")
         return self._exact_loader(self.test_urls, "test")
+
+
+def check_tokenizer_knows(tokenizer: Any, spec: dict[str, Any], where: str) -> None:
+    """Raise when a word-level tokenizer (the tiny models') has no id for words the synthetic task of
+    ``spec`` (``data.synthetic``) uses: they would all become ``<unk>`` and the model would learn nothing
+    from them (e.g. the ``detail`` kind with a tokenizer made before it)."""
+    from dllava.data import synthetic
+
+    unk = getattr(tokenizer, "unk_token_id", None)
+    kinds = list(spec.get("kinds") or synthetic.CLASSIC_KINDS)
+    if unk is None:
+        return
+    wide = any(side > 4 for size in spec.get("grid_sizes") or [] for side in size)
+    words = set(synthetic.WIDE_WORDS if wide else synthetic.WORDS)
+    words |= set(synthetic.DETAIL_WORDS) if "detail" in kinds else set()
+    missing = sorted(w for w in words if tokenizer.convert_tokens_to_ids(w) == unk)
+    if missing:
+        raise ValueError(
+            f"the tokenizer of {where} has no token for {missing[:10]} (words of data.synthetic.kinds={list(kinds)}): "
+            "drop those kinds, or extend a tiny model's vocabulary with `python -m dllava.model.tiny --extend <dir> --out <new dir>`"
+        )
 
 
 def ensure_synthetic(out: str, **spec: Any) -> dict[str, Any]:

@@ -51,15 +51,15 @@ TINY_TEXT = dict(
 )
 
 
-def tiny_vocabulary(detail: bool = False) -> list[str]:
-    """Special tokens, then every word the template and the synthetic task can produce, then ``<image>``,
-    then the words of the ``detail`` kind.
+def tiny_vocabulary(full: bool = False) -> list[str]:
+    """Special tokens, then every word of the template and the square synthetic task's first five kinds,
+    then ``<image>``; with ``full``, then the words of the ``detail`` kind and the rows / columns five and
+    six of wider layouts (every word any synthetic record can hold).
 
-    The detail words (``detail=True``) come after the image token because they were added later: a
-    checkpoint saved with the 66-word vocabulary keeps every id when it is extended
-    (:func:`extend_vocabulary`). Without them the vocabulary is the 66 words that fresh test models are
-    built from (their random init, and so every seeded test, stays as it was); the CLI and the committed
-    base use the full one.
+    The later words come after the image token because they were added later: a checkpoint saved with
+    the 66-word vocabulary keeps every id when it is extended (:func:`extend_vocabulary`). Without them the
+    vocabulary is the 66 words that fresh test models are built from (their random init, and so every
+    seeded test, stays as it was); the CLI and the committed models use the full one.
     """
     splitter = pre_tokenizers.Whitespace()
     template_text = f"{SYSTEM_PROMPT} {USER_ROLE}: {ASSISTANT_ROLE}:"
@@ -68,12 +68,13 @@ def tiny_vocabulary(detail: bool = False) -> list[str]:
     for word in words:
         if word not in vocab:
             vocab.append(word)
-    return vocab + [IMAGE_PLACEHOLDER] + ([w for w in synthetic.DETAIL_WORDS if w not in vocab] if detail else [])
+    later = [w for w in (*synthetic.DETAIL_WORDS, *synthetic.WIDE_POSITION_WORDS) if w not in vocab]
+    return vocab + [IMAGE_PLACEHOLDER] + (list(dict.fromkeys(later)) if full else [])
 
 
-def build_tiny_tokenizer(model_max_length: int = 512, detail: bool = False) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(model_max_length: int = 512, full: bool = False) -> PreTrainedTokenizerFast:
     """Word-level tokenizer that adds ``<s>`` like Llama's and knows ``<image>`` as a special token."""
-    vocab = {word: i for i, word in enumerate(tiny_vocabulary(detail))}
+    vocab = {word: i for i, word in enumerate(tiny_vocabulary(full))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
@@ -89,13 +90,13 @@ def build_tiny_tokenizer(model_max_length: int = 512, detail: bool = False) -> P
     )
 
 
-def build_tiny_processor(tokenizer: PreTrainedTokenizerFast | None = None, detail: bool = False) -> LlavaProcessor:
+def build_tiny_processor(tokenizer: PreTrainedTokenizerFast | None = None, full: bool = False) -> LlavaProcessor:
     """CLIP preprocessing at 96 px plus the tokenizer, wrapped as HF's ``LlavaProcessor``."""
     size = TINY_VISION["image_size"]
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=tokenizer or build_tiny_tokenizer(detail=detail),
+        tokenizer=tokenizer or build_tiny_tokenizer(full=full),
         patch_size=TINY_VISION["patch_size"],
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
@@ -125,10 +126,10 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, **text_overrides: Any) -> Ll
 
 
 def build_tiny_llava(
-    seed: int = 0, detail: bool = False, **text_overrides: Any
+    seed: int = 0, full: bool = False, **text_overrides: Any
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A freshly initialised tiny LLaVA and its processor (``detail``: with the detail kind's words)."""
-    processor = build_tiny_processor(detail=detail)
+    """A freshly initialised tiny LLaVA and its processor (``full``: every word of the synthetic task)."""
+    processor = build_tiny_processor(full=full)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(tiny_config(processor.tokenizer, **text_overrides))
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
@@ -137,10 +138,10 @@ def build_tiny_llava(
     return model, processor
 
 
-def save_tiny_llava(out: str | Path, seed: int = 0, detail: bool = False, **text_overrides: Any) -> Path:
+def save_tiny_llava(out: str | Path, seed: int = 0, full: bool = False, **text_overrides: Any) -> Path:
     """Write an untrained tiny LLaVA (safetensors, tokenizer, processor) to ``out``."""
     out = Path(out)
-    model, processor = build_tiny_llava(seed, detail, **text_overrides)
+    model, processor = build_tiny_llava(seed, full, **text_overrides)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
@@ -155,7 +156,7 @@ def extend_vocabulary(src: str | Path, out: str | Path) -> Path:
     """
     model = LlavaForConditionalGeneration.from_pretrained(src)
     old = PreTrainedTokenizerFast.from_pretrained(src).get_vocab()
-    processor = build_tiny_processor(detail=True)
+    processor = build_tiny_processor(full=True)
     new = processor.tokenizer.get_vocab()
     moved = sorted(w for w, i in old.items() if new.get(w) != i)
     if moved:
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extend", default=None,
                         help="a trained tiny LLaVA to copy with today's vocabulary instead (new words appended)")
     args = parser.parse_args(argv)
-    print(extend_vocabulary(args.extend, args.out) if args.extend else save_tiny_llava(args.out, args.seed, detail=True))
+    print(extend_vocabulary(args.extend, args.out) if args.extend else save_tiny_llava(args.out, args.seed, full=True))
 
 
 if __name__ == "__main__":

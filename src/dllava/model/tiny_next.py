@@ -60,7 +60,7 @@ def build_tiny_next(
     if _check_family(family) == "llava_next":
         from dllava.model.tiny import build_tiny_tokenizer
 
-        tokenizer = build_tiny_tokenizer(model_max_length=1024)
+        tokenizer = build_tiny_tokenizer(model_max_length=1024, full=True)  # its layouts name rows five and six
         image_processor = LlavaNextImageProcessorPil(
             size={"shortest_edge": VIEW}, crop_size={"height": VIEW, "width": VIEW}, image_grid_pinpoints=GRID_PINPOINTS
         )
