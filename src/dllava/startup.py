@@ -419,6 +419,8 @@ def check_eval_config(cfg: DictConfig) -> None:
 
 def check_bench_config(cfg: DictConfig) -> None:
     """The values bench.py reads (``conf/bench.yaml`` with its model and sparsity groups)."""
+    from dllava.bench.inference import check_decode_lengths
+
     check_run_keys(cfg)
     check_model(_plain(cfg, "model"))
     check_sparsity(_plain(cfg, "sparsity"))
@@ -433,4 +435,6 @@ def check_bench_config(cfg: DictConfig) -> None:
         "text_keep_rate": _keep(optional=True),
         "warmup": _int(low=0),
         "repeats": _int(low=1),
+        "decode_lengths": lambda key, value: check_decode_lengths(value),
+        "decode_device": lambda key, value: check_device(key, value, extra=("meta",)),
     })
