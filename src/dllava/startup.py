@@ -356,11 +356,16 @@ def _keeps(key: str, value: Any) -> None:
 
 
 def _text_policy(key: str, value: Any) -> None:
-    """``method.text``: learned, off (YAML's bare ``off`` is false) or a keep rate in (0, 1]."""
-    if value is False or value in ("learned", "off"):
+    """``method.text``: learned, off (YAML's bare ``off`` is false), an output-side baseline at the
+    checkpoint's ``text_keep`` (random, streaming, h2o) or a keep rate in (0, 1]."""
+    from dllava.inference.text_policies import BUDGET_POLICIES
+
+    if value is False or value in ("learned", "off", *BUDGET_POLICIES):
         return
     if not is_number(value):
-        raise ValueError(f"{key} must be learned, off or a keep rate in (0, 1], got {describe(value)}")
+        raise ValueError(
+            f"{key} must be learned, off, {', '.join(BUDGET_POLICIES)} or a keep rate in (0, 1], got {describe(value)}"
+        )
     check_float(key, value, low=0, high=1, low_open=True)
 
 

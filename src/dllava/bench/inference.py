@@ -59,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dllava.families import FamilyAdapter, ImageFeatures
 from dllava.inference import flops
 from dllava.inference.engine import SparseEngine
-from dllava.inference.selection import text_rate_keep
+from dllava.inference.text_policies import text_rate_keep
 from dllava.inference.text_policies import TextMembership, decide_newest
 from dllava.inference.vision_flops import qwen3_vl_deepstack_layers
 from dllava.model.loading import ModelSource, load_base_model

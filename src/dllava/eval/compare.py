@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from dllava.eval.answers import write_answer_file
 from dllava.eval.loading import LoadedModel
 from dllava.eval.overlay import captioned, kept_patch_overlay, tile
-from dllava.eval.plots import pareto_plot, write_rows
+from dllava.eval.plots import fmt as _fmt, pareto_plot, write_rows
 from dllava.eval.questions import Question
 from dllava.eval.runner import Arm, ArmResult, default_text, evaluate_arm
 
@@ -130,10 +130,6 @@ def table_row(model: str, s: dict[str, Any], reference: float | None) -> dict[st
         "samples": s["scored"],
         "ckpt_path": s["ckpt_path"],
     }
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def _si(value: float | None) -> str:

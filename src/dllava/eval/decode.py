@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from dllava.eval.answers import answer_record, write_answer_file
 from dllava.eval.loading import LoadedModel
-from dllava.eval.plots import write_rows
+from dllava.eval.plots import fmt as _fmt, write_rows
 from dllava.eval.questions import Question, batches, collate_questions
 from dllava.inference import flops
 from dllava.inference.engine import SparseEngine
@@ -255,10 +255,6 @@ def write_arm(folder: Path, loaded: LoadedModel, samples: Sequence[DecodeSample]
     ]
     write_answer_file(folder / "answers.jsonl", records)
     (folder / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def markdown(rows: Sequence[dict[str, Any]], share: float | None) -> str:

@@ -36,6 +36,11 @@ def _number(text: str) -> Any:
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
 
 
+def fmt(value: Any, spec: str) -> str:
+    """A table cell: ``value`` formatted, or "-" when missing."""
+    return "-" if value is None else format(value, spec)
+
+
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """A CSV file as dicts, numbers parsed and empty cells as None."""
     with Path(path).open(newline="") as handle:

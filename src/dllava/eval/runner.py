@@ -48,7 +48,8 @@ from dllava.families import ImageFeatures
 from dllava.inference import flops
 from dllava.bench.inference import sync_device
 from dllava.inference.engine import SparseEngine
-from dllava.inference.selection import check_method, check_text_policy, num_kept
+from dllava.inference.selection import check_method, num_kept
+from dllava.inference.text_policies import check_text_policy
 from dllava.sparse.decisions import check_budget
 
 

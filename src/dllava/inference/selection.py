@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from dllava.inference.text_policies import check_text_policy, text_rate_keep  # noqa: F401 (re-exported)
 from dllava.sparse.decisions import num_kept
 
 IMAGE_METHODS = ("dynamic", "dense", "fastv", "random")
