@@ -39,10 +39,13 @@ def _check_family(family: str) -> str:
 
 
 def build_tiny_next(
-    family: str, seed: int = 0, vision_aspect_ratio: str = "anyres_max_9", **text_overrides: Any
+    family: str, seed: int = 0, vision_aspect_ratio: str = "anyres_max_9", full_vocabulary: bool = True,
+    **text_overrides: Any,
 ) -> tuple[torch.nn.Module, AnyresProcessor]:
     """A freshly initialised tiny model of ``family`` and its processor. ``vision_aspect_ratio``
-    (OneVision) sets how many crops' worth of tokens the stitched grid may hold before HF shrinks it."""
+    (OneVision) sets how many crops' worth of tokens the stitched grid may hold before HF shrinks it.
+    ``full_vocabulary`` (LLaVA-NeXT): the tiny vocabulary with the words of wider layouts and the detail
+    kind (its task names rows five and six); False: the 66 classic words (tests' seeded models)."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -60,7 +63,7 @@ def build_tiny_next(
     if _check_family(family) == "llava_next":
         from dllava.model.tiny import build_tiny_tokenizer
 
-        tokenizer = build_tiny_tokenizer(model_max_length=1024, full=True)  # its layouts name rows five and six
+        tokenizer = build_tiny_tokenizer(model_max_length=1024, full=full_vocabulary)
         image_processor = LlavaNextImageProcessorPil(
             size={"shortest_edge": VIEW}, crop_size={"height": VIEW, "width": VIEW}, image_grid_pinpoints=GRID_PINPOINTS
         )
