@@ -287,7 +287,6 @@ def run_bench(
     adapter = model.adapter
     shape = flops.DecoderShape.from_config(adapter.text_config(config))
     image = bench_image(adapter, config, image_px)
-    n_image = image.tokens
     layer = model.sparsity.layer
 
     # FLOPs, on a meta copy (shapes only, exact counts); positions from the same prompts on the host

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from tqdm import tqdm
 
 from dllava.eval.answers import answer_record, write_answer_file
