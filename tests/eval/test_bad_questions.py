@@ -216,8 +216,18 @@ def test_interrupted_evaluation_keeps_its_answers_and_continues_to_the_uninterru
             time.sleep(0.2)
         time.sleep(1.0)
         assert process.poll() is None, process.stdout.read()[-3000:]  # blocked on the FIFO, answers on disk
-        process.send_signal(signal.SIGINT)  # Ctrl-C
-        output = process.communicate(timeout=60)[0]
+        # Ctrl-C. The kernel may hand a process-directed signal to one of torch's worker threads, whose
+        # flag the main thread (blocked in open() on the FIFO, not interrupted) never reads: press again,
+        # as a user would (seen once in ~20 CI runs).
+        for _ in range(5):
+            process.send_signal(signal.SIGINT)
+            try:
+                output = process.communicate(timeout=20)[0]
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            raise AssertionError("eval.py did not stop after 5 Ctrl-C")
     finally:
         if process.poll() is None:
             process.kill()
