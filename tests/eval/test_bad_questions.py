@@ -218,7 +218,7 @@ def test_interrupted_evaluation_keeps_its_answers_and_continues_to_the_uninterru
         assert process.poll() is None, process.stdout.read()[-3000:]  # blocked on the FIFO, answers on disk
         # Ctrl-C. The kernel may hand a process-directed signal to one of torch's worker threads, whose
         # flag the main thread (blocked in open() on the FIFO, not interrupted) never reads: press again,
-        # as a user would (seen once in ~20 CI runs).
+        # as a user would (one CI run hung here).
         for _ in range(5):
             process.send_signal(signal.SIGINT)
             try:
