@@ -6,8 +6,9 @@ droppable ones (per view under the ``per_view`` budget; LLaVA-NeXT's newlines al
 K..L-1 run on the shorter sequence with the kept tokens' original positions: the family's position ids
 (1-D, or M-RoPE's 3-D) are computed once on the unpruned prompt, the kept columns gathered, and
 decoding continues from the full prompt's last position (never renumbered). While decoding, each new token attends to
-itself in its own step and is stored in the caches of layers >= K only when the text decision keeps it
-(:class:`~dllava.inference.cache.SparseKVCache`). Without a cache every step re-runs the whole
+itself in its own step and is stored in the caches of layers >= K only when the text policy keeps it
+(:class:`~dllava.inference.cache.SparseKVCache`); the output-side baselines may evict an earlier one
+instead (:mod:`dllava.inference.text_policies`). Without a cache every step re-runs the whole
 sequence, pruned the same way (section 7.2).
 
 Everything a request needs between steps lives in a :class:`RequestState` that the caller holds; the
