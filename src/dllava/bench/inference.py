@@ -59,8 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dllava.families import FamilyAdapter, ImageFeatures
 from dllava.inference import flops
 from dllava.inference.engine import SparseEngine
-from dllava.inference.text_policies import text_rate_keep
-from dllava.inference.text_policies import TextMembership, decide_newest
+from dllava.inference.text_policies import TextMembership, decide_newest, text_rate_keep
 from dllava.inference.vision_flops import qwen3_vl_deepstack_layers
 from dllava.model.loading import ModelSource, load_base_model
 from dllava.sparse.config import SparsityConfig
@@ -826,7 +825,6 @@ def run_decode_long(
         for name in DECODE_ARMS
     }
 
-    per_token = 2 * shape.kv_heads * shape.head_dim * size
     out: dict[str, Any] = {}
     for T in lengths:
         fed = T - 1
@@ -835,7 +833,7 @@ def run_decode_long(
             run = runs[name][T]
             kept_text = run["text_tokens_kept"]
             layer = meta_engines[name].layer
-            generated = sum(per_token * (layer * fed + (shape.layers - layer) * k) for k in kept_text)
+            generated = sum(flops.kv_bytes(shape, layer, fed, k, size) for k in kept_text)
             last = steps[name][fed - 1] if fed else None
             arms[name] = {
                 "new_tokens": T,

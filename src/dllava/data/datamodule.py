@@ -666,7 +666,7 @@ def check_tokenizer_knows(tokenizer: Any, spec: dict[str, Any], where: str) -> N
     kinds = list(spec.get("kinds") or synthetic.CLASSIC_KINDS)
     if unk is None:
         return
-    wide = any(side > 4 for size in spec.get("grid_sizes") or [] for side in size)
+    wide = any(side > len(synthetic.POSITION_WORDS) for size in spec.get("grid_sizes") or [] for side in size)
     words = set(synthetic.WIDE_WORDS if wide else synthetic.WORDS)
     words |= set(synthetic.DETAIL_WORDS) if "detail" in kinds else set()
     missing = sorted(w for w in words if tokenizer.convert_tokens_to_ids(w) == unk)

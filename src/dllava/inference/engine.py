@@ -482,12 +482,11 @@ class SparseEngine:
             raise ValueError("every reference needs at least one token")
         logits, state = self.start(input_ids, attention_mask, use_cache=use_cache, **image_inputs)
         longest = max(len(ref) for ref in references)
-        pad = torch.zeros(len(references), dtype=torch.long, device=input_ids.device)
         totals = [0.0] * len(references)
         for t in range(longest):
             if t > 0:
                 fed = [ref[t - 1] if t - 1 < len(ref) else 0 for ref in references]  # pad after a sample's end
-                logits = self.step(state, pad + torch.tensor(fed, device=input_ids.device))
+                logits = self.step(state, torch.tensor(fed, dtype=torch.long, device=input_ids.device))
             logp = logits.float().log_softmax(-1)
             for b, ref in enumerate(references):
                 if t < len(ref):
@@ -503,7 +502,7 @@ class SparseEngine:
         kept_images = features.kept_counts(self.image_keep_share, self.budget) if features is not None else n_image
         prompt = state.attention_mask[:, : state.prompt_len].sum(-1).tolist()
         fed = [max(0, n - 1) for n in lengths]
-        computing = [state.text.computing[b][: fed[b]] for b in range(batch)]
+        computing = [row[:f] for row, f in zip(state.text.computing, fed)]
         # staying after the sample's own last fed token (later pad tokens may evict more in a batch)
         kept = [state.text.staying_after[b][f - 1] if f else 0 for b, f in enumerate(fed)]
         counts = [cache_tokens(p, n, i, f, k) for p, n, i, f, k in zip(prompt, n_image, kept_images, fed, kept)]

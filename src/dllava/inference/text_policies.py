@@ -82,13 +82,18 @@ class TextMembership:
     alive: list[list[bool]] = field(default_factory=list)
     slots: list[list[int]] = field(default_factory=list)
     attention: list[list[float]] = field(default_factory=list)
-    computing: list[list[int]] = field(default_factory=list)
     staying_after: list[list[int]] = field(default_factory=list)  # per fed token: how many stay after it
 
     def __post_init__(self) -> None:
-        for name in ("alive", "slots", "attention", "computing", "staying_after"):
+        for name in ("alive", "slots", "attention", "staying_after"):
             if not getattr(self, name):
                 setattr(self, name, [[] for _ in range(self.batch)])
+
+    @property
+    def computing(self) -> list[list[int]]:
+        """Per fed token: the generated tokens its step ran with, itself included (those staying after
+        the previous token, plus it)."""
+        return [[1] + [n + 1 for n in row[:-1]] if row else [] for row in self.staying_after]
 
     def staying(self, b: int) -> list[int]:
         """Fed indices of sample ``b``'s generated tokens that stay, oldest first."""
@@ -106,7 +111,7 @@ def evict_candidate(
     """The fed index to evict when ``candidates`` (staying tokens plus the newest, oldest first) are one
     more than ``budget``."""
     if budget == 0:
-        return candidates[min(sinks, budget)]
+        return candidates[-1]
     if policy == "random":
         return candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
     if policy == "streaming":
@@ -131,7 +136,6 @@ def decide_newest(
     keep: list[bool] = []
     evicted: list[tuple[int, int]] = []
     for b in range(members.batch):
-        members.computing[b].append(sum(members.alive[b]) + 1)
         members.alive[b].append(True)
         if policy == "off":
             stays = True
