@@ -30,6 +30,7 @@ TEXT = 6  # prompt text tokens
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
+    torch.manual_seed(0)  # the fresh predictors' init, whichever tests ran before
     model, device = bench.build_model({"pretrained": str(tiny_model_dir), "predictor": PREDICTOR},
                                       {"keep": KEEP, "layer": 2}, None, "cpu", 8)
     assert device == "cpu"

@@ -145,3 +145,23 @@ def test_generate_reports_the_tokens_each_step_computed_with(model):
         assert computing == [text_budget(t - 1, 0.5) + 1 for t in range(fed)]
         assert kept == text_budget(fed - 1, 0.5)
     assert result.prompt_tokens_sparse == [int(m) - 64 + 16 for m in mask.sum(-1).tolist()]
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o", 0.5])
+def test_a_sample_that_stops_early_reports_what_it_would_alone(model, policy):
+    """In a batch a finished sample keeps feeding pad tokens, which may evict more of its tokens: its
+    counts are read as of its own last fed token, so they equal a run of that sample alone."""
+    ids, mask, pixels = _prompts(model.llava.config, seed=3)
+    engine = SparseEngine(model, method="dynamic", keep=0.25, text=policy, text_keep=0.5, sinks=2)
+    free = engine.generate(ids, mask, pixels, max_new_tokens=16, pad_token_id=PAD)
+    last = free.sequences[-1].tolist()
+    eos = next(t for t in last if t != last[0])  # the last sample stops where its first run of tokens ends
+    batch = engine.generate(ids, mask, pixels, max_new_tokens=16, eos_token_id=eos, pad_token_id=PAD)
+    # the case under test: a sample stops after several fed tokens while another goes on
+    assert any(1 < n < max(batch.lengths) for n in batch.lengths), batch.lengths
+    for b in range(ids.shape[0]):
+        alone = engine.generate(ids[b : b + 1], mask[b : b + 1], pixels[b : b + 1], max_new_tokens=16,
+                                eos_token_id=eos, pad_token_id=PAD)
+        assert alone.lengths[0] == batch.lengths[b]
+        assert alone.text_tokens_kept[0] == batch.text_tokens_kept[b]
+        assert alone.text_computing[0] == batch.text_computing[b]
