@@ -21,9 +21,12 @@ from dllava.data.synthetic import (
     COLORS,
     COUNT_WORDS,
     LONG_KINDS,
+    ONE_WORD_KINDS,
     POSITION_WORDS,
+    RGB,
     SHAPES,
     SHORT_KINDS,
+    UNIQUE_KINDS,
     WIDE_POSITION_WORDS,
     WIDE_WORDS,
     WORDS,
@@ -579,6 +582,256 @@ def test_datamodule_spec_check_names_bad_layout_keys():
         ({"out": "x", "grid_sizes": [[4, 7]]}, ValueError, r"data.synthetic.grid_sizes\[0\]"),
         ({"out": "x", "grid_sizes": "4x4"}, ValueError, "non-empty list of \\[rows, cols\\] pairs"),
         ({"out": "x", "grid_sizes": [[4]]}, ValueError, r"grid_sizes\[0\] must be a \[rows, cols\] pair"),
+    ):
+        with pytest.raises(error, match=message):
+            check_synthetic_spec(spec)
+
+
+
+# -- the hard task (objects, large_share, color_by_shape / shape_by_color; conf/data/synthetic_hard.yaml) --
+HARD_KINDS = ["color", "shape", "count", "exist", "color_by_shape", "shape_by_color"]
+HARD = {"kinds": HARD_KINDS, "objects": [6, 10], "large_share": 0.5}
+
+
+def _hard_records(split: str, n: int, seed: int = 0, **options) -> list[dict]:
+    return [make_conversation(split, i, seed, **{**HARD, **options}) for i in range(n)]
+
+
+def _named(question: str, pattern: str) -> str:
+    return re.fullmatch(pattern, question).group(1)
+
+
+def _targets(kind: str, question: str, scene: list[dict]) -> list[dict]:
+    """The objects a single-object question is about, found from the question text and the scene alone."""
+    if kind in ("color", "shape"):
+        return [o for o in scene if (o["row"], o["col"]) == _cell(question)]
+    if kind == "color_by_shape":
+        return [o for o in scene if o["shape"] == _named(question, r"what color is the (\w+) \?")]
+    assert kind == "shape_by_color"
+    return [o for o in scene if o["color"] == _named(question, r"what shape is the (\w+) one \?")]
+
+
+def _expected_hard_answer(kind: str, question: str, scene: list[dict]) -> str:
+    if kind in ("count", "exist"):
+        return _expected_answer(kind, question, scene)
+    (target,) = _targets(kind, question, scene)  # exactly one object
+    return target["shape"] if kind in ("shape", "shape_by_color") else target["color"]
+
+
+def test_default_shards_are_byte_identical_to_those_before_the_hard_options(tmp_path):
+    """Digest of every file (shards and info.json) of a small default generation, computed with the
+    generator before ``objects`` / ``large_share`` / the unique kinds were added (commit 9977125)."""
+    generate(tmp_path, train=6, val=3, test=2, seed=0, samples_per_shard=4)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in tmp_path.iterdir() if p.is_file() and not p.name.startswith(".")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    assert digest.hexdigest() == "a829ece9277246483cffde8c9fe71e348abb4c7cfa9ae9ca657445e2e0ead981"
+
+
+def test_explicit_default_scene_options_change_nothing():
+    for index in range(10):
+        record, image = make_record("train", index, 0)
+        same, same_image = make_record("train", index, 0, objects=[2, 4], large_share=None)
+        assert record == same and image.tobytes() == same_image.tobytes()
+
+
+def test_hard_scenes_have_the_configured_object_counts_and_sizes():
+    """6-10 objects in distinct cells; about half fill their cell (20-22 px, >= 9 px of each of its four
+    12 px patches), the rest sit inside one patch as in the default task."""
+    counts, large = Counter(), Counter()
+    for record in _hard_records("train", 400):
+        scene = record["scene"]
+        counts[len(scene)] += 1
+        assert len({(o["row"], o["col"]) for o in scene}) == len(scene)
+        for obj in scene:
+            x0, y0, x1, y1 = obj["box"]
+            left, top = obj["col"] * CELL, obj["row"] * CELL
+            assert left + 1 <= x0 and x1 <= left + CELL - 1 and top + 1 <= y0 and y1 <= top + CELL - 1, obj
+            assert x1 - x0 == y1 - y0
+            large[obj["large"]] += 1
+            if obj["large"]:
+                assert 20 <= x1 - x0 <= 22, obj
+                for px, py in ((left, top), (left + 12, top), (left, top + 12), (left + 12, top + 12)):
+                    assert min(x1, px + 12) - max(x0, px) >= 9 and min(y1, py + 12) - max(y0, py) >= 9, obj
+            else:
+                assert 9 <= x1 - x0 <= 10 and x0 // 12 == (x1 - 1) // 12 and y0 // 12 == (y1 - 1) // 12, obj
+    assert set(counts) == set(range(6, 11)) and all(n >= 50 for n in counts.values()), counts
+    assert abs(large[True] / large.total() - 0.5) <= 0.05, large
+    # without large_share the crowded scenes hold small objects only, and no "large" key
+    plain = make_conversation("train", 0, 0, kinds=HARD_KINDS, objects=[6, 10])
+    assert 6 <= len(plain["scene"]) <= 10 and all("large" not in o and o["box"][2] - o["box"][0] <= 10 for o in plain["scene"])
+    assert all(o["large"] for o in make_conversation("train", 1, 0, **{**HARD, "large_share": 1.0})["scene"])
+
+
+def test_hard_images_show_every_large_object_in_all_four_of_its_patches():
+    """Colour only inside the boxes (JPEG-decoded pixels as the shards hold them); a large object's colour
+    covers at least 15 px of each of its cell's four patches: four redundant tokens per large object."""
+    for index in range(12):
+        record, image = make_record("val", index, 0, **HARD)
+        pixels = np.asarray(image).astype(int)
+        saturation = pixels.max(axis=2) - pixels.min(axis=2)
+        inside = np.zeros(saturation.shape, dtype=bool)
+        decoded = np.asarray(Image.open(io.BytesIO(_jpeg(image)))).astype(int)
+        for obj in record["scene"]:
+            x0, y0, x1, y1 = obj["box"]
+            inside[y0:y1, x0:x1] = True
+            assert saturation[y0:y1, x0:x1].max() > 100
+            if obj["large"]:
+                colour = np.array(RGB[obj["color"]])
+                near = np.abs(decoded - colour).max(axis=2) <= 40
+                for py in (obj["row"] * CELL, obj["row"] * CELL + 12):
+                    for px in (obj["col"] * CELL, obj["col"] * CELL + 12):
+                        assert near[py:py + 12, px:px + 12].sum() >= 15, (obj, px, py)
+        assert saturation[~inside].max() == 0
+
+
+def test_hard_answers_are_recomputed_from_the_scene_and_single_object_questions_name_one_object():
+    kinds = Counter()
+    for record in _hard_records("train", 400):
+        scene = record["scene"]
+        for kind, question, answer in _rounds(record):
+            kinds[kind] += 1
+            assert answer == _expected_hard_answer(kind, question, scene), (kind, question, scene)
+            if kind in ("color", "shape", *UNIQUE_KINDS):
+                assert len(_targets(kind, question, scene)) == 1, (kind, question, scene)
+            assert " " not in answer
+    assert set(kinds) == set(HARD_KINDS)
+
+
+def test_hard_tokens_are_words_the_tiny_tokenizers_know():
+    """No new word: every question and answer of the hard task is in WORDS, so even the 66-word tokenizer
+    of the first tiny models has an id for each (and check_tokenizer_knows accepts the preset's spec)."""
+    from dllava.data.datamodule import check_tokenizer_knows
+    from dllava.model.tiny import build_tiny_tokenizer
+
+    tokens = {tok for r in _hard_records("train", 300) for _, q, a in _rounds(r) for tok in (q + " " + a).split()}
+    assert tokens <= set(WORDS), tokens - set(WORDS)
+    for full in (True, False):
+        tokenizer = build_tiny_tokenizer(full=full)
+        assert all(tokenizer.convert_tokens_to_ids(t) != tokenizer.unk_token_id for t in tokens)
+        check_tokenizer_knows(tokenizer, {"out": "x", **HARD}, "the tiny tokenizer")
+
+
+def test_hard_answer_distributions_are_balanced():
+    answers, finals = defaultdict(Counter), Counter()
+    for record in _hard_records("train", 3000):
+        finals[record["kinds"][-1]] += 1
+        for kind, _, answer in _rounds(record):
+            answers[kind][answer] += 1
+    assert all(abs(n / finals.total() - 1 / 6) <= 0.03 for n in finals.values()) and set(finals) == set(HARD_KINDS), finals
+    for kind, values, tolerance in (
+        ("color", COLORS, 0.04), ("color_by_shape", COLORS, 0.04), ("shape", SHAPES, 0.05),
+        ("shape_by_color", SHAPES, 0.05), ("count", COUNT_WORDS, 0.04), ("exist", ("yes", "no"), 0.05),
+    ):
+        seen = answers[kind]
+        assert set(seen) == set(values), (kind, seen)
+        assert all(abs(n / seen.total() - 1 / len(values)) <= tolerance for n in seen.values()), (kind, seen)
+
+
+def test_hard_exist_noes_are_near_misses_that_need_binding():
+    """In crowded scenes nearly every "no" names a colour or a shape that is there, and most name both
+    (on different objects): answering needs the one object, not the colours or shapes present."""
+    near = both = no = 0
+    for record in _hard_records("train", 2000):
+        for kind, question, answer in _rounds(record):
+            if kind == "exist" and answer == "no":
+                colour, shape = re.fullmatch(r"is there a (\w+) (\w+) \?", question).groups()
+                has_colour = any(o["color"] == colour for o in record["scene"])
+                has_shape = any(o["shape"] == shape for o in record["scene"])
+                no, near, both = no + 1, near + (has_colour or has_shape), both + (has_colour and has_shape)
+    assert near / no >= 0.95 and both / no >= 0.45, (near / no, both / no)
+
+
+def test_hard_question_only_baseline_is_low():
+    """The majority train answer per question text (what train.py logs as baseline/question_only_acc)
+    scores about 0.24 on the hard task's final one-word answers (0.2365 on 20,000 / 2,000 records)."""
+    from dllava.metrics.answers import question_only_baseline
+
+    accuracy = question_only_baseline(_hard_records("train", 3000), _hard_records("val", 1000), HARD_KINDS)
+    assert 0.18 <= accuracy <= 0.30, accuracy
+
+
+def test_hard_records_are_deterministic_and_follow_the_options():
+    record, image = make_record("test", 3, 2, **HARD)
+    again, image_again = make_record("test", 3, 2, **HARD)
+    assert record == again and image.tobytes() == image_again.tobytes()
+    assert make_conversation("test", 3, 2, **HARD) == record
+    assert make_record("test", 3, 3, **HARD)[0]["scene"] != record["scene"]
+    assert set(ONE_WORD_KINDS) == set(HARD_KINDS)
+
+
+def test_the_hard_preset_composes_and_generates_shards_the_cli_writes_too(tmp_path, capsys):
+    """conf/data/synthetic_hard.yaml = synthetic.yaml plus the hard options; a small generation through
+    the datamodule's path (ensure_synthetic) equals the CLI's with the same options, byte for byte."""
+    from omegaconf import OmegaConf
+
+    from dllava.data.datamodule import check_synthetic_spec, ensure_synthetic
+    from tests.helpers import compose
+
+    cfg = compose("train", ["data=synthetic_hard"], output_dir=tmp_path)
+    base = compose("train", [], output_dir=tmp_path)
+    assert cfg.data.synthetic.out.endswith("/synthetic_hard") and base.data.synthetic.out.endswith("/synthetic")
+    assert list(cfg.data.synthetic.kinds) == HARD_KINDS == list(cfg.data.answer_kinds) == list(cfg.module.answer_kinds)
+    assert list(cfg.data.synthetic.objects) == [6, 10] and cfg.data.synthetic.large_share == 0.5
+    differs = {k for k in cfg.data.synthetic if k not in base.data.synthetic or cfg.data.synthetic[k] != base.data.synthetic[k]}
+    assert differs == {"out", "kinds", "objects", "large_share"}
+    assert {k for k in cfg.data if k != "synthetic" and cfg.data[k] != base.data[k]} == {"train_urls", "val_urls", "test_urls", "answer_kinds"}
+    spec = cfg.data.synthetic  # as hydra.utils.instantiate hands it to LlavaDataModule (a DictConfig)
+    check_synthetic_spec(spec)
+    sizes = {"train": 24, "val": 8, "test": 4, "samples_per_shard": 16, "workers": 1}
+    small = OmegaConf.merge(spec, {"out": str(tmp_path / "preset"), **sizes})
+    info = ensure_synthetic(**small)
+    assert info["objects"] == [6, 10] and info["large_share"] == 0.5 and info["kinds"] == HARD_KINDS
+    assert ensure_synthetic(**small) == info  # a matching generation is found again, not rewritten
+    main(["--out", str(tmp_path / "cli"), "--train", "24", "--val", "8", "--test", "4", "--samples-per-shard", "16",
+          "--objects", "6,10", "--large-share", "0.5", "--kinds", ",".join(HARD_KINDS)])
+    assert json.loads(capsys.readouterr().out) == {"train": 24, "val": 8, "test": 4}
+    assert read_info(tmp_path / "cli") == info
+    assert _payload_hashes(tmp_path / "cli") == _payload_hashes(tmp_path / "preset")
+    records = [json.loads(s["json"]) for s in wds.WebDataset(str(tmp_path / "preset" / "train-000000.tar"), shardshuffle=False)]
+    assert len(records) == 16 and all(6 <= len(r["scene"]) <= 10 for r in records)
+    with pytest.raises(ValueError, match="objects: on disk \\[6, 10\\], configured None"):
+        ensure_synthetic(**{**OmegaConf.to_container(small), "objects": None})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"objects": [0, 4]}, ValueError, r"1 <= min <= max <= 16"),
+        ({"objects": [6, 5]}, ValueError, r"1 <= min <= max <= 16"),
+        ({"objects": [6, 17]}, ValueError, r"1 <= min <= max <= 16"),
+        ({"objects": [6]}, TypeError, "objects must be a \\[min, max\\] pair"),
+        ({"objects": "6,10"}, TypeError, "objects must be a \\[min, max\\] pair"),
+        ({"large_share": 1.5}, ValueError, "large_share must be in \\[0, 1\\]"),
+        ({"large_share": "half"}, TypeError, "large_share must be a number"),
+        ({"objects": [6, 10], "kinds": ["color", "describe"]}, ValueError, "describe at most 4 objects"),
+        ({"objects": [1, 2], "kinds": ["color", "detail"]}, ValueError, "detail kind needs scenes of >= 3"),
+    ],
+)
+def test_bad_scene_options_are_rejected_with_reason(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        make_record("train", 0, 0, **kwargs)
+
+
+def test_cli_and_datamodule_reject_bad_scene_options(tmp_path, capsys):
+    from dllava.data.datamodule import check_synthetic_spec
+
+    for args, message in ((["--objects", "6-10"], "MIN,MAX"), (["--objects", "6,20"], "max <= 16"),
+                          (["--large-share", "2"], "large_share must be in [0, 1]"),
+                          (["--objects", "6,10", "--kinds", "color,describe"], "describe at most 4 objects")):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "bad"), *args])
+        assert message in capsys.readouterr().err
+    assert read_info(tmp_path / "bad") is None
+    check_synthetic_spec({"out": "x", "objects": [6, 10], "large_share": 0.5})
+    check_synthetic_spec({"out": "x", "objects": None, "large_share": None})
+    for spec, error, message in (
+        ({"out": "x", "objects": [6]}, ValueError, "data.synthetic.objects must be a \\[min, max\\] pair"),
+        ({"out": "x", "objects": [0, 4]}, ValueError, r"data.synthetic.objects\[0\]"),
+        ({"out": "x", "objects": [6, 5]}, ValueError, r"data.synthetic.objects\[1\]"),
+        ({"out": "x", "large_share": 1.5}, ValueError, "data.synthetic.large_share"),
+        ({"out": "x", "large_share": "half"}, TypeError, "data.synthetic.large_share"),
     ):
         with pytest.raises(error, match=message):
             check_synthetic_spec(spec)

@@ -89,7 +89,7 @@ SYNTHETIC_INTS = {"train": 0, "val": 0, "test": 0, "seed": 0, "image_size": 1, "
 def check_synthetic_spec(spec: Any) -> None:
     """Types and ranges of ``data.synthetic`` (the generator's arguments), named by their config keys."""
     check_mapping("data.synthetic", spec)
-    check_keys("data.synthetic", spec, ("out", "kinds", "cell", "grid_sizes", *SYNTHETIC_INTS))
+    check_keys("data.synthetic", spec, ("out", "kinds", "cell", "grid_sizes", "objects", "large_share", *SYNTHETIC_INTS))
     check_str("data.synthetic.out", spec.get("out"))
     for name, low in SYNTHETIC_INTS.items():
         if name in spec:
@@ -101,6 +101,13 @@ def check_synthetic_spec(spec: Any) -> None:
         raise ValueError(f"data.synthetic.cell must be even (each object sits in one quadrant of its cell), got {cell}")
     if spec.get("grid_sizes") is not None:  # null: one square grid
         check_grid_sizes("data.synthetic.grid_sizes", spec["grid_sizes"])
+    objects = spec.get("objects")  # null: 2-4 objects per scene (the hard task: [6, 10])
+    if objects is not None:
+        if isinstance(objects, (str, bytes)) or not isinstance(objects, Sequence) or len(objects) != 2:
+            raise ValueError(f"data.synthetic.objects must be a [min, max] pair, got {objects!r}")
+        low = check_int("data.synthetic.objects[0]", objects[0], low=1)
+        check_int("data.synthetic.objects[1]", objects[1], low=low)
+    check_float("data.synthetic.large_share", spec.get("large_share"), low=0, high=1, optional=True)  # null: none
 
 
 def check_grid_sizes(key: str, value: Any) -> None:

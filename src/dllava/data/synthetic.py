@@ -19,11 +19,40 @@ Design (measurements behind it: ../shared/CALIBRATION.md):
   "five" and "six" (:data:`WIDE_WORDS`). Without either option the records and shards are those of the
   square ``image_size`` / ``grid`` task, byte for byte.
 
+The hard task (``objects`` / ``large_share`` and the :data:`UNIQUE_KINDS`; preset
+conf/data/synthetic_hard.yaml). The default task cannot tell pruning methods apart: its 2-4 objects fit a
+0.2 keep (12 of 64 tokens) and any predictor that finds non-background patches keeps them all. The hard
+task keeps the geometry (96 px, 4 x 4 cells of 2 x 2 patches, 64 tokens) and the words, and changes the
+scenes and questions so that each family of methods has a place to win:
+
+* Crowding: ``objects=[6, 10]`` (mean 8 of 16 cells). Even one token per object exceeds a 0.1 keep
+  (6 tokens) in every scene but the 6-object ones (20%), and all object tokens (mean 20, 5-95% 12-30) exceed
+  a 0.2 keep (12 tokens) in 90% of scenes: a selection loses objects, and which ones decides the answers.
+* Redundancy: ``large_share=0.5`` of the objects fill their whole cell (20-22 px boxes covering all four
+  patches, >= 9 px of each), so four tokens show the same object. A saliency top-k spends its budget on
+  those; one token per object (diversity / merging methods, DivPrune, VisionZip) covers more objects.
+  The small half stays inside one patch (one token carries colour and shape, as in the default task).
+  Objects carry ``"large"``. Caveat (make_scene): shapes split over four tokens were hard for the tiny
+  LLM; colours and counts read from any one of them.
+* One object among many: ``color`` / ``shape`` by cell, ``color_by_shape`` ("what color is the triangle
+  ?", exactly one triangle in the scene) and ``shape_by_color`` ("what shape is the red one ?", exactly
+  one red object), ``count`` answered zero..four (uniform; the answers of a record sum to at most
+  COUNTED_CROWDED), ``exist`` with the default yes/no and near-miss draw, which in crowded scenes makes
+  98% of the noes near misses and 57% binding misses (the colour and the shape are both there, on other
+  objects). Here the question says which tokens matter (instruction-aware keeping). Every answer is one
+  word, uniform within its kind (count: 0.19-0.21 per answer), and the final kind is uniform over the six,
+  so the question-only baseline (majority train answer per question text) is about 0.24: 0.2385 on
+  20,000 train / 2,000 val records (color 0.16, shape 0.23, count 0.20, exist 0.47, color_by_shape 0.16,
+  shape_by_color 0.22), 0.23-0.29 with 3,000 / 1,000 records over seeds. ``describe`` / ``detail`` are refused
+  with more than four objects (their count words and ordinals stop at four).
+* Every word is already in :data:`WORDS`: the tiny tokenizers need no new word.
+
 Record ``i`` of a split draws everything (conversation, then pixels) from its own RNG seeded by
 ``(seed, split, i)``, so shards are byte-identical whatever the number of worker processes.
 
 CLI: ``python -m dllava.data.synthetic --out data/synthetic --train 20000 --val 512 --test 512``
-(Qwen2.5-VL sizes: ``--cell 28 --grid-sizes 4x4,4x6,6x4``).
+(Qwen2.5-VL sizes: ``--cell 28 --grid-sizes 4x4,4x6,6x4``; the hard task: ``--objects 6,10 --large-share 0.5
+--kinds color,shape,count,exist,color_by_shape,shape_by_color``).
 """
 
 from __future__ import annotations
@@ -33,6 +62,7 @@ import io
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Collection, Sequence
 from multiprocessing import Pool
 from pathlib import Path
@@ -59,7 +89,11 @@ MAX_SIDE = len(WIDE_POSITION_WORDS)
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
 SHORT_KINDS = ("color", "shape", "count", "exist")
 LONG_KINDS = ("describe", "detail")
-FINAL_KINDS = SHORT_KINDS + LONG_KINDS
+# One-word questions about the only object of a shape / of a colour ("what color is the triangle ?"), made
+# for crowded scenes (``objects``): the question, not the image, says which of many objects matters.
+UNIQUE_KINDS = ("color_by_shape", "shape_by_color")
+ONE_WORD_KINDS = SHORT_KINDS + UNIQUE_KINDS  # every kind with a one-word answer, scored by exact match
+FINAL_KINDS = SHORT_KINDS + LONG_KINDS + UNIQUE_KINDS
 CLASSIC_KINDS = SHORT_KINDS + ("describe",)  # the kinds generations drew from before ``detail`` existed
 ORDINALS = ("first", "second", "third", "fourth")
 DETAIL_MIN_OBJECTS = 3  # detailed descriptions run 150-400 tokens only with 3-4 objects
@@ -69,6 +103,7 @@ MIN_OBJECTS, MAX_OBJECTS = 2, 4
 MAX_ROUNDS = 3
 COUNT_ANSWERS = 4  # count answers are zero..three, drawn uniformly
 MAX_SCENE_DRAWS = 1000  # the rarest plans (count "two" twice, "three" with "one") need 30-45 draws on average
+COUNTED_CROWDED = 6  # cap on a crowded record's count answers summed (two "four"s would need ~300 scene draws)
 SHARD_MTIME = 0  # fixed tar member times: shards are byte-identical across runs, not just their payloads
 
 # Fixed words of every question and answer template; the variable slots are filled from the tuples above.
@@ -173,6 +208,14 @@ def parse_grid_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+def parse_objects(text: str) -> tuple[int, int]:
+    """``"6,10"`` -> ``(6, 10)`` (the CLI's ``--objects``)."""
+    match = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", text)
+    if not match:
+        raise ValueError(f"--objects takes MIN,MAX (e.g. 6,10), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
 def check_kinds(kinds: Collection[str]) -> tuple[str, ...]:
     """The question kinds a generation draws from, in canonical order; raises on an unknown or empty set."""
     unknown = sorted(set(kinds) - set(FINAL_KINDS))
@@ -198,8 +241,54 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 # -- scenes ------------------------------------------------------------------------------------------
-def make_scene(rng: np.random.Generator, image_size: int = 96, grid: int = 4, layout: Layout | None = None) -> Scene:
-    """2-4 objects in distinct cells, in reading order, each inside one quadrant of its cell.
+def check_scene_options(
+    objects: Sequence[int] | None, large_share: float | None, choices: Sequence[Layout] = (), kinds: Collection[str] = ()
+) -> tuple[int, int, float]:
+    """``(fewest, most, large_share)`` of the scenes: ``objects`` ``[min, max]`` (None: 2-4) and ``large_share``
+    (None: 0), checked against the layouts (``choices``: at most one object per cell of the smallest) and the
+    kinds (``describe`` / ``detail`` name at most four objects). Raises ValueError / TypeError with the reason."""
+    if objects is None:
+        fewest, most = MIN_OBJECTS, MAX_OBJECTS
+    else:
+        pair = not isinstance(objects, (str, bytes)) and isinstance(objects, Sequence) and len(objects) == 2
+        if not pair or not all(isinstance(v, int) and not isinstance(v, bool) for v in objects):
+            raise TypeError(f"objects must be a [min, max] pair of integers, got {objects!r}")
+        fewest, most = int(objects[0]), int(objects[1])
+        cells = min((c.rows * c.cols for c in choices), default=MAX_SIDE * MAX_SIDE)
+        if not 1 <= fewest <= most <= cells:
+            raise ValueError(f"objects must be [min, max] with 1 <= min <= max <= {cells} (one object per cell), got {list(objects)}")
+    if large_share is None:
+        share = 0.0
+    else:
+        if isinstance(large_share, bool) or not isinstance(large_share, (int, float)):
+            raise TypeError(f"large_share must be a number in [0, 1], got {large_share!r}")
+        share = float(large_share)
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"large_share must be in [0, 1], got {large_share}")
+    long = sorted(set(kinds) & set(LONG_KINDS))
+    if long and most > MAX_OBJECTS:
+        raise ValueError(f"kinds {long} describe at most {MAX_OBJECTS} objects (count words, ordinals); objects allows {most}")
+    if "detail" in kinds and most < DETAIL_MIN_OBJECTS:
+        raise ValueError(f"the detail kind needs scenes of >= {DETAIL_MIN_OBJECTS} objects; objects allows at most {most}")
+    return fewest, most, share
+
+
+def count_answers(most: int = MAX_OBJECTS) -> int:
+    """How many count answers (zero, one, ...) are drawn from, uniformly: zero..three for the default 2-4
+    objects, zero..four (every count word) once scenes can hold five or more."""
+    return min(len(COUNT_WORDS), most)
+
+
+def make_scene(
+    rng: np.random.Generator,
+    image_size: int = 96,
+    grid: int = 4,
+    layout: Layout | None = None,
+    objects: Sequence[int] | None = None,
+    large_share: float | None = None,
+) -> Scene:
+    """2-4 objects (``objects``: [min, max]) in distinct cells, in reading order, each inside one quadrant
+    of its cell, or (a ``large_share`` of them) filling the whole cell.
 
     A cell is 2 x 2 vision patches (24 px cells, 12 px patches by default) and an object is drawn inside
     one of its four quadrants, chosen at random: its whole outline falls in a single patch, so one image
@@ -211,30 +300,43 @@ def make_scene(rng: np.random.Generator, image_size: int = 96, grid: int = 4, la
     Each box ``[x0, y0, x1, y1]`` is half-open in pixels (PIL crop convention), quadrant - 3 to
     quadrant - 2 px wide (9-10 px), at least 1 px inside its quadrant on every side. ``layout`` (rows, cols,
     cell) replaces the square ``image_size`` / ``grid``.
+
+    With ``large_share`` set, each object is large with that probability: a box of cell - 4 to cell - 2 px
+    (20-22 px), at least 1 px inside its cell, so it covers all four patches of the cell (at least
+    quadrant - 3 = 9 px of each): four tokens show the same object (redundant tokens). Every object then
+    carries ``"large": true / false``; without the option the scene (and the RNG draws) are as before.
     """
     if layout is None:
         check_geometry(image_size, grid)
         layout = Layout(grid, grid, image_size // grid)
     rows, cols, cell = check_layout(layout)
+    fewest, most, share = check_scene_options(objects, large_share, (layout,))
     quadrant = cell // 2
-    count = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+    count = int(rng.integers(fewest, most + 1))
     cells = sorted(int(c) for c in rng.choice(rows * cols, size=count, replace=False))
     scene = []
     for index in cells:
         row, col = divmod(index, cols)
-        qy, qx = divmod(int(rng.integers(4)), 2)
-        size = int(rng.integers(quadrant - 3, quadrant - 2 + 1))
-        x0 = col * cell + qx * quadrant + int(rng.integers(1, quadrant - size))  # >= 1 px margin
-        y0 = row * cell + qy * quadrant + int(rng.integers(1, quadrant - size))
-        scene.append(
-            {
-                "color": COLORS[int(rng.integers(len(COLORS)))],
-                "shape": SHAPES[int(rng.integers(len(SHAPES)))],
-                "row": row,
-                "col": col,
-                "box": [x0, y0, x0 + size, y0 + size],
-            }
-        )
+        large = bool(share) and bool(rng.random() < share)  # drawn only when the option is on
+        if large:
+            size = int(rng.integers(cell - 4, cell - 2 + 1))
+            x0 = col * cell + int(rng.integers(1, cell - size))  # >= 1 px margin inside the cell
+            y0 = row * cell + int(rng.integers(1, cell - size))
+        else:
+            qy, qx = divmod(int(rng.integers(4)), 2)
+            size = int(rng.integers(quadrant - 3, quadrant - 2 + 1))
+            x0 = col * cell + qx * quadrant + int(rng.integers(1, quadrant - size))  # >= 1 px margin
+            y0 = row * cell + qy * quadrant + int(rng.integers(1, quadrant - size))
+        obj = {
+            "color": COLORS[int(rng.integers(len(COLORS)))],
+            "shape": SHAPES[int(rng.integers(len(SHAPES)))],
+            "row": row,
+            "col": col,
+            "box": [x0, y0, x0 + size, y0 + size],
+        }
+        if large_share is not None:
+            obj["large"] = large
+        scene.append(obj)
     return scene
 
 
@@ -333,21 +435,28 @@ def ask(
     answer: str | None = None,
     exclude: Collection[str] = (),
     cell: int = 24,
+    counts: int = COUNT_ANSWERS,
 ) -> tuple[str, str] | None:
     """One (question, answer) of ``kind`` about ``scene``, its question not in ``exclude``.
 
-    ``answer`` fixes the answer of a count ("zero".."three") or exist ("yes"/"no") question; it is drawn
-    here when None. Returns None when the scene has no fresh question with that answer: the caller then
-    draws a new scene but keeps the answer, which is what keeps count and exist answers balanced.
+    ``answer`` fixes the answer of a count ("zero".."three", or up to the ``counts``-th count word) or exist
+    ("yes"/"no") question; it is drawn here when None. Returns None when the scene has no fresh question
+    with that answer: the caller then draws a new scene but keeps the answer, which is what keeps count
+    and exist answers balanced. ``color_by_shape`` / ``shape_by_color`` ask about a shape / colour that
+    exactly one object of the scene has (None when there is none).
     """
     if kind == "color":
         options = [(f"what color is the shape at {_where(o)} ?", o["color"]) for o in scene]
     elif kind == "shape":
         options = [(f"what shape is at {_where(o)} ?", o["shape"]) for o in scene]
     elif kind == "count":
-        options = _count_options(scene, answer or draw_answer(kind, rng))
+        options = _count_options(scene, answer or draw_answer(kind, rng, counts))
     elif kind == "exist":
         options = _exist_options(scene, answer or draw_answer(kind, rng), rng)
+    elif kind == "color_by_shape":
+        options = [(f"what color is the {o['shape']} ?", o["color"]) for o in _only_ones(scene, "shape")]
+    elif kind == "shape_by_color":
+        options = [(f"what shape is the {o['color']} one ?", o["shape"]) for o in _only_ones(scene, "color")]
     elif kind == "describe":
         options = [("describe the image in detail .", describe(scene))]
     elif kind == "detail":
@@ -359,10 +468,17 @@ def ask(
     return options[int(rng.integers(len(options)))] if options else None
 
 
-def draw_answer(kind: str, rng: np.random.Generator) -> str | None:
-    """The answer of a count (uniform over zero..three) or exist (yes/no) round, drawn before its scene."""
+def _only_ones(scene: Scene, attribute: str) -> list[dict[str, Any]]:
+    """The objects whose ``attribute`` ("shape" or "color") no other object of the scene shares."""
+    seen = Counter(o[attribute] for o in scene)
+    return [o for o in scene if seen[o[attribute]] == 1]
+
+
+def draw_answer(kind: str, rng: np.random.Generator, counts: int = COUNT_ANSWERS) -> str | None:
+    """The answer of a count (uniform over the first ``counts`` count words: zero..three by default) or
+    exist (yes/no) round, drawn before its scene."""
     if kind == "count":
-        return COUNT_WORDS[int(rng.integers(COUNT_ANSWERS))]
+        return COUNT_WORDS[int(rng.integers(counts))]
     if kind == "exist":
         return "yes" if rng.random() < 0.5 else "no"
     return None
@@ -386,16 +502,22 @@ def _exist_options(scene: Scene, answer: str, rng: np.random.Generator) -> list[
     return [(f"is there a {c} {s} ?", answer) for c, s in pairs]
 
 
-def _draw_plan(rng: np.random.Generator, kinds: tuple[str, ...] = CLASSIC_KINDS) -> list[tuple[str, str | None]]:
+def _draw_plan(
+    rng: np.random.Generator, kinds: tuple[str, ...] = CLASSIC_KINDS, most: int = MAX_OBJECTS, counted: int | None = None
+) -> list[tuple[str, str | None]]:
     """1-3 rounds of (kind, fixed answer or None): short kinds first, the final kind uniform over ``kinds``
     (the classic five by default; without a short kind, a single round). A ``detail`` final round ends a chat of
     CHAT_ROUNDS rounds half of the time when at least three short kinds are drawn from (the short rounds
     cycle through them in a random order, so no scene of 3-4 objects runs out of questions).
 
     Count answers that no scene could serve together (counts of distinct colours summing past
-    MAX_OBJECTS, e.g. "three" twice) are redrawn.
+    MAX_OBJECTS, e.g. "three" twice) are redrawn. ``most`` (scenes of up to that many objects) sets how
+    many count answers are drawn from (:func:`count_answers`) and ``counted`` the cap on their sum
+    (default ``most``; crowded scenes use a lower one so that rare joint counts do not need thousands of
+    scene draws). One-word kinds (``ONE_WORD_KINDS``) may come before the final round.
     """
-    short = tuple(k for k in kinds if k in SHORT_KINDS)
+    short = tuple(k for k in kinds if k in ONE_WORD_KINDS)
+    counts, counted = count_answers(most), most if counted is None else counted
     rounds = int(rng.integers(1, MAX_ROUNDS + 1)) if short else 1
     chosen = [short[int(rng.integers(len(short)))] for _ in range(rounds - 1)]
     chosen.append(kinds[int(rng.integers(len(kinds)))])
@@ -405,9 +527,9 @@ def _draw_plan(rng: np.random.Generator, kinds: tuple[str, ...] = CLASSIC_KINDS)
         chosen = [cycle[i % len(cycle)] for i in range(rounds - 1)] + ["detail"]
     plan: list[tuple[str, str | None]] = []
     for kind in chosen:
-        answer = draw_answer(kind, rng)
-        while kind == "count" and _objects_counted(plan) + COUNT_WORDS.index(answer) > MAX_OBJECTS:
-            answer = draw_answer(kind, rng)  # terminates: "zero" always fits
+        answer = draw_answer(kind, rng, counts)
+        while kind == "count" and _objects_counted(plan) + COUNT_WORDS.index(answer) > counted:
+            answer = draw_answer(kind, rng, counts)  # terminates: "zero" always fits
         plan.append((kind, answer))
     return plan
 
@@ -417,12 +539,12 @@ def _objects_counted(plan: list[tuple[str, str | None]]) -> int:
 
 
 def _exchanges(
-    plan: list[tuple[str, str | None]], scene: Scene, rng: np.random.Generator, cell: int
+    plan: list[tuple[str, str | None]], scene: Scene, rng: np.random.Generator, cell: int, counts: int = COUNT_ANSWERS
 ) -> list[tuple[str, str]] | None:
     """One distinct question per round of ``plan``, or None when this scene cannot serve them all."""
     asked: list[tuple[str, str]] = []
     for kind, answer in plan:
-        exchange = ask(kind, scene, rng, answer, exclude={q for q, _ in asked}, cell=cell)
+        exchange = ask(kind, scene, rng, answer, exclude={q for q, _ in asked}, cell=cell, counts=counts)
         if exchange is None:
             return None
         asked.append(exchange)
@@ -435,13 +557,49 @@ def _draw_layout(rng: np.random.Generator, choices: tuple[Layout, ...]) -> Layou
     return choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
 
 
+class SceneOptions(NamedTuple):
+    """What the scenes hold: ``objects`` ([min, max], None: 2-4) and ``large_share`` (None: no large
+    objects and no ``large`` key), as given (and recorded in info.json), plus the checked ``most``."""
+
+    objects: tuple[int, int] | None = None
+    large_share: float | None = None
+
+    @property
+    def most(self) -> int:
+        return MAX_OBJECTS if self.objects is None else self.objects[1]
+
+    @property
+    def counted(self) -> int:
+        """Cap on the sum of a record's count answers: the most objects a default scene holds; crowded
+        scenes (``objects``) cap it at COUNTED_CROWDED (the rarest plans then need ~25 scene draws on average)."""
+        return MAX_OBJECTS if self.objects is None else min(self.most, COUNTED_CROWDED)
+
+
+def scene_options(
+    objects: Sequence[int] | None = None,
+    large_share: float | None = None,
+    choices: Sequence[Layout] = (),
+    kinds: Collection[str] = (),
+) -> SceneOptions:
+    """Checked :class:`SceneOptions` (:func:`check_scene_options`), as plain tuples and floats."""
+    fewest, most, share = check_scene_options(objects, large_share, choices, kinds)
+    return SceneOptions(None if objects is None else (fewest, most), None if large_share is None else share)
+
+
 def _conversation(
-    rng: np.random.Generator, split: str, index: int, layout: Layout, kinds: tuple[str, ...]
+    rng: np.random.Generator,
+    split: str,
+    index: int,
+    layout: Layout,
+    kinds: tuple[str, ...],
+    options: SceneOptions | None = None,
 ) -> dict[str, Any]:
-    plan = _draw_plan(rng, kinds)
+    options = options or SceneOptions()
+    counts = count_answers(options.most)
+    plan = _draw_plan(rng, kinds, options.most, options.counted)
     for _ in range(MAX_SCENE_DRAWS):
-        scene = make_scene(rng, layout=layout)
-        exchanges = _exchanges(plan, scene, rng, layout.cell)
+        scene = make_scene(rng, layout=layout, objects=options.objects, large_share=options.large_share)
+        exchanges = _exchanges(plan, scene, rng, layout.cell, counts)
         if exchanges is not None:
             break
     else:  # pragma: no cover - failing 1000 draws has probability below 1e-15
@@ -469,11 +627,15 @@ def make_conversation(
     kinds: Collection[str] = CLASSIC_KINDS,
     cell: int | None = None,
     grid_sizes: Sequence[Sequence[int]] | None = None,
+    objects: Sequence[int] | None = None,
+    large_share: float | None = None,
 ) -> dict[str, Any]:
     """The record of :func:`make_record` without rendering its image (fast, for statistics)."""
     choices = layouts(image_size, grid, cell, grid_sizes)
+    kinds = check_kinds(kinds)
+    options = scene_options(objects, large_share, choices, kinds)
     rng = _rng(seed, split, index)
-    return _conversation(rng, split, index, _draw_layout(rng, choices), check_kinds(kinds))
+    return _conversation(rng, split, index, _draw_layout(rng, choices), kinds, options)
 
 
 def make_record(
@@ -485,15 +647,20 @@ def make_record(
     kinds: Collection[str] = CLASSIC_KINDS,
     cell: int | None = None,
     grid_sizes: Sequence[Sequence[int]] | None = None,
+    objects: Sequence[int] | None = None,
+    large_share: float | None = None,
 ) -> tuple[dict[str, Any], Image.Image]:
     """Record ``index`` of ``split`` (LLaVA mix665k schema plus ``kinds`` and ``scene``) and its RGB image.
 
     ``kinds`` restricts the questions (e.g. ``["shape"]`` for a curriculum stage); the default draws
-    from the five kinds that predate ``detail`` (records stay byte-identical; ask for it by name). ``cell`` and ``grid_sizes`` choose other layouts (:func:`layouts`)."""
+    from the five kinds that predate ``detail`` (records stay byte-identical; ask for it by name). ``cell`` and ``grid_sizes`` choose other layouts (:func:`layouts`).
+    ``objects`` / ``large_share`` make crowded scenes with cell-filling objects (the hard task, module docstring)."""
     choices = layouts(image_size, grid, cell, grid_sizes)
+    kinds = check_kinds(kinds)
+    options = scene_options(objects, large_share, choices, kinds)
     rng = _rng(seed, split, index)
     layout = _draw_layout(rng, choices)
-    record = _conversation(rng, split, index, layout, check_kinds(kinds))
+    record = _conversation(rng, split, index, layout, kinds, options)
     return record, render(record["scene"], rng, layout=layout)  # pixels draw after the conversation
 
 
@@ -513,14 +680,14 @@ def _shard_name(split: str, shard: int) -> str:
     return f"{split}-{shard:06d}.tar"
 
 
-def _write_shard(task: tuple[Path, str, int, int, int, int, int, int, tuple[str, ...], int | None, Any]) -> int:
+def _write_shard(task: tuple[Path, str, int, int, int, int, int, int, tuple[str, ...], int | None, Any, SceneOptions]) -> int:
     """Write one shard under a temporary name, then move it into place; returns its record count."""
-    out, split, shard, start, stop, seed, image_size, grid, kinds, cell, grid_sizes = task
+    out, split, shard, start, stop, seed, image_size, grid, kinds, cell, grid_sizes, options = task
     path = out / _shard_name(split, shard)
     tmp = out / f".{path.name}.{os.getpid()}.tmp"  # dot-prefixed: shard globs never match it
     with wds.TarWriter(str(tmp), mtime=SHARD_MTIME) as sink:
         for index in range(start, stop):
-            sink.write(_sample(*make_record(split, index, seed, image_size, grid, kinds, cell, grid_sizes)))
+            sink.write(_sample(*make_record(split, index, seed, image_size, grid, kinds, cell, grid_sizes, *options)))
     os.replace(tmp, path)
     return stop - start
 
@@ -546,25 +713,29 @@ def write_split(
     kinds: Collection[str] = CLASSIC_KINDS,
     cell: int | None = None,
     grid_sizes: Sequence[Sequence[int]] | None = None,
+    objects: Sequence[int] | None = None,
+    large_share: float | None = None,
 ) -> list[str]:
     """Write ``num_records`` records of ``split`` as shards under ``out``; returns the shard file names.
 
     One task per shard, spread over ``workers`` processes; every record has its own RNG, so the bytes
     do not depend on ``workers``. ``progress`` (optional) is advanced by each finished shard's records.
-    ``cell`` / ``grid_sizes``: other layouts (:func:`layouts`).
+    ``cell`` / ``grid_sizes``: other layouts (:func:`layouts`); ``objects`` / ``large_share``: the scenes
+    (:func:`make_scene`).
     """
     _check_split(split)
-    layouts(image_size, grid, cell, grid_sizes)
+    choices = layouts(image_size, grid, cell, grid_sizes)
     _check_at_least(split, num_records, 0)
     _check_at_least("seed", seed, 0)
     _check_at_least("samples-per-shard", samples_per_shard, 1)
     _check_at_least("workers", workers, 1)
     kinds = check_kinds(kinds)
+    options = scene_options(objects, large_share, choices, kinds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = [
         (out, split, shard, start, min(start + samples_per_shard, num_records), seed, image_size, grid, kinds,
-         cell, grid_sizes)
+         cell, grid_sizes, options)
         for shard, start in enumerate(range(0, num_records, samples_per_shard))
     ]
     if workers > 1 and len(tasks) > 1:
@@ -595,16 +766,19 @@ def generate(
     kinds: Collection[str] = CLASSIC_KINDS,
     cell: int | None = None,
     grid_sizes: Sequence[Sequence[int]] | None = None,
+    objects: Sequence[int] | None = None,
+    large_share: float | None = None,
 ) -> dict[str, Any]:
     """Write all three splits, then ``info.json`` (atomically, last: its presence means complete).
 
-    ``info.json`` names ``cell`` and ``grid_sizes`` only when they are set, so the default generation's
-    file is unchanged."""
+    ``info.json`` names ``cell``, ``grid_sizes``, ``objects`` and ``large_share`` only when they are set,
+    so the default generation's file is unchanged."""
     sizes = {"train": train, "val": val, "test": test}
     for split, count in sizes.items():
         _check_at_least(split, count, 0)
-    layouts(image_size, grid, cell, grid_sizes)
+    choices = layouts(image_size, grid, cell, grid_sizes)
     kinds = check_kinds(kinds)
+    options = scene_options(objects, large_share, choices, kinds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "info.json").unlink(missing_ok=True)  # an interrupted regeneration must not look complete
@@ -621,10 +795,15 @@ def generate(
         info["cell"] = cell
     if grid_sizes is not None:
         info["grid_sizes"] = [list(size) for size in grid_sizes]
+    if options.objects is not None:
+        info["objects"] = list(options.objects)
+    if options.large_share is not None:
+        info["large_share"] = options.large_share
     with tqdm(total=sum(sizes.values()), desc=f"synthetic -> {out}", unit="rec") as progress:
         for split, count in sizes.items():
             shards = write_split(
-                out, split, count, seed, image_size, grid, samples_per_shard, workers, progress, kinds, cell, grid_sizes
+                out, split, count, seed, image_size, grid, samples_per_shard, workers, progress, kinds, cell, grid_sizes,
+                *options,
             )
             info["splits"][split] = {"records": count, "shards": shards}
     tmp = out / f".info.json.{os.getpid()}.tmp"
@@ -660,6 +839,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="px per cell, overriding image-size/grid (28 for Qwen2.5-VL, 32 for Qwen3-VL)")
     parser.add_argument("--grid-sizes", default=None,
                         help="comma-separated ROWSxCOLS choices (2..6), one drawn per record, e.g. 4x4,4x6,6x4")
+    parser.add_argument("--objects", default=None,
+                        help="MIN,MAX objects per scene (default 2,4; the hard task: 6,10), at most one per cell")
+    parser.add_argument("--large-share", type=float, default=None,
+                        help="share of objects drawn filling their whole cell, 2x2 patches (default none; hard: 0.5)")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=1, help="processes writing shards (default 1)")
     parser.add_argument(
@@ -679,13 +862,15 @@ def main(argv: list[str] | None = None) -> None:
         _check_at_least("samples-per-shard", args.samples_per_shard, 1)
         _check_at_least("workers", args.workers, 1)
         grid_sizes = None if args.grid_sizes is None else parse_grid_sizes(args.grid_sizes)
-        layouts(args.image_size, args.grid, args.cell, grid_sizes)
+        choices = layouts(args.image_size, args.grid, args.cell, grid_sizes)
         kinds = check_kinds([k for k in args.kinds.split(",") if k])
+        objects = None if args.objects is None else parse_objects(args.objects)
+        scene_options(objects, args.large_share, choices, kinds)
     except ValueError as err:
         parser.error(str(err))
     info = generate(
         args.out, args.train, args.val, args.test, args.seed, args.image_size, args.grid,
-        args.samples_per_shard, args.workers, kinds, args.cell, grid_sizes,
+        args.samples_per_shard, args.workers, kinds, args.cell, grid_sizes, objects, args.large_share,
     )
     print(json.dumps({split: entry["records"] for split, entry in info["splits"].items()}))
 
