@@ -94,11 +94,32 @@ def _head_flops(n: int, d: int) -> int:
     return 2 * n * (d * (d // 2) + (d // 2) * (d // 4) + (d // 4) * 2)
 
 
-def image_predictor_flops(hidden: int, config: PredictorConfig, n_image: int, batch: int = 1) -> int:
-    """LayerNorm-free count of the image predictor: embed, ``layers`` transformer blocks, score head."""
+def image_predictor_flops(
+    hidden: int,
+    config: PredictorConfig,
+    n_image: int,
+    batch: int = 1,
+    instruction_tokens: int = 0,
+    instruction_aware: bool = False,
+) -> int:
+    """LayerNorm-free count of the image predictor: embed, ``layers`` transformer blocks, score head; with
+    ``instruction_aware`` plus its cross-attention to ``instruction_tokens`` instruction tokens
+    (:func:`instruction_cross_flops`; ``m`` is the padded width the kernel sees, at least 1)."""
     d, n = config.d_model, n_image
     block = 2 * n * d * 3 * d + 4 * n * n * d + 2 * n * d * d + 4 * n * d * config.ff
-    return batch * (2 * n * hidden * d + config.layers * block + _head_flops(n, d))  # head on [local | global]
+    total = batch * (2 * n * hidden * d + config.layers * block + _head_flops(n, d))  # head on [local | global]
+    if instruction_aware:
+        total += instruction_cross_flops(hidden, config, n_image, instruction_tokens, batch)
+    return total
+
+
+def instruction_cross_flops(hidden: int, config: PredictorConfig, n_image: int, instruction_tokens: int, batch: int = 1) -> int:
+    """The instruction-aware image predictor's cross-attention, ``n`` image queries over ``m`` instruction
+    tokens: ``2 m H d`` (instruction embed) + ``2 n d^2`` (q) + ``4 m d^2`` (k, v) + ``4 n m d`` (QK^T, AV)
+    + ``2 n d^2`` (output projection). ``m = 0`` counts as 1: the predictor pads an empty instruction to one
+    (masked) column."""
+    d, n, m = config.d_model, n_image, max(instruction_tokens, 1)
+    return batch * (2 * m * hidden * d + 4 * n * d * d + 4 * m * d * d + 4 * n * m * d)
 
 
 def text_predictor_flops(hidden: int, config: PredictorConfig, tokens: int, batch: int = 1) -> int:
@@ -109,6 +130,41 @@ def fastv_score_flops(shape: DecoderShape, n_keys: int, batch: int = 1) -> int:
     """FastV's extra work: one query and ``n_keys`` keys re-projected in layer K-1, one score row."""
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     return batch * (2 * shape.hidden * q_dim + 2 * n_keys * shape.hidden * kv_dim + 2 * shape.heads * n_keys * shape.head_dim)
+
+
+def selection_flops(
+    method: str, shape: DecoderShape, prompt_len: int, n_image: int, per_layer: list[int], sparse_layer: int,
+    instruction: int = 0,
+) -> int:
+    """The matmuls a training-free method adds to one prompt's prefill to choose its image tokens
+    (``per_layer``: the image tokens each layer runs; ``instruction``: text tokens after the image):
+
+    * ``fastv``: one score row in layer K-1 (:func:`fastv_score_flops`); ``pdrop``: one per stage, over
+      the keys present at that stage;
+    * ``dart``: layer K-1's keys of every prompt token (for their norms) and the cosine of the 8 pivots
+      with every image token;
+    * ``divprune``: the n x n cosine matrix; ``cdpruner``: that, the image-instruction cosines and the
+      greedy DPP's incremental Cholesky rows (``2 t n`` at pick ``t``);
+    * ``visionzip``: none here: its CLS attention row and the merge's key cosines run on the vision
+      tower's keys (vision-side work of a few matmuls of one vision layer, not decoder prefill).
+
+    Element-wise work (norms, argmax) is not counted, as ``FlopCounterMode`` does not count it."""
+    if not n_image or method in ("dense", "dynamic", "random", "visionzip"):
+        return 0
+    kept = per_layer[-1]
+    if method == "fastv":
+        return fastv_score_flops(shape, prompt_len)
+    if method == "pdrop":
+        cuts = [i for i in range(1, len(per_layer)) if per_layer[i] != per_layer[i - 1]]
+        return sum(fastv_score_flops(shape, prompt_len - n_image + per_layer[i - 1]) for i in cuts)
+    if method == "dart":
+        kv_dim = shape.kv_heads * shape.head_dim
+        return 2 * prompt_len * shape.hidden * kv_dim + 2 * 8 * n_image * shape.hidden
+    if method == "divprune":
+        return 2 * n_image * n_image * shape.hidden
+    if method == "cdpruner":
+        return 2 * n_image * n_image * shape.hidden + 2 * n_image * instruction * shape.hidden + n_image * kept * (kept - 1)
+    raise ValueError(f"no selection cost for method={method}")
 
 
 def prefill_flops(
@@ -137,6 +193,17 @@ def kv_bytes(shape: DecoderShape, sparse_layer: int, dense_tokens: int, sparse_t
     """K + V bytes of one sample: ``dense_tokens`` in layers < K, ``sparse_tokens`` in layers >= K."""
     per_token = 2 * shape.kv_heads * shape.head_dim * element_size
     return per_token * (sparse_layer * dense_tokens + (shape.layers - sparse_layer) * sparse_tokens)
+
+
+def kv_bytes_layers(shape: DecoderShape, tokens: list[int], element_size: int) -> int:
+    """K + V bytes of one sample holding ``tokens[i]`` tokens in layer i."""
+    return 2 * shape.kv_heads * shape.head_dim * element_size * sum(tokens)
+
+
+def prefill_flops_layers(shape: DecoderShape, tokens: list[int], batch: int = 1, logits_positions: int = 1, extra: int = 0) -> int:
+    """Full decoder prefill with ``tokens[i]`` tokens running layer i (a cut before the LLM or at
+    several layers), plus the LM head and ``extra``: :func:`prefill_flops` for any cut plan."""
+    return sum(layer_flops(shape, n, n, batch) for n in tokens) + lm_head_flops(shape, logits_positions, batch) + extra
 
 
 def nocache_decode_flops(

@@ -11,7 +11,9 @@ from typing import Any
 
 from dllava.sparse.attention import resolve_attention
 from dllava.sparse.decisions import check_budget
-from dllava.utils.checks import check_bool, check_float, check_int
+from dllava.utils.checks import check_bool, check_choice, check_float, check_int
+
+IMAGE_PREDICTORS = ("original", "instruction_aware")  # sparsity.image_predictor (dllava.sparse.predictors)
 
 
 @dataclass
@@ -26,6 +28,10 @@ class SparsityConfig:
     ``eager`` (the reference), ``sdpa`` or ``flex``. ``budget`` is the image-budget convention
     (:func:`dllava.sparse.decisions.check_budget`): ``global`` (a share of each sample's droppable image
     tokens) or ``per_view`` (that share inside every view of a multi-view image, LLaVA-NeXT/OneVision).
+    ``image_predictor`` is the image predictor's kind: ``original`` (the paper's, blind to the question)
+    or ``instruction_aware`` (it also cross-attends to the prompt's text after the image,
+    :class:`dllava.sparse.predictors.InstructionAwareImagePredictor`). Configs saved without the key
+    (every checkpoint before it existed) get ``original``.
     """
 
     vision: bool = True
@@ -39,6 +45,7 @@ class SparsityConfig:
     tau_end: float = 0.1
     attention: str = "auto"
     budget: str = "global"
+    image_predictor: str = "original"
 
     def __post_init__(self) -> None:
         self.vision = check_bool("sparsity.vision", self.vision)
@@ -53,6 +60,7 @@ class SparsityConfig:
             setattr(self, key, check_float(f"sparsity.{key}", getattr(self, key), low=0, low_open=True))
         resolve_attention(self.attention)  # raises on an unknown name, naming the key
         check_budget(self.budget)
+        check_choice("sparsity.image_predictor", self.image_predictor, IMAGE_PREDICTORS)
         if self.text and not self.vision:
             # As in the reference code, the attention gate is built in the vision branch.
             raise ValueError("sparsity.text=true needs sparsity.vision=true (text-only sparsification is not supported)")

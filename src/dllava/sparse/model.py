@@ -20,6 +20,7 @@ still loads the dense model) plus ``predictors.safetensors`` and ``sparsity.json
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,21 @@ from dllava.sparse.decisions import (
     topk_keep,
 )
 from dllava.sparse.log_gate import GateMasks
-from dllava.sparse.predictors import ImagePredictor, TextPredictor, init_predictor_weights
+from dllava.sparse.predictors import (
+    IMAGE_PREDICTOR_CLASSES,
+    ImagePredictor,
+    InstructionAwareImagePredictor,
+    TextPredictor,
+    init_predictor_weights,
+)
 
 PREDICTORS_FILE = "predictors.safetensors"
 SPARSITY_FILE = "sparsity.json"
 IGNORE_INDEX = -100
+CROSS_PREFIX = "image_predictor.cross."  # the instruction-aware image predictor's own parameters
 MODES = ("train", "eval", "generate", "all")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,7 +134,8 @@ class DynamicVLM(nn.Module):
         hidden = text_config.hidden_size
         dtype = next(base.parameters()).dtype
         if self.sparsity.vision:
-            self.image_predictor = ImagePredictor(hidden, self.predictor_config).to(dtype)
+            image_class = IMAGE_PREDICTOR_CLASSES[self.sparsity.image_predictor]
+            self.image_predictor = image_class(hidden, self.predictor_config).to(dtype)
         if self.sparsity.text:
             self.text_predictor = TextPredictor(hidden, self.predictor_config).to(dtype)
         init_predictor_weights(self.predictors())
@@ -225,7 +236,8 @@ class DynamicVLM(nn.Module):
         for index, layer in enumerate(decoder.layers):
             if index == self.sparsity.layer:
                 policy = self._decide(
-                    hidden, image_mask, attention_mask, answer_span, mode, tau, generated_from, keep, out, image_features
+                    hidden, image_mask, attention_mask, answer_span, mode, tau, generated_from, keep, out, image_features,
+                    labels,
                 )
                 gate_masks = GateMasks(policy, mask, key_valid=attention_mask)  # mask = causal + these keys
             hidden = layer(
@@ -256,11 +268,13 @@ class DynamicVLM(nn.Module):
         keep: float | None,
         out: DynamicOutput,
         image_features: ImageFeatures | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The (B, N) keep gate for layers >= K; fills the decisions and budget losses into ``out``.
 
         Image tokens the features mark as never dropped (LLaVA-NeXT's newlines) keep gate 1 and count in
-        no ratio; budgets follow ``sparsity.budget`` (per sample, or per view)."""
+        no ratio; budgets follow ``sparsity.budget`` (per sample, or per view). An instruction-aware image
+        predictor also reads :func:`instruction_tokens` (never an answer token)."""
         batch, length = image_mask.shape
         policy = hidden.new_ones(batch, length, dtype=torch.float32)
         if self.image_predictor is not None and image_mask.any():
@@ -269,7 +283,15 @@ class DynamicVLM(nn.Module):
             valid = torch.arange(columns.shape[1], device=columns.device)[None] < counts[:, None]
             ragged = not bool(valid.all())
             image_hidden = hidden.gather(1, columns[..., None].expand(-1, -1, hidden.shape[-1]))
-            logits = self.image_predictor(image_hidden, valid=valid if ragged else None)
+            words = words_valid = None
+            if self.sparsity.image_predictor == "instruction_aware":
+                words, words_valid = instruction_tokens(
+                    hidden, image_mask, attention_mask, labels=labels, answer_span=answer_span,
+                    generated_from=generated_from,
+                )
+            logits = self.image_predictor(
+                image_hidden, valid=valid if ragged else None, instruction=words, instruction_valid=words_valid
+            )
             budget = self.sparsity.budget
             if image_features is not None:
                 groups = image_features.groups(budget, hidden.device)
@@ -404,12 +426,22 @@ class DynamicVLM(nn.Module):
         return directory
 
     def load_predictors(self, directory: str | Path) -> None:
-        """Load exported predictor weights (strict: every predictor of this model must be present)."""
+        """Load exported predictor weights (strict: every predictor of this model must be present).
+
+        One exception: an instruction-aware image predictor may start from an original one's export
+        (``sparsity.image_predictor=instruction_aware`` on a checkpoint trained with ``original``). Only
+        its cross-attention (``image_predictor.cross.*``) is then missing; it keeps its fresh init, whose
+        zero output makes the predictor compute what the original did until it is trained."""
         path = Path(directory) / PREDICTORS_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no {PREDICTORS_FILE} in {directory}")
         state = load_file(str(path))
         missing, unexpected = self.predictors().load_state_dict(state, strict=False)
+        fresh = [k for k in missing if k.startswith(CROSS_PREFIX)]
+        if fresh and len(fresh) == len(missing) and isinstance(self.image_predictor, InstructionAwareImagePredictor):
+            log.info("%s holds an original image predictor: its instruction cross-attention starts fresh "
+                     "(zero output, so it starts as the original)", path)
+            missing = []
         if missing:
             raise ValueError(f"{path} lacks predictor weights: {missing[:4]}...")
         if unexpected:
@@ -457,6 +489,44 @@ def _rename_llava_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: 
     old = prefix + "llava."
     for key in [k for k in state_dict if k.startswith(old)]:
         state_dict[prefix + "base." + key[len(old):]] = state_dict.pop(key)
+
+
+def instruction_tokens(
+    hidden: torch.Tensor,
+    image_mask: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    answer_span: torch.Tensor | None = None,
+    generated_from: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The instruction an instruction-aware image predictor reads: each sample's valid (non-padding)
+    tokens after its last image token and before its first answer token, left-aligned and padded to the
+    batch's longest (at least one column): ``(words (B, m, H), words_valid (B, m) bool)``, gathered from
+    ``hidden`` (the hidden states entering layer K).
+
+    The first answer token is the first supervised position after the image (``labels != -100``; training),
+    else the ``answer_span`` (B, 2) start, and ``generated_from`` bounds it too (generated text). At
+    inference without any of them: every valid token after the image, i.e. the prompt's text after the
+    image, as the inference engine reads it. Stopping at the *first* answer (not only skipping supervised
+    tokens) is what keeps every answer out: a later question token's hidden state has attended to the
+    earlier answers of a multi-turn sample, so a multi-turn sample's instruction in training is its first
+    question. (Text before the image is seen by the image tokens themselves, in either predictor.)
+    A stable sort (like :func:`image_columns`), so shapes never depend on data beyond the host width."""
+    length = image_mask.shape[-1]
+    positions = torch.arange(length, device=image_mask.device)[None]
+    last_image = torch.where(image_mask, positions, -1).max(-1, keepdim=True).values
+    after = (positions > last_image) & attention_mask.bool()
+    if labels is not None:
+        answer = (labels != IGNORE_INDEX) & (positions > last_image)
+        after &= positions < torch.where(answer, positions, length).min(-1, keepdim=True).values
+    elif answer_span is not None:
+        after &= positions < answer_span[:, :1]
+    if generated_from is not None:
+        after &= positions < generated_from
+    width = max(int(after.sum(-1).max()), 1)
+    columns = torch.sort((~after).to(torch.uint8), dim=-1, stable=True).indices[:, :width]
+    words = hidden.gather(1, columns[..., None].expand(-1, -1, hidden.shape[-1]))
+    return words, after.gather(1, columns)
 
 
 def add_at(hidden: torch.Tensor, mask: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
