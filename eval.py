@@ -76,7 +76,8 @@ def single(
     text = cfg.method.text
     text = "off" if text is False else text  # YAML's bare `off`
     keep = 1.0 if method == "dense" else float(cfg.sparsity.keep if cfg.sparsity.keep is not None else loaded.model.sparsity.keep)
-    arm = Arm(method, keep, text, budget_of(cfg, loaded))
+    options = OmegaConf.to_container(cfg.method.options, resolve=True) if cfg.method.get("options") else {}
+    arm = Arm(method, keep, text, budget_of(cfg, loaded), options=options, prune_layer=cfg.method.get("prune_layer"))
     path = out / "answers.jsonl"
     try:
         with AnswerAppender(path) as append:  # each batch on disk as soon as it is answered

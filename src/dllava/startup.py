@@ -387,9 +387,17 @@ def check_eval_config(cfg: DictConfig) -> None:
         "keep": _keep(optional=True),
         "budget": lambda key, value: check_choice(key, value, list(BUDGETS), optional=True),
     })
-    _apply("method", _plain(cfg, "method") or {}, {
+    method = _plain(cfg, "method") or {}
+    _apply("method", method, {
         "name": lambda key, value: check_choice(key, value, list(IMAGE_METHODS)), "text": _text_policy,
+        "prune_layer": _int(low=0, optional=True),
+        "options": lambda key, value: check_mapping(key, value, optional=True),
     })
+    check_keys("method", method, ("name", "text", "prune_layer", "options"))
+    if method.get("options"):
+        from dllava.inference.selection import check_options
+
+        check_options(method.get("name"), method["options"])
     _apply("data", _plain(cfg, "data") or {}, {
         "shards": lambda key, value: check_urls(key, value, optional=True),
         "questions": _str(optional=True),

@@ -9,6 +9,7 @@ from dllava.eval.questions import ShardQuestions, collate_prompts, object_patche
 from dllava.eval.runner import Arm, evaluate_arm
 from dllava.inference import flops
 from dllava.inference.engine import SparseEngine
+from dllava.inference.methods import pdrop
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,40 @@ def test_arm_keeps_exactly_its_budget_and_counts_its_cost(loaded, questions, met
     else:
         assert s["prefill_flops"] < s["prefill_flops_dense"] and s["kv_bytes"] < s["kv_bytes_dense"]
     assert s["latency_s"] > 0 and s["prefill_flops_paper"] > 0
+
+
+BASELINES = ("dart", "divprune", "cdpruner", "visionzip", "pdrop")
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_every_baseline_keeps_what_dynamic_keeps_per_question(loaded, questions, method):
+    """The equal-budget promise read back from the answer files' metadata: every question keeps the
+    image tokens ``dynamic`` keeps (PDrop: the same image-token-layers from K on, reported as their mean),
+    and the prefill FLOPs follow the recorded cuts (before the LLM: every layer runs the kept tokens)."""
+    arm = dict(batch_size=5, max_new_tokens=2, progress=False, warmup=False)
+    reference = evaluate_arm(loaded, questions, Arm("dynamic", 0.25, "off"), **arm)
+    result = evaluate_arm(loaded, questions, Arm(method, 0.25), **arm)
+    shape = flops.DecoderShape.from_config(loaded.model.text_config)
+    layers, k = shape.layers, 2
+    for ours, theirs in zip(result.records, reference.records):
+        meta, dynamic = ours["metadata"], theirs["metadata"]
+        assert meta["image_tokens_kept"] == dynamic["image_tokens_kept"] == 16
+        cuts = meta["image_cuts"]
+        per_layer = []
+        for i in range(layers):
+            per_layer.append(next((n for layer, n in reversed(cuts) if layer <= i), 64))
+        assert sum(per_layer[k:]) <= (layers - k) * 16
+        assert sum(per_layer[k:]) / (layers - k) == meta["image_tokens_kept"]
+        n = meta["prefill_flops_dense"]
+        if method in ("divprune", "cdpruner", "visionzip"):
+            assert cuts == [[0, 16]] and meta["prefill_flops"] < dynamic["prefill_flops"]
+        elif method == "dart":
+            assert cuts == [[k, 16]]
+        else:
+            assert cuts[0][0] == k and [c for _, c in cuts] == sorted((c for _, c in cuts), reverse=True)
+            assert cuts == [list(stage) for stage in pdrop.schedule(64, 0.25, k, layers)]  # every stage recorded
+        assert meta["prefill_flops"] < n
+    assert result.summary["image_tokens_kept"] == reference.summary["image_tokens_kept"]
 
 
 def test_answers_are_the_engines_greedy_tokens(loaded, questions):

@@ -24,6 +24,7 @@ from .conftest import NEW_TOKENS, Family
 
 ATOL = 1e-4  # engine vs reference logits (fp32; the engine gathers columns and uses its own masks)
 METHODS = ("dense", "dynamic", "fastv", "random")
+BASELINES = ("dart", "divprune", "cdpruner", "visionzip", "pdrop")  # the 2025 training-free methods
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,22 +68,31 @@ def _policy(family: Family, image_keep: torch.Tensor) -> torch.Tensor:
     return policy
 
 
-def _masked_logits(family: Family, policy: torch.Tensor, deepstack: bool = True) -> torch.Tensor:
+def _masked_logits(
+    family: Family, policy: torch.Tensor | dict[int, torch.Tensor], deepstack: bool = True,
+    features_flat: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The training-mode gated forward over the whole unpruned prompt with the gate ``policy`` (no
-    predictor involved), at HF generate's own prefill positions; DeepStack additions (Qwen3-VL) are
-    added at every image position after their layer, as HF's ``_deepstack_process`` does."""
+    predictor involved) in layers >= K, or with ``policy[c]`` from layer c on for every cut layer c
+    (0: before the LLM), at HF generate's own prefill positions; DeepStack additions (Qwen3-VL) are
+    added at every image position after their layer, as HF's ``_deepstack_process`` does.
+    ``features_flat`` replaces the image features (VisionZip's merged tokens)."""
     model, adapter = family.model, family.adapter
     decoder = adapter.decoder(model.base)
     ids, mask = family.input_ids, family.attention_mask
+    gates = policy if isinstance(policy, dict) else {family.sparse_layer: policy}
     with torch.no_grad():
         features = model.encode_images(family.images)
         image_mask = ids == family.image_token_id
-        hidden = decoder.embed_tokens(ids).masked_scatter(image_mask[..., None], features.flat)
+        flat = features.flat if features_flat is None else features_flat
+        hidden = decoder.embed_tokens(ids).masked_scatter(image_mask[..., None], flat)
         rotary = family.rope(hidden, family.reference["prefill_positions"])
         additive = causal_padding_mask(mask, hidden.dtype)
         for i, layer in enumerate(decoder.layers):
-            hidden = layer(hidden, attention_mask=additive, position_embeddings=rotary, policy=policy,
-                           sparse_layer=family.sparse_layer)
+            cuts = [c for c in gates if c <= i]
+            gate = gates[max(cuts)] if cuts else None
+            hidden = layer(hidden, attention_mask=additive, position_embeddings=rotary, policy=gate,
+                           sparse_layer=0 if gate is not None else None)
             if deepstack and i in features.layer_additions:
                 hidden = hidden.clone()
                 hidden[image_mask] += features.layer_additions[i]
@@ -216,9 +226,56 @@ def test_decoding_positions_continue_from_the_full_prompt(family: Family, use_ca
 
 
 # -- 5. cache == no cache --------------------------------------------------------------------------
-@pytest.mark.parametrize("text", ["off", "learned", 0.5])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", BASELINES)
+def test_baseline_prefill_equals_masked_forward(family: Family, method: str):
+    """Each 2025 baseline through the same pruned engine: every cut keeps exactly its plan's budget
+    (a single cut: ``int(n * keep)``, as every other method), and the pruned prefill (before the LLM,
+    at K, or PDrop's stages) equals the gated forward over the unpruned prompt with each cut's gate
+    from its layer on."""
+    if method == "visionzip" and family.name not in ("llava",):
+        with pytest.raises(NotImplementedError, match="vision_saliency"):
+            SparseEngine(family.model, method=method, keep=0.25, text="off")
+        return
+    engine = SparseEngine(family.model, method=method, keep=0.25, text="off")
+    logits, index, valid, state = _pruned_prefill(family, method)
+    features = family.model.encode_images(family.images)
+    plan = engine.plan(features)
+    assert sorted(state.cuts) == [layer for layer, _ in plan]
+    fixed = features.fixed_counts()
+    for layer, budgets in plan:
+        assert state.cuts[layer].sum(-1).tolist() == [f + sum(b) for f, b in zip(fixed, budgets)]
+    first = {"divprune": 0, "cdpruner": 0, "visionzip": 0}.get(method, family.sparse_layer)
+    assert plan[0][0] == first
+    if method != "pdrop":
+        assert state.image_keep.sum(-1).tolist() == family.budgets(0.25)
+    else:  # later stages choose among the earlier stage's tokens, and token-layers stay within the single cut's
+        layers = [layer for layer, _ in plan]
+        for a, b in zip(layers, layers[1:]):
+            assert not (state.cuts[b] & ~state.cuts[a]).any()
+        per_layer = engine.image_tokens_per_layer(features)
+        single = [k * (len(per_layer[0]) - family.sparse_layer) for k in family.budgets(0.25)]
+        tail = [sum(row[family.sparse_layer :]) for row in per_layer]
+        assert all(t <= s for t, s in zip(tail, single)) and tail != [k * len(per_layer[0]) for k in family.budgets(0.25)]
+    replaced = None
+    if state.image_replacement is not None:  # VisionZip: merged contextual tokens replace their centres' features
+        replaced = torch.cat([state.image_replacement[b, :c] for b, c in enumerate(family.counts)])
+        assert not torch.equal(replaced, features.flat)
+    gates = {layer: _policy(family, state.cuts[layer]) for layer in state.cuts}
+    masked = _masked_logits(family, gates, features_flat=replaced)
+    expected = masked.gather(1, index[..., None].expand(-1, -1, masked.shape[-1]))
+    diff = (expected - logits)[valid].abs().max().item()
+    assert diff <= ATOL, diff
+
+
+def _supported(family: Family, method: str) -> None:
+    if method == "visionzip" and family.name != "llava":
+        pytest.skip(f"visionzip: no vision_saliency for {family.name} yet (test_baseline_prefill_equals_masked_forward checks the error)")
+
+
+# the baselines decode with every generated token (text=off)
+@pytest.mark.parametrize("method,text", [(m, t) for m in METHODS for t in ("off", "learned", 0.5)] + [(m, "off") for m in BASELINES])
 def test_cache_equals_no_cache(family: Family, method: str, text):
+    _supported(family, method)
     engine = SparseEngine(family.model, method=method, keep=0.25, text=text)
     args = (family.input_ids, family.attention_mask, family.images)
     # fed tokens: varied text tokens (no special ids), so the text decisions vary too
@@ -287,10 +344,11 @@ def test_fastv_keeps_the_image_tokens_hf_eager_attention_ranks_highest(family: F
 
 
 # -- 6. batch == per sample ------------------------------------------------------------------------
-@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
-@pytest.mark.parametrize("method", ["dynamic", "fastv"])
+# (cache == no cache is checked above, so the baselines' batching is checked with the cache only)
+@pytest.mark.parametrize("method,use_cache", [(m, c) for m in ("dynamic", "fastv") for c in (True, False)] + [(m, True) for m in BASELINES])
 def test_batch_equals_per_sample(family: Family, method: str, use_cache: bool):
-    engine = SparseEngine(family.model, method=method, keep=0.25, text="learned")
+    _supported(family, method)
+    engine = SparseEngine(family.model, method=method, keep=0.25, text="learned" if method in ("dynamic", "fastv") else "off")
     batch = engine.generate(family.input_ids, family.attention_mask, max_new_tokens=NEW_TOKENS,
                             pad_token_id=family.pad_token_id, use_cache=use_cache, **family.images)
     logits, _, _ = _run(engine, family.input_ids, family.attention_mask, family.images, batch.sequences, use_cache)

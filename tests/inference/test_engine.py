@@ -182,3 +182,144 @@ def test_bad_arguments_name_the_problem(model):
         SparseEngine(model, keep=1.5)
     with pytest.raises(ValueError, match="text"):
         SparseEngine(model, text="sometimes")
+
+
+# -- the inputs each 2025 baseline reads, extracted here independently of the engine ----------------
+def _instruction_rows(ids, mask, image_token_id):
+    """Each row's prompt tokens after its image (the instruction), as python lists of column indices."""
+    rows = []
+    for row, valid in zip(ids.tolist(), mask.tolist()):
+        last = max(i for i, t in enumerate(row) if t == image_token_id)
+        rows.append([i for i in range(last + 1, len(row)) if valid[i]])
+    return rows
+
+
+def test_divprune_and_cdpruner_select_on_the_projected_features_and_the_questions_embeddings(model):
+    from dllava.inference.methods import cdpruner, divprune
+
+    ids, mask, pixels = _prompts(model.llava.config)
+    features = model.image_features(pixels)  # (B, 64, H): what the projector gives
+    embed = model.llava.model.language_model.embed_tokens
+    for b, columns in enumerate(_instruction_rows(ids, mask, model.llava.config.image_token_id)):
+        member = torch.ones(1, 64, dtype=torch.bool)
+        words = embed(ids[b, columns])[None]
+        relevance = cdpruner.relevance(features[b : b + 1], words, member, torch.ones(1, len(columns), dtype=torch.bool))
+        expected = {
+            "divprune": divprune.select(features[b : b + 1], member, [16])[0],
+            "cdpruner": cdpruner.select(features[b : b + 1], relevance, member, [16])[0],
+        }
+        for method, keep in expected.items():
+            state = SparseEngine(model, method=method, keep=0.25, text="off").start(ids, mask, pixels)[1]
+            assert torch.equal(state.image_keep[b], keep), (method, b)
+            assert sorted(state.cuts) == [0]  # before the LLM
+
+
+def test_dart_reads_layer_k_minus_1_keys_and_the_normed_hidden_states_entering_k(model):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from dllava.inference.methods import dart
+    from dllava.sparse.model import causal_padding_mask, positions_from_mask
+
+    ids, mask, pixels = _prompts(model.llava.config)
+    lm = model.llava.model.language_model
+    k = model.sparsity.layer
+    weight = lm.norm.weight.detach().clone()
+    with torch.no_grad():  # a final norm that is not all ones, so normed and raw states rank differently
+        lm.norm.weight.copy_(torch.rand(weight.shape, generator=torch.Generator().manual_seed(3)) + 0.05)
+    try:
+        _check_dart(model, ids, mask, pixels, lm, k)
+    finally:
+        with torch.no_grad():
+            lm.norm.weight.copy_(weight)
+
+
+def _check_dart(model, ids, mask, pixels, lm, k):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from dllava.inference.methods import dart
+    from dllava.sparse.model import causal_padding_mask, positions_from_mask
+
+    with torch.no_grad():  # the dense forward up to layer K, HF's own layers and rotary
+        image_mask = ids == model.llava.config.image_token_id
+        hidden = lm.embed_tokens(ids).masked_scatter(image_mask[..., None], model.image_features(pixels))
+        rotary = lm.rotary_emb(hidden, positions_from_mask(mask))
+        additive = causal_padding_mask(mask, hidden.dtype)
+        for layer in lm.layers[: k - 1]:
+            hidden = layer(hidden, attention_mask=additive, position_embeddings=rotary)
+        attn = lm.layers[k - 1].self_attn
+        normed = lm.layers[k - 1].input_layernorm(hidden)
+        key = attn.k_proj(normed).view(*normed.shape[:2], -1, attn.head_dim).transpose(1, 2)
+        _, key = apply_rotary_pos_emb(key, key, *rotary)
+        norms = key.abs().sum((1, 3))
+        hidden = lm.norm(lm.layers[k - 1](hidden, attention_mask=additive, position_embeddings=rotary))
+    state = SparseEngine(model, method="dart", keep=0.25, text="off").start(ids, mask, pixels)[1]
+    for b, columns in enumerate(_instruction_rows(ids, mask, model.llava.config.image_token_id)):
+        image = image_mask[b].nonzero()[:, 0]
+        expected = dart.select(
+            hidden[b, image][None], norms[b, image][None], hidden[b, columns][None], norms[b, columns][None],
+            torch.ones(1, len(columns), dtype=torch.bool), torch.ones(1, 64, dtype=torch.bool), [16],
+        )[0]
+        assert torch.equal(state.image_keep[b], expected), b
+
+
+def test_visionzip_reads_clip_cls_attention_of_the_projected_layer(model):
+    from dllava.inference.methods import visionzip
+
+    ids, mask, pixels = _prompts(model.llava.config)
+    config = model.llava.config
+    tower = model.llava.model.vision_tower
+    captured = {}
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    layer = layers[len(layers) + config.vision_feature_layer]  # -2: the second to last
+    hook = layer.self_attn.register_forward_hook(lambda m, args, kwargs, out: captured.update(out=out), with_kwargs=True)
+    previous = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"  # HF's eager attention returns the weights
+    try:
+        with torch.no_grad():
+            tower(pixels, output_attentions=True)
+    finally:
+        hook.remove()
+        tower.config._attn_implementation = previous
+    weights = captured["out"][1]  # (B, heads, 1 + 64, 1 + 64): HF's own attention probabilities
+    cls = weights[:, :, 0, 1:].sum(1)
+    keys = {}
+    hook = layer.self_attn.k_proj.register_forward_hook(lambda m, a, out: keys.update(k=out))
+    with torch.no_grad():
+        tower(pixels)
+    hook.remove()
+    heads = layer.self_attn.num_heads
+    key = keys["k"].view(*keys["k"].shape[:2], heads, -1).mean(2)[:, 1:]
+    features = model.image_features(pixels)
+    state = SparseEngine(model, method="visionzip", keep=0.25, text="off").start(ids, mask, pixels)[1]
+    keep, merged = visionzip.select(cls, key, features, torch.ones(3, 64, dtype=torch.bool), [16] * 3)
+    assert torch.equal(state.image_keep, keep)
+    torch.testing.assert_close(state.image_replacement, merged)
+
+
+def test_instruction_aware_predictor_decides_in_the_engine_as_in_the_model_forward(tiny_model_dir):
+    """The engine's learned decisions with ``sparsity.image_predictor=instruction_aware`` (the prompt's
+    text after the image entering layer K, gathered from the engine's own columns) equal DynamicVLM's
+    own eval forward over the same left-padded batch, and each sample alone; a different question
+    changes them."""
+    model = _dynamic(tiny_model_dir, image_predictor="instruction_aware")
+    with torch.no_grad():  # a cross-attention that contributes (it starts at zero)
+        model.image_predictor.cross.proj.weight.normal_(0, 2.0, generator=torch.Generator().manual_seed(4))
+    ids, mask, pixels = _prompts(model.llava.config)
+    engine = SparseEngine(model, method="dynamic", keep=0.25, text="off")
+    state = engine.start(ids, mask, pixels)[1]
+    with torch.no_grad():
+        forward = model(ids, mask, mode="eval", keep=0.25, pixel_values=pixels)
+    assert torch.equal(state.image_keep, forward.image_keep.bool())
+    for b in range(3):
+        width = int(mask[b].sum())
+        alone = engine.start(ids[b : b + 1, -width:], mask[b : b + 1, -width:], pixels[b : b + 1])[1]
+        assert torch.equal(alone.image_keep[0], state.image_keep[b])
+    other = ids.clone()
+    other[:, -4:] = torch.randint(5, 40, (3, 4), generator=torch.Generator().manual_seed(5))  # another question
+    changed = engine.start(other, mask, pixels)[1]
+    assert not torch.equal(changed.image_keep, state.image_keep)
+    original = _dynamic(tiny_model_dir)
+    original.load_state_dict(model.state_dict(), strict=False)
+    same_question = SparseEngine(original, method="dynamic", keep=0.25, text="off")
+    a = same_question.start(ids, mask, pixels)[1].image_keep
+    assert torch.equal(a, same_question.start(other, mask, pixels)[1].image_keep)  # the original cannot tell

@@ -27,6 +27,7 @@ from dllava.eval.overlay import captioned, kept_patch_overlay, tile
 from dllava.eval.plots import fmt as _fmt, pareto_plot, write_rows
 from dllava.eval.questions import Question
 from dllava.eval.runner import Arm, ArmResult, default_text, evaluate_arm
+from dllava.inference.selection import unsupported
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ def plan_arms(loaded: LoadedModel, methods: Sequence[str], keeps: Sequence[float
             continue
         if method == "dynamic" and loaded.model.image_predictor is None:
             log.warning("%s has no image predictor: skipping method=dynamic", loaded.name)
+            continue
+        missing = unsupported(method, loaded.model.adapter)
+        if missing:
+            log.warning("%s: skipping method=%s (%s)", loaded.name, method, missing)
             continue
         arms += [Arm(method, float(keep), default_text(loaded.model, method), budget) for keep in keeps]
     return arms

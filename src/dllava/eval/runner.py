@@ -62,6 +62,8 @@ class Arm:
     keep: float = 1.0
     text: str | float = "off"
     budget: str = "global"
+    options: dict[str, Any] = field(default_factory=dict)  # the method's settings (conf/method/<name>.yaml)
+    prune_layer: int | None = None  # where a movable method cuts (None: its paper's place)
 
     def __post_init__(self) -> None:
         check_method(self.method)
@@ -104,29 +106,49 @@ class CostModel:
         self.layer = layer
         self.arm = arm
         self.predictor = model.predictor_config if arm.method == "dynamic" else None
+        self.instruction_aware = getattr(model.sparsity, "image_predictor", "original") == "instruction_aware"
 
-    def extra(self, prompt_len: int, n_image: int) -> int:
-        """Predictor or FastV scoring of one prompt (none without image tokens: nothing is selected)."""
+    def extra(self, prompt_len: int, n_image: int, per_layer: list[int] | None = None, instruction: int = 0) -> int:
+        """Predictor or training-free selection work of one prompt (none without image tokens: nothing is
+        selected; :func:`~dllava.inference.flops.selection_flops`)."""
         if n_image == 0:
             return 0
         if self.arm.method == "dynamic" and self.predictor is not None:
-            return flops.image_predictor_flops(self.shape.hidden, self.predictor, n_image)
-        if self.arm.method == "fastv":
-            return flops.fastv_score_flops(self.shape, prompt_len)
-        return 0
+            return flops.image_predictor_flops(
+                self.shape.hidden, self.predictor, n_image, instruction_tokens=max(instruction, 1),
+                instruction_aware=self.instruction_aware,
+            )
+        per_layer = per_layer if per_layer is not None else [n_image] * self.shape.layers
+        return flops.selection_flops(self.arm.method, self.shape, prompt_len, n_image, per_layer, self.layer, instruction)
 
-    def prefill(self, prompt_len: int, kept: int, n_image: int) -> int:
-        return flops.prefill_flops(
-            self.shape, self.layer, prompt_len, prompt_len - n_image + kept, extra=self.extra(prompt_len, n_image)
+    def image_per_layer(self, n_image: int, kept: int | float, cuts: Sequence[Sequence[int]] | None = None) -> list[int]:
+        """Image tokens each decoder layer runs for one question: from its ``cuts`` ([layer, tokens from
+        there on] pairs, answer metadata ``image_cuts``), or (answers written before cuts were recorded)
+        all of them below K and ``kept`` from K on."""
+        if cuts is None:
+            cuts = [] if kept == n_image else [(self.layer, int(kept))]
+        at = dict((int(layer), int(tokens)) for layer, tokens in cuts)
+        row, current = [], n_image
+        for i in range(self.shape.layers):
+            current = at.get(i, current)
+            row.append(current)
+        return row
+
+    def prefill(
+        self, prompt_len: int, kept: int | float, n_image: int, cuts: Sequence[Sequence[int]] | None = None,
+        instruction: int = 0,
+    ) -> int:
+        per_layer = self.image_per_layer(n_image, kept, cuts)
+        return flops.prefill_flops_layers(
+            self.shape, [prompt_len - n_image + t for t in per_layer],
+            extra=self.extra(prompt_len, n_image, per_layer, instruction),
         )
 
     def prefill_dense(self, prompt_len: int) -> int:
         return flops.prefill_flops(self.shape, self.layer, prompt_len, prompt_len)
 
-    def paper(self, kept: int, n_image: int) -> int:
-        return flops.paper_prefill_flops(
-            flops.image_tokens_per_layer(self.shape.layers, self.layer, n_image, kept), self.shape.hidden
-        )
+    def paper(self, kept: int | float, n_image: int, cuts: Sequence[Sequence[int]] | None = None) -> int:
+        return flops.paper_prefill_flops(self.image_per_layer(n_image, kept, cuts), self.shape.hidden)
 
     def vision(self, n_image: int, grid: Sequence[int] | None = None) -> int:
         """The vision tower and projector on one question's image, by the family's formula
@@ -137,6 +159,17 @@ class CostModel:
         flat = torch.empty(n_image, 1, device="meta")  # shapes only: the formulas read counts and grids
         features = ImageFeatures.from_stacked(flat[None]) if grid is None else ImageFeatures(flat, [n_image], [tuple(grid)])
         return self.adapter.vision_flops(self.config, features)
+
+
+def _cuts(per_layer: list[int], n_image: int) -> list[list[int]]:
+    """[layer, image tokens from there on] wherever a layer runs fewer image tokens than the one before
+    it (layer 0: than the image has); empty when nothing was cut."""
+    cuts, previous = [], n_image
+    for i, n in enumerate(per_layer):
+        if n != previous:
+            cuts.append([i, n])
+        previous = n
+    return cuts
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -176,7 +209,8 @@ def evaluate_arm(
     answer records as soon as they exist (``eval.py`` appends them to answers.jsonl).
     """
     model, tokenizer, device = loaded.model, loaded.processor.tokenizer, loaded.device
-    engine = SparseEngine(model, method=arm.method, keep=arm.keep, text=arm.text, seed=seed, budget=arm.budget)
+    engine = SparseEngine(model, method=arm.method, keep=arm.keep, text=arm.text, seed=seed, budget=arm.budget,
+                          options=arm.options, prune_layer=arm.prune_layer)
     cost = CostModel(loaded, arm, engine.layer)
     dtype = next(model.parameters()).dtype
     model_id = model_id or f"{loaded.name}:{arm.label}"
@@ -222,6 +256,8 @@ def evaluate_arm(
         fresh = []
         for i, question in enumerate(batch):
             kept, n_image = result.image_tokens_kept[i], result.image_tokens[i]
+            cuts = _cuts(result.image_tokens_per_layer[i], n_image)
+            instruction = result.instruction_tokens[i] if result.instruction_tokens else 0
             grid = result.image_grids[i] if result.image_grids else None
             evidence_kept = int(image_keep[i, question.evidence].sum()) if question.evidence else None
             metadata = {
@@ -229,19 +265,22 @@ def evaluate_arm(
                 "keep": arm.keep,
                 "text": arm.text,
                 "budget": arm.budget,
+                "options": arm.options,
+                "prune_layer": engine.prune_layer,
                 "image_tokens": n_image,
                 "image_tokens_fixed": result.image_tokens_fixed[i],
                 "image_tokens_kept": kept,
+                "image_cuts": cuts,  # [layer, image tokens from there on] (PDrop: several)
                 "text_tokens_fed": result.text_tokens_fed[i],
                 "text_tokens_kept": result.text_tokens_kept[i],
                 "kv_bytes": result.kv_bytes[i] if result.kv_bytes else None,
-                "prefill_flops": cost.prefill(prompt_lens[i], kept, n_image),
+                "prefill_flops": cost.prefill(prompt_lens[i], kept, n_image, cuts, instruction),
                 "kind": question.kind,
                 # what the summary needs besides the above, so that it can score a continued run's
                 # earlier answers from the answer file alone
                 "kv_bytes_dense": result.kv_bytes_dense[i] if result.kv_bytes_dense else None,
                 "prefill_flops_dense": cost.prefill_dense(prompt_lens[i]),
-                "prefill_flops_paper": cost.paper(kept, n_image),
+                "prefill_flops_paper": cost.paper(kept, n_image, cuts),
                 "vision_flops": cost.vision(n_image, grid),
             }
             if evidence_kept is not None:
@@ -299,13 +338,14 @@ def check_answered(answered: Sequence[dict[str, Any]], model_id: str, arm: Arm) 
                 "(written by an older eval.py?): evaluate into a new run dir"
             )
         # answers written before budgets existed were all global
-        found = (record.get("model_id"), meta.get("method"), meta.get("keep"), meta.get("text"), meta.get("budget", "global"))
-        if found != (model_id, arm.method, arm.keep, arm.text, arm.budget):
+        found = (record.get("model_id"), meta.get("method"), meta.get("keep"), meta.get("text"), meta.get("budget", "global"),
+                 meta.get("options", {}))
+        if found != (model_id, arm.method, arm.keep, arm.text, arm.budget, arm.options):
             raise ValueError(
                 f"answers.jsonl holds answers of model_id={found[0]!r} method={found[1]} keep={found[2]} "
-                f"text={found[3]} budget={found[4]}, not of model_id={model_id!r} {arm.label} text={arm.text} "
-                f"budget={arm.budget}: continue with the same ckpt_path, method, sparsity.keep and sparsity.budget, "
-                "or evaluate into a new run dir"
+                f"text={found[3]} budget={found[4]} options={found[5]}, not of model_id={model_id!r} {arm.label} "
+                f"text={arm.text} budget={arm.budget} options={arm.options}: continue with the same ckpt_path, method "
+                "(and its settings), sparsity.keep and sparsity.budget, or evaluate into a new run dir"
             )
 
 

@@ -203,6 +203,15 @@ class FamilyAdapter:
         key = attn.k_proj(normed).view(batch, n, -1, d)
         return query.transpose(1, 2), key.transpose(1, 2)
 
+    def vision_saliency(self, model: nn.Module, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """VisionZip's inputs, one row per image token in :meth:`encode_images`' order: the attention the
+        token receives in the vision tower's selected layer (T,) (CLS attention where the tower has a CLS
+        token) and that layer's keys (T, d), mean over heads."""
+        raise NotImplementedError(
+            f"method=visionzip reads the vision tower's attention, which the {self.model_type} adapter does not "
+            "provide yet (vision_saliency)"
+        )
+
     # -- cost ------------------------------------------------------------------------------------
     def vision_flops(self, config: Any, features: ImageFeatures) -> int:
         """FLOPs of the vision tower and projector for the images of ``features``."""

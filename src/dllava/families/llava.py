@@ -61,6 +61,30 @@ class LlavaAdapter(FamilyAdapter):
     ) -> torch.Tensor:
         return positions_from_mask(attention_mask)[None]
 
+    def vision_saliency(self, model: nn.Module, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP's CLS-to-patch attention (summed over heads) and keys (mean over heads) in the layer whose
+        output LLaVA projects (``vision_feature_layer``), recomputed from that layer's input as VisionZip
+        reads them; rows follow the projected tokens (CLS dropped under the ``default`` strategy)."""
+        config = model.config
+        tower = self.vision_tower(model)
+        pixels = images["pixel_values"].to(next(tower.parameters()).dtype)
+        hidden = tower(pixels, output_hidden_states=True).hidden_states
+        layers = self.vision_layers(model)
+        chosen = config.vision_feature_layer
+        if not isinstance(chosen, int):
+            raise NotImplementedError("method=visionzip with several vision_feature_layer values")
+        index = chosen % (len(layers) + 1) - 1  # hidden_states[i] is the output of layer i - 1
+        layer = layers[index]
+        attn = layer.self_attn
+        normed = layer.layer_norm1(hidden[index])
+        batch, n, _ = normed.shape
+        query = attn.q_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2).float()
+        key = attn.k_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2).float()
+        cls = (query[:, :, :1] @ key.transpose(-1, -2) * attn.scale).softmax(-1)[:, :, 0].sum(1)  # (B, n)
+        first = 1 if config.vision_feature_select_strategy == "default" else 0
+        keys = key.mean(1)[:, first:]
+        return cls[:, first:].reshape(-1), keys.reshape(-1, keys.shape[-1])
+
     def vision_flops(self, config: Any, features: ImageFeatures) -> int:
         from dllava.inference.flops import vision_flops
 

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from dllava.families.base import ImageFeatures, image_statistics
+from dllava.families.base import FamilyAdapter, ImageFeatures, image_statistics
 from dllava.families.llava import LlavaAdapter
 
 # names a preprocessor_config.json may give; the PIL twins preprocess as the torchvision ones do
@@ -153,6 +153,8 @@ class LlavaNextAdapter(LlavaAdapter):
         "vision": ("model.vision_tower.",),
     }
     vision_cls = True  # the tower prepends a CLS token (CLIP); SigLIP has none
+    # VisionZip would need each crop's attention mapped through the packing (unpadding, newlines): not yet
+    vision_saliency = FamilyAdapter.vision_saliency
 
     def model_class(self) -> type[nn.Module]:
         from transformers import LlavaNextForConditionalGeneration

@@ -1,9 +1,11 @@
 """A KV cache that stores per sample only the tokens the predictors keep (PAPER.md section 7.3).
 
 Layers < K ("dense group") store every token; layers >= K ("sparse group") store the pruned prompt and
-then only the generated tokens whose text decision says keep. All layers of a group hold the same token
-set, so bookkeeping (write pointers, key validity) is per group and per sample, and the K/V tensors are
-per layer.
+then only the generated tokens whose text decision says keep. A staged method (PyramidDrop) cuts image
+tokens again at later layers: each later ``stage`` starts a group of its own, which holds fewer prompt
+tokens and the same generated tokens as the sparse group (staged methods decode with every generated
+token). All layers of a group hold the same token set, so bookkeeping (write pointers, key validity) is
+per group and per sample, and the K/V tensors are per layer.
 
 Batch > 1 with per-sample lengths: each sample writes at its own pointer; slots past a sample's pointer
 and left-padding slots are marked invalid and **masked** in attention (the reference code right-padded
@@ -22,6 +24,7 @@ The object is duck-typed to what HF attention modules call: ``update(key, value,
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Sequence
 
 import torch
@@ -32,23 +35,38 @@ DENSE, SPARSE = 0, 1
 class SparseKVCache:
     """Per-layer K/V buffers (B, heads_kv, capacity, head_dim) with per-group validity and pointers."""
 
-    def __init__(self, num_layers: int, sparse_from: int, batch_size: int, grow: int = 64) -> None:
+    def __init__(
+        self, num_layers: int, sparse_from: int, batch_size: int, grow: int = 64, stages: Sequence[int] = ()
+    ) -> None:
         if not 0 < sparse_from <= num_layers:
             raise ValueError(f"sparse_from must be in [1, {num_layers}], got {sparse_from}")
+        if list(stages) != sorted(set(stages)) or any(not sparse_from < s < num_layers for s in stages):
+            raise ValueError(f"stages must be increasing layers in ({sparse_from}, {num_layers}), got {list(stages)}")
         self.num_layers = num_layers
         self.sparse_from = sparse_from
         self.batch_size = batch_size
         self.grow = grow
+        self.starts = [0, sparse_from, *stages]  # first layer of each group
+        groups = len(self.starts)
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.valid: list[torch.Tensor | None] = [None, None]  # per group: (B, capacity) bool
-        self.length: list[list[int]] = [[0] * batch_size, [0] * batch_size]  # write pointers, per group and sample
-        self._slots: list[torch.Tensor | None] = [None, None]  # (B, n) slots of the open step
-        self.free: list[list[list[int]]] = [[[] for _ in range(batch_size)] for _ in range(2)]  # evicted slots
-        self.open_slots: list[list[int] | None] = [None, None]  # host slots of a one-column open step
+        self.valid: list[torch.Tensor | None] = [None] * groups  # per group: (B, capacity) bool
+        self.length: list[list[int]] = [[0] * batch_size for _ in range(groups)]  # write pointers, per group and sample
+        self._slots: list[torch.Tensor | None] = [None] * groups  # (B, n) slots of the open step
+        self.free: list[list[list[int]]] = [[[] for _ in range(batch_size)] for _ in range(groups)]  # evicted slots
+        self.open_slots: list[list[int] | None] = [None] * groups  # host slots of a one-column open step
+
+    @property
+    def groups(self) -> int:
+        return len(self.starts)
 
     def group(self, layer_idx: int) -> int:
-        return SPARSE if layer_idx >= self.sparse_from else DENSE
+        return bisect_right(self.starts, layer_idx) - 1
+
+    def layers_of(self, group: int) -> range:
+        """The decoder layers whose K/V ``group`` holds."""
+        end = self.starts[group + 1] if group + 1 < self.groups else self.num_layers
+        return range(self.starts[group], end)
 
     # -- one step: open -> update (per layer) -> commit ------------------------------------------
     def open(self, group: int, key_valid: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,6 +158,11 @@ class SparseKVCache:
     def token_counts(self) -> tuple[list[int], list[int]]:
         """Valid stored tokens per sample in a dense layer and in a sparse layer (reads the device)."""
         return self.valid[DENSE].sum(-1).tolist(), self.valid[SPARSE].sum(-1).tolist()
+
+    def layer_token_counts(self) -> list[list[int]]:
+        """Valid stored tokens per sample in every layer, (B, L) host ints (reads the device)."""
+        per_group = [self.valid[g].sum(-1).tolist() for g in range(self.groups)]
+        return [[per_group[self.group(i)][b] for i in range(self.num_layers)] for b in range(self.batch_size)]
 
     def element_size(self) -> int:
         """Bytes per stored K/V element."""

@@ -30,7 +30,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from dllava.families import ImageFeatures, gather_columns, next_positions
 from dllava.inference.cache import DENSE, SPARSE, SparseKVCache
-from dllava.inference.flops import DecoderShape, cache_tokens, kv_bytes
+from dllava.inference.flops import DecoderShape, kv_bytes_layers
+from dllava.inference import selection
 from dllava.inference.selection import check_method, last_token_attention, newest_query_attention, num_kept
 from dllava.inference.text_policies import (
     TextMembership,
@@ -39,7 +40,15 @@ from dllava.inference.text_policies import (
     check_text_policy,
     decide_newest,
 )
-from dllava.sparse.decisions import check_budget, image_columns, keep_score, top_per_group
+from dllava.sparse.decisions import (
+    check_budget,
+    group_sizes,
+    image_columns,
+    keep_score,
+    score_rows,
+    select_per_group,
+    top_per_row,
+)
 from dllava.sparse.model import DynamicVLM
 
 
@@ -53,7 +62,10 @@ class RequestState:
     image_features: ImageFeatures | None
     position_ids: torch.Tensor  # (R, B, N) of the unpruned sequence so far (prompt + fed tokens)
     cache: SparseKVCache | None = None
-    image_keep: torch.Tensor | None = None  # (B, n_image) bool, fixed after prefill (False on padding slots)
+    image_keep: torch.Tensor | None = None  # (B, n_image) bool kept by the first cut, fixed after prefill (False on padding slots)
+    cuts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, n_image) bool kept from there on
+    image_replacement: torch.Tensor | None = None  # (B, n_image, H) features of kept image tokens (VisionZip's merges)
+    saliency: tuple[torch.Tensor, torch.Tensor] | None = None  # vision-tower (score, keys) per image token (VisionZip)
     text_kept: list[list[bool]] = field(default_factory=list)  # per fed token: (B,) decisions when fed
     generator: torch.Generator | None = None
     newest_decision: list[bool] | None = None  # no-cache path: the decision for the token just fed
@@ -72,7 +84,7 @@ class GenerationResult:
     sequences: torch.Tensor  # (B, T) new tokens; finished samples continue with pad
     lengths: list[int]  # new tokens up to and including EOS
     image_tokens: list[int]  # image tokens per sample in the prompt
-    image_tokens_kept: list[int]  # never-dropped ones (image_tokens_fixed) included
+    image_tokens_kept: list[int | float]  # from layer K on, never-dropped ones included (staged methods: layer mean)
     image_keep: torch.Tensor | None  # (B, n_image) bool: which image tokens survived prefill
     text_tokens_fed: list[int]  # generated tokens that went back into the model (before EOS)
     text_tokens_kept: list[int]  # of those, staying in the sparse layers (>= K) after the last one was fed
@@ -83,7 +95,10 @@ class GenerationResult:
     image_grids: list[tuple[int, int]] | None = None  # each sample's image (rows, cols) token grid (vision FLOPs)
     image_tokens_fixed: list[int] | None = None  # image tokens no method drops (LLaVA-NeXT's newlines)
     text_computing: list[list[int]] | None = None  # per fed token: generated tokens its step ran in layers >= K
-    prompt_tokens_sparse: list[int] | None = None  # prompt tokens in layers >= K (image tokens pruned)
+    prompt_tokens_sparse: list[int] | None = None  # prompt tokens in layer K (image tokens pruned)
+    image_tokens_per_layer: list[list[int]] | None = None  # (B, L) image tokens each decoder layer ran
+    image_token_layers: list[int] | None = None  # image tokens summed over layers K..L-1 (equal-budget check)
+    instruction_tokens: list[int] | None = None  # prompt tokens after the image (CDPruner's and DART's text)
 
 
 class SparseEngine:
@@ -100,6 +115,8 @@ class SparseEngine:
         budget: str | None = None,
         text_keep: float | None = None,
         sinks: int = 4,
+        prune_layer: int | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.method = check_method(method)
@@ -120,7 +137,17 @@ class SparseEngine:
             raise ValueError("text='learned' needs a model with a text predictor; use text='off' or a rate")
         self.seed = seed
         self.budget = check_budget(model.sparsity.budget if budget is None else budget)
+        # where the image tokens are cut (before layer 0 or at K; a staged method's first stage) and the
+        # method's own settings (its paper's defaults unless given, conf/method/<name>.yaml)
+        self.prune_layer = selection.prune_layer(self.method, self.layer, prune_layer)
+        self.options = selection.check_options(self.method, options)
+        self.stages = self._stages()
+        if self.stages and self.text != "off":
+            raise ValueError(f"method={self.method} cuts at several layers and decodes with every generated token: text must be 'off'")
         self.adapter = model.adapter
+        missing = selection.unsupported(self.method, self.adapter)
+        if missing:
+            raise NotImplementedError(f"method={self.method}: {missing}")
         self.lm = self.adapter.decoder(model.base)
         self.image_token_id = self.adapter.image_token_id(model.base.config)
 
@@ -128,6 +155,22 @@ class SparseEngine:
     def image_keep_share(self) -> float | None:
         """The share of droppable image tokens this engine keeps (None: all, the dense method)."""
         return None if self.method == "dense" else self.keep
+
+    def _stages(self) -> list[int]:
+        """Cut layers after K (a staged method's later stages; they get cache groups of their own)."""
+        if self.method not in selection.STAGED:
+            return []
+        probe = torch.tensor([[1000]])  # the layers do not depend on the group size
+        return [layer for layer, _ in selection.cut_plan(self.method, probe, self.keep, self.layer, self.model.num_layers, self.options) if layer > self.layer]
+
+    def plan(self, features: ImageFeatures) -> list[tuple[int, list[list[int]]]]:
+        """Every cut of a batch: ``[(layer, budgets[b][g])]`` (:func:`~dllava.inference.selection.cut_plan`)."""
+        sizes = group_sizes(features.groups(self.budget), features.valid())
+        return selection.cut_plan(self.method, sizes, self.keep, self.prune_layer, self.model.num_layers, self.options)
+
+    def image_tokens_per_layer(self, features: ImageFeatures) -> list[list[int]]:
+        """(B, L) image tokens each sample runs in every decoder layer."""
+        return selection.image_tokens_per_layer(self.plan(features), features.counts, features.fixed_counts(), self.model.num_layers)
 
     # -- building blocks -------------------------------------------------------------------------
     def _embed(self, input_ids: torch.Tensor, features: ImageFeatures | None, prompt_len: int):
@@ -177,27 +220,107 @@ class SparseEngine:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.adapter.lm_head(self.model.base)(self.lm.norm(hidden)).float()
 
-    def _select_images(
-        self, state: RequestState, image_hidden: torch.Tensor, fastv_score: torch.Tensor | None
+    def _choose(
+        self, state: RequestState, budgets: list[list[int]], alive: torch.Tensor, image_hidden: torch.Tensor,
+        score: torch.Tensor | None, instruction: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
-        """(B, n_image) bool keep of the image tokens, made once per request: each sample keeps
-        ``int(n_b * keep)`` of its own ``n_b`` droppable tokens, or of each view's under the ``per_view``
-        budget, plus the tokens never dropped (padding slots are never kept)."""
+        """(B, n_image) bool keep of one cut, made once per request: inside every budget group of each
+        sample (``alive`` (B, n_image): the image tokens still present) exactly ``budgets[b][g]`` tokens,
+        plus the tokens never dropped (padding slots are never kept). ``image_hidden`` (B, n_image, H):
+        the hidden states entering the cut layer at the image slots (the projected features before layer
+        0); ``score``: the last prompt token's attention in the layer before the cut (FastV, PDrop);
+        ``instruction``: the hidden states (B, m, H) entering the cut layer at the text after the image
+        and their validity (B, m) (DART and the instruction-aware predictor read them at K; CDPruner the
+        input embeddings)."""
+        from dllava.inference.methods import cdpruner, dart, divprune, visionzip
+
         batch, n, _ = image_hidden.shape
         features = state.image_features
-        valid = features.valid(image_hidden.device)
-        ragged = len(set(features.counts)) > 1
-        if self.method == "dense":
-            return valid
-        if self.method == "dynamic":
-            logits = self.model.image_predictor(image_hidden, valid=valid if ragged else None)
+        device = image_hidden.device
+        groups = features.groups(self.budget).to(device)
+        method, options = self.method, self.options
+
+        def rows(t: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+            return score_rows(t, member)
+
+        if method == "dynamic":
+            ragged = len(set(features.counts)) > 1
+            words, words_valid = instruction if instruction is not None else (None, None)
+            logits = self.model.image_predictor(
+                image_hidden, valid=features.valid(device) if ragged else None, instruction=words, instruction_valid=words_valid
+            )
             score = keep_score(logits)  # as DynamicVLM's top-k ranks (log p(keep) saturates in fp32)
-        elif self.method == "fastv":
-            score = fastv_score.float()
-        else:
-            score = torch.rand(batch, n, generator=state.generator).to(image_hidden.device)
-        # host groups and mask: the budgets are counted on the host, so this also runs on the meta device
-        return top_per_group(score, features.groups(self.budget), features.valid(), self.keep)
+        elif method == "random":
+            score = torch.rand(batch, n, generator=state.generator).to(device)
+        if method in ("dynamic", "random") or method in selection.ATTENTION_RANKED:
+            ranked = score.float()
+            return select_per_group(lambda member, flat: top_per_row(rows(ranked, member), flat, member), groups, alive, budgets)
+        if method == "divprune":
+            return select_per_group(lambda member, flat: divprune.select(rows(image_hidden, member), member, flat), groups, alive, budgets)
+        if method == "cdpruner":
+            words, words_valid = instruction
+            relevance = cdpruner.relevance(image_hidden, words, alive, words_valid, **options)
+            return select_per_group(
+                lambda member, flat: cdpruner.select(rows(image_hidden, member), rows(relevance, member), member, flat),
+                groups, alive, budgets,
+            )
+        if method == "dart":
+            (text_hidden, text_valid), (image_norm, text_norm) = instruction, score
+            image_hidden, text_hidden = self.lm.norm(image_hidden), self.lm.norm(text_hidden)  # as DART compares them
+            return select_per_group(
+                lambda member, flat: dart.select(
+                    rows(image_hidden, member), rows(image_norm, member), rows(text_hidden, member),
+                    rows(text_norm, member), rows(text_valid, member), member, flat, **options,
+                ),
+                groups, alive, budgets,
+            )
+        if method == "visionzip":
+            if state.saliency is None:
+                raise ValueError("method=visionzip needs the vision tower's attention: pass pixel inputs, not precomputed features")
+            attention, keys = state.saliency
+            out: list[torch.Tensor] = []
+
+            def pick(member: torch.Tensor, flat: list[int]) -> torch.Tensor:
+                keep, merged = visionzip.select(
+                    rows(attention, member), rows(keys, member), rows(image_hidden, member), member, flat, **options
+                )
+                out.append(merged)
+                return keep
+
+            keep = select_per_group(pick, groups, alive, budgets)
+            # each slot takes the merged features of its own budget group's row (a centre is in one group)
+            merged = out[0].reshape(batch, -1, n, image_hidden.shape[-1])
+            mine = groups.clamp_min(0)[:, None, :, None].expand(-1, 1, -1, merged.shape[-1])
+            merged = merged.gather(1, mine)[:, 0]
+            state.image_replacement = torch.where((groups >= 0)[..., None], merged.to(image_hidden.dtype), image_hidden)
+            return keep
+        raise AssertionError(f"no selection rule for method={method}")
+
+    @property
+    def _reads_instruction(self) -> bool:
+        """The learned method with ``sparsity.image_predictor=instruction_aware``: its image predictor also
+        reads the prompt's text after the image entering layer K."""
+        return self.method == "dynamic" and getattr(self.model.sparsity, "image_predictor", "original") == "instruction_aware"
+
+    def _instruction_counts(self, state: RequestState) -> list[int] | None:
+        if state.image_features is None or state.input_ids.device.type == "meta":
+            return None
+        mask = _instruction_mask(state.input_ids, state.attention_mask, state.prompt_len, self.image_token_id)
+        return mask.sum(-1).tolist()
+
+    def _layer_before_cut(
+        self, layer: torch.nn.Module, hidden: torch.Tensor, rotary: Any, key_valid: torch.Tensor, widths: list[int]
+    ) -> torch.Tensor:
+        """(B, n) per-column score read in the layer before a cut, from the hidden states entering it:
+        FastV / PDrop, the last prompt token's attention; DART, the L1 norm of each rotated key (all heads)."""
+        if self.method == "dart":
+            _, key = self.adapter.query_key(layer.self_attn, layer.input_layernorm(hidden), -1)
+            cos, sin = rotary
+            _, key = apply_rotary_pos_emb(key, key, cos, sin)
+            return key.float().abs().sum((1, 3))  # (B, h_kv, n, d) -> (B, n)
+        # the last prompt token: each row's last real column at prefill (host widths, so meta runs too)
+        query = widths[0] - 1 - hidden.shape[1] if len(set(widths)) == 1 else torch.tensor(widths, device=hidden.device) - 1
+        return last_token_attention(layer, hidden, rotary, key_valid, query_index=query, query_key=self.adapter.query_key)
 
     def _learned_keep(self, hidden: torch.Tensor) -> list[bool] | None:
         """The text predictor's keep decision (B,) for the newest token's layer-K input (B, 1, H)."""
@@ -267,10 +390,15 @@ class SparseEngine:
             prompt_len=input_ids.shape[1],
             image_features=image_features,
             position_ids=self._prompt_positions(input_ids, attention_mask, images, position_ids),
-            cache=SparseKVCache(self.model.num_layers, self.layer, input_ids.shape[0]) if use_cache else None,
+            cache=SparseKVCache(self.model.num_layers, self.layer, input_ids.shape[0], stages=self.stages) if use_cache else None,
             generator=generator,
             text=TextMembership(input_ids.shape[0]),
         )
+        if self.method == "visionzip" and image_features is not None and images:
+            score, keys = self.adapter.vision_saliency(self.model.base, images)
+            if score.shape[0] != sum(image_features.counts):
+                raise ValueError(f"vision saliency covers {score.shape[0]} image tokens, the features {sum(image_features.counts)}")
+            state.saliency = (image_features.padded(score[:, None])[..., 0], image_features.padded(keys))
         return self._sequence_forward(state), state
 
     def _prompt_positions(
@@ -288,63 +416,113 @@ class SparseEngine:
     def _sequence_forward(self, state: RequestState, every_position: bool = False) -> Any:
         """Run the whole current sequence pruned (prefill, or one no-cache decoding step).
 
-        Returns the newest position's logits (B, V); with ``every_position`` the logits of every
+        The layers run group by group (the cache's groups: layers < K, layers >= K, a staged method's later
+        stages); before a group's first layer the columns it drops are cut: the image tokens of the
+        method's cut at that layer (chosen once per request, at prefill) and, at K while decoding without
+        cache, the generated tokens the text policy left out. Kept columns stay first in their original
+        order; rows with fewer of them are filled with dropped ones, which stay queries but are masked as
+        keys. Returns the newest position's logits (B, V); with ``every_position`` the logits of every
         computed column (B, n_keep, V), their original column index and whether each is a kept token.
         """
         input_ids, attention_mask, cache = state.input_ids, state.attention_mask, state.cache
         batch, length = input_ids.shape
         hidden, image_cols = self._embed(input_ids, state.image_features, state.prompt_len)
+        device = hidden.device
         position_ids = state.position_ids
-        rotary = self.adapter.rotary(self.model.base, hidden, position_ids)
-        additions = self._additions(state.image_features, image_cols, hidden)
+        all_additions = self._additions(state.image_features, image_cols, hidden)
         key_valid = attention_mask.bool()
-        order = torch.arange(length, device=hidden.device)[None].expand(batch, length)
-        mask = cache.open(DENSE, key_valid) if cache is not None else self._mask(key_valid, order)
-        hidden = self._layers(0, self.layer - 1, hidden, mask, rotary, cache, additions)
-        fastv_score = None
-        if self.method == "fastv" and state.image_keep is None and image_cols is not None:
-            fastv_score = last_token_attention(
-                self.lm.layers[self.layer - 1], hidden, rotary, key_valid, query_index=state.prompt_len - 1,
-                query_key=self.adapter.query_key,
-            )
-            fastv_score = fastv_score.gather(1, image_cols)
-        hidden = self._layers(self.layer - 1, self.layer, hidden, mask, rotary, cache, additions)
-        if cache is not None:
-            cache.commit(DENSE)
-
-        keep_cols = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
-        n_keep = length
-        if image_cols is not None and image_cols.shape[1]:
-            features = state.image_features
-            if state.image_keep is None:
-                image_hidden = hidden.gather(1, image_cols[..., None].expand(-1, -1, hidden.shape[-1]))
-                state.image_keep = self._select_images(state, image_hidden, fastv_score)
-            keep_cols = keep_cols.scatter(1, image_cols, state.image_keep | ~features.valid(hidden.device))
-            kept = features.kept_counts(self.image_keep_share, self.budget)
-            n_keep = max(length - c + k for c, k in zip(features.counts, kept))
+        index = torch.arange(length, device=device)[None].expand(batch, length)  # original column of each column
+        real = torch.ones(batch, length, dtype=torch.bool, device=device)  # not a filler column
+        features = state.image_features
+        has_images = image_cols is not None and image_cols.shape[1] > 0
+        plan = dict(self.plan(features)) if has_images else {}
+        if has_images and not plan and state.image_keep is None:  # dense: every image token stays
+            state.image_keep = features.valid(device)
+        widths = [length] * batch  # host: real columns per row (shapes never read the device)
+        present = list(features.counts) if has_images else [0] * batch  # host: image tokens per row
         newest = state.fed - 1  # the token fed this step (no-cache decoding), -1 at prefill
-        if newest >= 0:  # earlier fed tokens stay as the policy left them; the newest takes part in its step
-            staying = torch.tensor(state.text.alive, dtype=torch.bool, device=hidden.device).reshape(batch, newest)
-            keep_cols[:, state.prompt_len : length - 1] = staying
-            n_keep = int(keep_cols.sum(-1).max())
-            newest_hidden = hidden[:, -1:]
-        # Kept columns first, in original order; rows with fewer kept columns are filled with dropped
-        # ones, which stay queries but are masked as keys.
-        index = torch.sort((~keep_cols).to(torch.uint8), dim=-1, stable=True).indices[:, :n_keep]
-        hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-        key_valid = (key_valid & keep_cols).gather(1, index)
-        rotary = self.adapter.rotary(self.model.base, hidden, gather_columns(position_ids, index))
-        if newest >= 0:
-            state.newest_decision = self._no_cache_decision(state, newest_hidden, hidden, rotary, key_valid, index)
-        additions = {i: a.gather(1, index[..., None].expand(-1, -1, a.shape[-1])) for i, a in additions.items()}
-        mask = cache.open(SPARSE, key_valid, order=index) if cache is not None else self._mask(key_valid, index)
-        hidden = self._layers(self.layer, len(self.lm.layers), hidden, mask, rotary, cache, additions)
-        if cache is not None:
-            cache.commit(SPARSE)
+        starts = cache.starts if cache is not None else [0, self.layer, *self.stages]
+        score = None
+        for group, start in enumerate(starts):
+            end = starts[group + 1] if group + 1 < len(starts) else len(self.lm.layers)
+            keep_cols = None
+            if start in plan:
+                here = self._image_columns(index, length, image_cols)
+                if start not in state.cuts:
+                    state.cuts[start] = self._cut_images(state, plan[start], hidden, here, score, image_cols, index, length)
+                    if state.image_keep is None:  # what the first cut kept (a staged method cuts more later)
+                        state.image_keep = state.cuts[start]
+                keep_img = state.cuts[start] | ~features.valid(device)  # filler slots are other tokens: kept
+                keep_cols = _scatter_columns(real, here, keep_img)
+                if state.image_replacement is not None and start == self.prune_layer:
+                    hidden = _scatter_rows(hidden, here, state.image_replacement, state.cuts[start] & (here >= 0))
+                kept = [f + sum(b) for f, b in zip(features.fixed_counts(), plan[start])]
+                widths = [w - p + k for w, p, k in zip(widths, present, kept)]
+                present = kept
+            if start == self.layer and newest >= 0:  # earlier fed tokens as the policy left them; the newest takes part
+                staying = torch.tensor(state.text.alive, dtype=torch.bool, device=device).reshape(batch, newest)
+                fed_here = _positions(index, length)[:, state.prompt_len : length - 1]
+                keep_cols = _scatter_columns(real if keep_cols is None else keep_cols, fed_here, staying)
+                widths = [w - (newest - sum(row)) for w, row in zip(widths, state.text.alive)]
+                newest_hidden = hidden.gather(1, _positions(index, length)[:, -1:, None].expand(-1, -1, hidden.shape[-1]))
+            if keep_cols is not None:
+                order = torch.sort((~keep_cols).to(torch.uint8), dim=-1, stable=True).indices[:, : max(widths)]
+                hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+                key_valid = (key_valid & keep_cols).gather(1, order)
+                real = keep_cols.gather(1, order)
+                index = index.gather(1, order)
+            rotary = self.adapter.rotary(self.model.base, hidden, gather_columns(position_ids, index))
+            if start == self.layer and newest >= 0:
+                state.newest_decision = self._no_cache_decision(state, newest_hidden, hidden, rotary, key_valid, index)
+            additions = {i: a.gather(1, index[..., None].expand(-1, -1, a.shape[-1])) for i, a in all_additions.items()}
+            mask = cache.open(group, key_valid, order=index) if cache is not None else self._mask(key_valid, index)
+            score = None
+            if end in plan and end not in state.cuts and self.method in selection.READS_LAYER_BEFORE:
+                hidden = self._layers(start, end - 1, hidden, mask, rotary, cache, additions)
+                score = self._layer_before_cut(self.lm.layers[end - 1], hidden, rotary, key_valid, widths)
+                hidden = self._layers(end - 1, end, hidden, mask, rotary, cache, additions)
+            else:
+                hidden = self._layers(start, end, hidden, mask, rotary, cache, additions)
+            if cache is not None:
+                cache.commit(group)
         if every_position:
             return self._logits(hidden), index, key_valid
         last = (index == length - 1).to(torch.uint8).argmax(-1)  # where the newest column went
-        return self._logits(hidden[torch.arange(batch, device=hidden.device), last])
+        return self._logits(hidden[torch.arange(batch, device=device), last])
+
+    def _image_columns(self, index: torch.Tensor, length: int, image_cols: torch.Tensor) -> torch.Tensor:
+        """(B, n_image) current column of every image slot (-1: cut earlier)."""
+        return _positions(index, length).gather(1, image_cols)
+
+    def _cut_images(
+        self, state: RequestState, budgets: list[list[int]], hidden: torch.Tensor, here: torch.Tensor,
+        score: torch.Tensor | None, image_cols: torch.Tensor, index: torch.Tensor, length: int,
+    ) -> torch.Tensor:
+        """The method's (B, n_image) keep at one cut, from the current sequence entering the cut layer."""
+        features = state.image_features
+        alive = (here >= 0) & features.valid(hidden.device)
+        if state.cuts:  # a later stage chooses among the tokens the previous one kept
+            alive &= state.cuts[max(state.cuts)]
+        width = hidden.shape[-1]
+        image_hidden = hidden.gather(1, here.clamp_min(0)[..., None].expand(-1, -1, width))
+        image_score = score.gather(1, here.clamp_min(0)) if score is not None else None
+        instruction = None
+        if self.method in ("cdpruner", "dart") or self._reads_instruction:
+            # the text after each sample's image, up to the end of its prompt (padding excluded)
+            after = _instruction_mask(state.input_ids, state.attention_mask, state.prompt_len, self.image_token_id)
+            source = self.lm.embed_tokens(state.input_ids) if self.method == "cdpruner" else None
+            width_text = max(int(after.sum(-1).max()), 1)
+            text_cols = torch.sort((~after).to(torch.uint8), dim=-1, stable=True).indices[:, :width_text]
+            text_valid = after.gather(1, text_cols)
+            if source is None:  # DART, the learned predictor: the hidden states entering layer K, at the current columns
+                text_here = _positions(index, length).gather(1, text_cols).clamp_min(0)
+                words = hidden.gather(1, text_here[..., None].expand(-1, -1, width))
+                if self.method == "dart":  # and the key norms
+                    image_score = (image_score, score.gather(1, text_here))
+            else:
+                words = source.gather(1, text_cols[..., None].expand(-1, -1, width))
+            instruction = (words, text_valid)
+        return self._choose(state, budgets, alive, image_hidden, image_score, instruction)
 
     def _no_cache_decision(
         self, state: RequestState, newest_hidden: torch.Tensor, hidden: torch.Tensor, rotary: Any,
@@ -398,7 +576,13 @@ class SparseEngine:
         newest_hidden = hidden
         mask = cache.open(SPARSE, ones)
         slots = cache.open_slots[SPARSE]
-        hidden = self._layers(self.layer, len(self.lm.layers), hidden, mask, rotary, cache)
+        for group in range(SPARSE, cache.groups):  # a staged method's later groups keep every generated token
+            if group > SPARSE:
+                mask = cache.open(group, ones)
+            layers = cache.layers_of(group)
+            hidden = self._layers(layers.start, layers.stop, hidden, mask, rotary, cache)
+            if group > SPARSE:
+                cache.commit(group)
         attention, fed_of = None, []
         members = state.text
         if self.text == "h2o":  # the newest query over layer K's cached keys, its own included
@@ -498,38 +682,66 @@ class SparseEngine:
         before its EOS count, the pad tokens a finished sample keeps feeding in a batch do not."""
         batch = sequences.shape[0]
         features = state.image_features
+        num_layers = self.model.num_layers
         n_image = features.counts if features is not None else [0] * batch
-        kept_images = features.kept_counts(self.image_keep_share, self.budget) if features is not None else n_image
+        per_layer = self.image_tokens_per_layer(features) if features is not None else [[0] * num_layers] * batch
         prompt = state.attention_mask[:, : state.prompt_len].sum(-1).tolist()
         fed = [max(0, n - 1) for n in lengths]
         computing = [row[:f] for row, f in zip(state.text.computing, fed)]
         # staying after the sample's own last fed token (later pad tokens may evict more in a batch)
         kept = [state.text.staying_after[b][f - 1] if f else 0 for b, f in enumerate(fed)]
-        counts = [cache_tokens(p, n, i, f, k) for p, n, i, f, k in zip(prompt, n_image, kept_images, fed, kept)]
-        dense_tokens, sparse_tokens = [d for d, _ in counts], [s for _, s in counts]
+        # tokens a layer holds: the prompt with that layer's image tokens, every fed token below K and
+        # the kept ones from K on
+        layer_tokens = [
+            [p - n + img + (f if i < self.layer else k) for i, img in enumerate(row)]
+            for p, n, row, f, k in zip(prompt, n_image, per_layer, fed, kept)
+        ]
         kv = kv_dense = None
         if state.cache is not None:
             shape = DecoderShape.from_config(self.model.text_config)
             size = state.cache.element_size()
-            kv = [kv_bytes(shape, self.layer, d, s, size) for d, s in counts]
-            kv_dense = [kv_bytes(shape, self.layer, d, d, size) for d in dense_tokens]
+            kv = [kv_bytes_layers(shape, tokens, size) for tokens in layer_tokens]
+            kv_dense = [kv_bytes_layers(shape, [p + f] * num_layers, size) for p, f in zip(prompt, fed)]
+        sparse_layers = num_layers - self.layer
         return GenerationResult(
             sequences=sequences,
             lengths=lengths,
             image_tokens=n_image,
-            image_tokens_kept=kept_images,
+            image_tokens_kept=[kept_images(row, self.layer, self.method) for row in per_layer],
             image_keep=state.image_keep,
             text_tokens_fed=fed,
             text_tokens_kept=kept,
             kv_bytes=kv,
             kv_bytes_dense=kv_dense,
-            kv_tokens_sparse_layer=sparse_tokens,
-            kv_tokens_dense_layer=dense_tokens,
+            kv_tokens_sparse_layer=[row[self.layer] for row in layer_tokens],
+            kv_tokens_dense_layer=[p + f for p, f in zip(prompt, fed)],
             image_grids=list(state.image_features.grids) if state.image_features is not None else None,
             image_tokens_fixed=features.fixed_counts() if features is not None else [0] * batch,
             text_computing=computing,
-            prompt_tokens_sparse=[p - n + k for p, n, k in zip(prompt, n_image, kept_images)],
+            prompt_tokens_sparse=[p - n + row[self.layer] for p, n, row in zip(prompt, n_image, per_layer)],
+            image_tokens_per_layer=per_layer,
+            instruction_tokens=self._instruction_counts(state),
+            image_token_layers=[sum(row[self.layer :]) for row in per_layer] if sparse_layers else None,
         )
+
+
+def _instruction_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, image_token_id: int) -> torch.Tensor:
+    """(B, N) bool: each sample's valid prompt tokens after its last image token (its instruction)."""
+    is_image = (input_ids[:, :prompt_len] == image_token_id)
+    columns = torch.arange(prompt_len, device=input_ids.device)[None]
+    last = torch.where(is_image, columns, -1).amax(-1, keepdim=True)
+    after = (columns > last) & (last >= 0) & attention_mask[:, :prompt_len].bool()
+    return torch.nn.functional.pad(after, (0, input_ids.shape[1] - prompt_len))
+
+
+def kept_images(per_layer: list[int], layer: int, method: str) -> int | float:
+    """The image tokens a sample keeps, as answer files report them: the count from layer K on (a
+    single cut), or for a staged method the mean over layers K..L-1 of its token-layers (PDrop's
+    "equivalent" count, equal to the single cut's at the same budget up to rounding)."""
+    tail = per_layer[layer:]
+    if method in selection.STAGED and len(set(tail)) > 1:
+        return sum(tail) / len(tail)
+    return tail[0] if tail else per_layer[-1]
 
 
 def pick_token(
@@ -551,3 +763,26 @@ def pick_token(
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+
+
+def _positions(index: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) current column of every original column under ``index`` (B, n) (-1: not present)."""
+    batch, n = index.shape
+    found = torch.full((batch, length), -1, dtype=torch.long, device=index.device)
+    return found.scatter(1, index, torch.arange(n, device=index.device)[None].expand(batch, n))
+
+
+def _scatter_columns(base: torch.Tensor, columns: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``base`` (B, n) bool with ``values`` (B, m) written at ``columns`` (B, m); -1 columns are skipped."""
+    batch, n = base.shape
+    out = torch.cat([base, base.new_zeros(batch, 1)], dim=1)
+    out = out.scatter(1, torch.where(columns >= 0, columns, n), values)
+    return out[:, :n]
+
+
+def _scatter_rows(hidden: torch.Tensor, columns: torch.Tensor, rows: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``hidden`` (B, n, H) with ``rows`` (B, m, H) written at ``columns`` (B, m) where ``where`` (B, m)."""
+    batch, n, width = hidden.shape
+    out = torch.cat([hidden, hidden.new_zeros(batch, 1, width)], dim=1)
+    target = torch.where(where & (columns >= 0), columns, n)[..., None].expand(-1, -1, width)
+    return out.scatter(1, target, rows.to(hidden.dtype))[:, :n]

@@ -8,6 +8,8 @@ of every budget group: a sample's droppable image tokens (``global``) or each vi
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -85,18 +87,35 @@ def top_per_group(score: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor
     ``int(n_bg * keep)`` highest scores; slots with ``groups == -1`` (e.g. LLaVA-NeXT's newline tokens) are
     always kept. One group per row is the plain per-sample budget; one group per view is ``per_view``.
     ``groups`` and ``valid`` may live on the host (budgets are host ints, so this runs on the meta device)."""
-    batch, n = score.shape
-    sizes = group_sizes(groups, valid)
+    budgets = group_budgets(group_sizes(groups, valid), keep)
     groups, valid = groups.to(score.device), valid.to(score.device)
-    budgets = group_budgets(sizes, keep)
-    n_groups = sizes.shape[1]
+    return select_per_group(lambda member, flat: top_per_row(score_rows(score, member), flat, member), groups, valid, budgets)
+
+
+def score_rows(score: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """``score`` (B, n) repeated for each of the G budget groups of ``member`` (B * G, n)."""
+    return score.repeat_interleave(member.shape[0] // score.shape[0], dim=0)
+
+
+def select_per_group(
+    select: Callable[[torch.Tensor, list[int]], torch.Tensor],
+    groups: torch.Tensor,
+    valid: torch.Tensor,
+    budgets: list[list[int]],
+) -> torch.Tensor:
+    """(B, n) bool: ``select(member, flat_budgets)`` run once over B * G rows, one per budget group g of
+    sample b (row ``b * G + g``; ``member`` (B * G, n) marks the group's valid slots, ``flat_budgets`` its
+    host budget ``budgets[b][g]``), the rows' picks merged per sample, plus the always-kept slots
+    (``groups == -1`` and valid). The one place every image method meets the ``global`` / ``per_view``
+    conventions: a method only ever selects inside a row."""
+    batch, n = groups.shape
+    n_groups = max(len(row) for row in budgets) if budgets else 1
+    budgets = [list(row) + [0] * (n_groups - len(row)) for row in budgets]
     member = group_members(groups, valid, n_groups)
-    chosen = top_per_row(
-        score[:, None].expand(-1, n_groups, -1).reshape(batch * n_groups, n),
-        [b for row in budgets for b in row],
-        member.reshape(batch * n_groups, n),
-    )
-    return chosen.reshape(batch, n_groups, n).any(1) | (valid & (groups < 0))
+    device = member.device
+    chosen = select(member.reshape(batch * n_groups, n), [b for row in budgets for b in row])
+    chosen = chosen.to(device).reshape(batch, n_groups, n)
+    return chosen.any(1) | (valid & (groups < 0))
 
 
 def group_members(groups: torch.Tensor, valid: torch.Tensor, n_groups: int) -> torch.Tensor:

@@ -1,0 +1,67 @@
+"""Where each image method cuts, how much it keeps, and its settings (conf/method/<name>.yaml)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dllava.inference.selection import (
+    BEFORE_LLM,
+    IMAGE_METHODS,
+    check_options,
+    cut_plan,
+    image_tokens_per_layer,
+    method_defaults,
+    prune_layer,
+)
+from dllava.sparse.decisions import num_kept
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
+
+
+@pytest.mark.parametrize("method", IMAGE_METHODS)
+def test_every_method_has_a_config_stating_its_paper_defaults(method):
+    """conf/method/<name>.yaml holds the same settings and values as the rule's own defaults, so the
+    config and code cannot drift apart (a setting added in code must be stated in the config)."""
+    config = yaml.safe_load((CONF / f"{method}.yaml").read_text())
+    assert config["name"] == method
+    assert (config.get("options") or {}) == method_defaults(method)
+
+
+def test_a_misspelt_setting_is_refused_naming_the_method():
+    with pytest.raises(ValueError, match=r"method.options.ratios is not a setting of method=pdrop \(its settings: stage_layers, ratio\)"):
+        check_options("pdrop", {"ratios": 0.5})
+    with pytest.raises(ValueError, match="its settings: none"):
+        check_options("divprune", {"theta": 1})
+    assert check_options("dart", {"image_pivots": 2}) == {"image_pivots": 2}
+
+
+def test_prune_layer_moves_only_rules_that_read_no_particular_layer():
+    assert [prune_layer(m, 2) for m in ("divprune", "cdpruner", "visionzip", "dart", "fastv", "pdrop")] == [0, 0, 0, 2, 2, 2]
+    assert prune_layer("divprune", 2, 2) == 2 and prune_layer("random", 2, 0) == 0
+    for method in ("dynamic", "fastv", "dart", "pdrop"):
+        with pytest.raises(ValueError, match="cuts at K=2 only"):
+            prune_layer(method, 2, 0)
+    with pytest.raises(ValueError, match="0 \\(before the LLM\\) or the sparse layer K=2"):
+        prune_layer("divprune", 2, 1)
+
+
+@pytest.mark.parametrize("method", [m for m in IMAGE_METHODS if m != "dense"])
+@pytest.mark.parametrize("sizes", [[[576]], [[64], [50]], [[144, 144, 0], [144, 0, 0]]])
+@pytest.mark.parametrize("keep", [0.1, 0.2, 0.35])
+def test_every_single_cut_keeps_int_n_keep_and_pdrop_the_same_token_layers(method, sizes, keep):
+    layers, k = 32, 2
+    plan = cut_plan(method, torch.tensor(sizes), keep, 0 if method in BEFORE_LLM else k, layers)
+    single = [sum(num_kept(s, keep) for s in row if s) for row in sizes]
+    if method != "pdrop":
+        assert plan == [(0 if method in BEFORE_LLM else k, [[num_kept(s, keep) if s else 0 for s in row] for row in sizes])]
+        return
+    per_layer = image_tokens_per_layer(plan, [sum(row) for row in sizes], [0] * len(sizes), layers)
+    assert [layer for layer, _ in plan] == [2, 8, 16, 24]
+    for row, target in zip(per_layer, single):
+        assert row[:k] == [row[0]] * k and row[0] == max(row)  # all image tokens below K
+        tail = sum(row[k:])
+        assert tail <= (layers - k) * target  # never more than the single cut's token-layers
+        assert tail > (layers - k) * target - 8 * len(sizes[0])  # short of it by less than a stage per group
+        assert row[k:] == sorted(row[k:], reverse=True)
