@@ -104,6 +104,91 @@ class QwenAdapter(FamilyAdapter):
         )
         return positions.to(input_ids.device)
 
+    # -- VisionZip --------------------------------------------------------------------------------
+    def vision_saliency(self, model: nn.Module, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """VisionZip's inputs on a CLS-less tower: per merged token (rows in :meth:`encode_images`' order),
+        the attention its patches receive in the tower's last block (T,) and that block's keys (T, d).
+
+        Qwen's ViT has no CLS token, so the CLS-to-patch attention VisionZip ranks by is replaced (as
+        ../shared/BASELINES.md says) by the attention each patch *receives* in the last block, a
+        full-attention block in both families: the softmax probabilities of every query of the same image
+        (its ``cu_seqlens`` segment, which is what the block attends over) on the patch, averaged over
+        heads and summed over the queries. A merged token's score is the sum over its spatial-merge unit's
+        patches (2x2), its key the mean of their keys; a key is the block's key after its vision rotary
+        embedding (what its attention compares with the queries), averaged over heads.
+
+        Nothing of the tower is re-implemented: a pre-hook on the last block's attention module takes its
+        input (after ``norm1``), ``cu_seqlens`` and ``position_embeddings`` during one run of the tower as
+        :meth:`encode_images` runs it; q/k come from the module's own ``qkv`` projection and HF's own
+        ``apply_rotary_pos_emb_vision``. The tower's rows are merge units in its internal order, which
+        :meth:`_unit_order` maps back to the merger's output order (Qwen2.5-VL un-does its window
+        reordering; Qwen3-VL has none). Queries are taken in chunks, so memory stays bounded on large
+        images (heads x chunk x patches probabilities at a time). Float32 results."""
+        import importlib
+        import itertools
+
+        tower = self.vision_tower(model)
+        blocks = self.vision_layers(model)
+        last = len(blocks) - 1
+        full = getattr(tower, "fullatt_block_indexes", None)  # Qwen2.5-VL: the others attend within windows
+        if full is not None and last not in list(full):
+            raise NotImplementedError(
+                f"method=visionzip reads the last vision block's attention over the whole image, but block {last} "
+                f"attends within windows (fullatt_block_indexes={list(full)})"
+            )
+        attn = blocks[last].attn
+        seen: dict[str, Any] = {}
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+            seen["cu_seqlens"] = kwargs["cu_seqlens"]
+            seen["position_embeddings"] = kwargs["position_embeddings"]
+
+        grid = images["image_grid_thw"]
+        handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model.model.get_image_features(pixel_values=images["pixel_values"], image_grid_thw=grid, return_dict=True)
+        finally:
+            handle.remove()
+        rotary = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb_vision  # HF's, of this family
+        with torch.no_grad():
+            hidden = seen["hidden"]
+            n = hidden.shape[0]
+            query, key, _ = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            cos, sin = seen["position_embeddings"]
+            query, key = rotary(query, key, cos, sin)  # (n, heads, d) each
+            query, key = query.float().transpose(0, 1), key.float().transpose(0, 1)  # (heads, n, d)
+            received = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+            bounds = seen["cu_seqlens"].tolist()
+            for start, end in itertools.pairwise(bounds):
+                k = key[:, start:end]
+                chunk = max(1, (1 << 24) // max(1, attn.num_heads * (end - start)))
+                for q0 in range(start, end, chunk):
+                    q = query[:, q0 : min(q0 + chunk, end)]
+                    probs = (q @ k.transpose(-1, -2) * attn.scaling).softmax(-1)  # (heads, queries, keys)
+                    received[start:end] += probs.mean(0).sum(0)
+            unit = tower.spatial_merge_unit
+            score = received.reshape(-1, unit).sum(-1)
+            keys = key.mean(0).reshape(-1, unit, key.shape[-1]).mean(1)
+            order = self._unit_order(tower, grid)
+            if order is not None:
+                order = order.to(score.device)
+                score, keys = score[order], keys[order]
+        return score, keys
+
+    def _unit_order(self, tower: nn.Module, grid: torch.Tensor) -> torch.Tensor | None:
+        """Which of the tower's merge units (rows in its blocks' order) is each merged token of the merger's
+        output, or None when the orders agree. Qwen2.5-VL's blocks run on units reordered into attention
+        windows (``window_index``, HF's ``get_vision_window_index`` as the tower's forward calls it); its
+        forward un-does that after the merger with ``argsort(window_index)``, and so does this."""
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(
+            grid, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size, patch_size=tower.patch_size
+        )
+        return torch.argsort(window_index)
+
     # -- cost ------------------------------------------------------------------------------------
     def vision_flops(self, config: Any, features: ImageFeatures) -> int:
         from dllava.inference.vision_flops import qwen2_5_vl_vision_flops
@@ -185,6 +270,10 @@ class Qwen3Adapter(QwenAdapter):
         query = attn.q_norm(attn.q_proj(normed[:, query_index:][:, :1]).view(batch, 1, -1, d))
         key = attn.k_norm(attn.k_proj(normed).view(batch, n, -1, d))
         return query.transpose(1, 2), key.transpose(1, 2)
+
+    def _unit_order(self, tower: nn.Module, grid: torch.Tensor) -> torch.Tensor | None:
+        """None: Qwen3-VL's blocks keep the processor's order of merge units (no window attention)."""
+        return None
 
     def vision_flops(self, config: Any, features: ImageFeatures) -> int:
         from dllava.inference.vision_flops import qwen3_vl_vision_flops
