@@ -8,6 +8,8 @@ Examples:
     python bench.py model=dllava_qwen3_vl_8b model.random_init=true sparsity.keep=0.2     # 1008 -> 1024 px = 1,024 tokens
     python bench.py bench.predictors=logs/train/runs/<run>/hf bench.text_keep_rate=null   # trained predictors
     python bench.py model=mid bench.decode_lengths=[1024,2048,4096]   # long decoding, the paper's Table 4
+    python bench.py model=dllava_7b model.random_init=true bench.batch_size=8 \
+        bench.baselines=[fastv,random,dart,divprune,cdpruner,visionzip,pdrop]   # every method (GPU: values needed)
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main(cfg: DictConfig) -> dict:
         model, device, keep=cfg.sparsity.keep, batch_size=b.batch_size, text_tokens=b.text_tokens,
         new_tokens=b.new_tokens, text_keep_rate=b.text_keep_rate, warmup=b.warmup, repeats=b.repeats, seed=cfg.seed,
         image_px=b.image_size, decode_lengths=decode_lengths, decode_device=decode_device,
+        baselines=list(b.get("baselines") or []),
     )
     record["model"] = cfg.model.get("name") or record["model"]
     path = write_json(record, Path(cfg.paths.output_dir) / "bench.json")

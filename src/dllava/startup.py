@@ -433,6 +433,7 @@ def check_eval_config(cfg: DictConfig) -> None:
 def check_bench_config(cfg: DictConfig) -> None:
     """The values bench.py reads (``conf/bench.yaml`` with its model and sparsity groups)."""
     from dllava.bench.inference import check_decode_lengths
+    from dllava.inference.selection import IMAGE_METHODS
 
     check_run_keys(cfg)
     check_model(_plain(cfg, "model"))
@@ -450,4 +451,6 @@ def check_bench_config(cfg: DictConfig) -> None:
         "repeats": _int(low=1),
         "decode_lengths": lambda key, value: check_decode_lengths(value),
         "decode_device": lambda key, value: check_device(key, value, extra=("meta",)),
+        "baselines": lambda key, value: check_str_list(key, value, choices=[
+            m for m in IMAGE_METHODS if m not in ("dense", "dynamic")]),
     })

@@ -41,3 +41,43 @@ def test_7b_shapes_on_meta_reach_the_paper_ratio(tmp_path):
     assert abs(prefill["flops_ratio"] - prefill["flops_ratio_limit"]) / prefill["flops_ratio_limit"] < 0.03
     assert record["decode"]["kv_ratio"] <= 0.55
     assert prefill["latency_ratio"] is None  # no timings on meta
+
+
+ALL_BASELINES = ("fastv", "random", "dart", "divprune", "cdpruner", "visionzip", "pdrop")
+
+
+def test_every_method_benches_at_its_cuts_and_selection_flops_are_what_flopcounter_counts(tiny_model_dir):
+    """All training-free arms in one run on CPU: the arms that choose from values (DART, DivPrune,
+    CDPruner) are counted on the real run, and FlopCounterMode's count equals the decoder on each
+    layer's realised tokens (their cut: before the LLM or at K) plus ``flops.selection_flops``, the
+    formula eval's cost model uses; VisionZip adds its second tower pass (reading the attention)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from dllava.bench.inference import bench_image, make_prompt, run_bench
+    from dllava.inference import flops
+    from dllava.inference.selection import cut_plan, image_tokens_per_layer, prune_layer
+    from dllava.sparse.model import DynamicLlava
+
+    torch.manual_seed(0)
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
+    model = DynamicLlava(base, {"keep": 0.25, "layer": 1}, {"d_model": 32, "heads": 4, "ff": 64, "layers": 1}).eval()
+    record = run_bench(model, "cpu", keep=0.25, batch_size=2, text_tokens=6, new_tokens=3, warmup=0, repeats=1,
+                       baselines=ALL_BASELINES)
+    assert list(record["baselines"]) == list(ALL_BASELINES)
+    shape = flops.DecoderShape.from_config(model.text_config)
+    image = bench_image(model.adapter, model.base.config, None)
+    ids, _ = make_prompt(model.base.config, image, 2, 6, "cpu", 0)
+    length = ids.shape[1]
+    last_image = max(i for i, t in enumerate(ids[0].tolist()) if t == model.base.config.image_token_id)
+    instruction = length - 1 - last_image
+    for name in ("dart", "divprune", "cdpruner"):
+        plan = cut_plan(name, torch.tensor([[64]]), 0.25, prune_layer(name, 1), shape.layers)
+        per_layer = image_tokens_per_layer(plan, [64], [0], shape.layers)[0]
+        expected = flops.prefill_flops_layers(shape, [length - 64 + n for n in per_layer], batch=2)
+        expected += 2 * flops.selection_flops(name, shape, length, 64, per_layer, 1, instruction)
+        assert record["baselines"][name]["prefill"]["flops_prompt"] == expected, name
+    # before the LLM every layer runs the kept tokens: cheaper than the same budget cut at K
+    arms = record["baselines"]
+    assert arms["divprune"]["prefill"]["flops_ratio"] < arms["fastv"]["prefill"]["flops_ratio"]
+    assert arms["visionzip"]["prefill"]["flops"] > arms["divprune"]["prefill"]["flops"]  # + the tower pass

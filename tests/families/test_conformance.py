@@ -232,10 +232,6 @@ def test_baseline_prefill_equals_masked_forward(family: Family, method: str):
     (a single cut: ``int(n * keep)``, as every other method), and the pruned prefill (before the LLM,
     at K, or PDrop's stages) equals the gated forward over the unpruned prompt with each cut's gate
     from its layer on."""
-    if method == "visionzip" and family.name not in ("llava", "qwen2_5_vl", "qwen3_vl"):
-        with pytest.raises(NotImplementedError, match="vision_saliency"):
-            SparseEngine(family.model, method=method, keep=0.25, text="off")
-        return
     engine = SparseEngine(family.model, method=method, keep=0.25, text="off")
     logits, index, valid, state = _pruned_prefill(family, method)
     features = family.model.encode_images(family.images)
@@ -267,15 +263,9 @@ def test_baseline_prefill_equals_masked_forward(family: Family, method: str):
     assert diff <= ATOL, diff
 
 
-def _supported(family: Family, method: str) -> None:
-    if method == "visionzip" and family.name not in ("llava", "qwen2_5_vl", "qwen3_vl"):
-        pytest.skip(f"visionzip: no vision_saliency for {family.name} yet (test_baseline_prefill_equals_masked_forward checks the error)")
-
-
 # the baselines decode with every generated token (text=off)
 @pytest.mark.parametrize("method,text", [(m, t) for m in METHODS for t in ("off", "learned", 0.5)] + [(m, "off") for m in BASELINES])
 def test_cache_equals_no_cache(family: Family, method: str, text):
-    _supported(family, method)
     engine = SparseEngine(family.model, method=method, keep=0.25, text=text)
     args = (family.input_ids, family.attention_mask, family.images)
     # fed tokens: varied text tokens (no special ids), so the text decisions vary too
@@ -347,7 +337,6 @@ def test_fastv_keeps_the_image_tokens_hf_eager_attention_ranks_highest(family: F
 # (cache == no cache is checked above, so the baselines' batching is checked with the cache only)
 @pytest.mark.parametrize("method,use_cache", [(m, c) for m in ("dynamic", "fastv") for c in (True, False)] + [(m, True) for m in BASELINES])
 def test_batch_equals_per_sample(family: Family, method: str, use_cache: bool):
-    _supported(family, method)
     engine = SparseEngine(family.model, method=method, keep=0.25, text="learned" if method in ("dynamic", "fastv") else "off")
     batch = engine.generate(family.input_ids, family.attention_mask, max_new_tokens=NEW_TOKENS,
                             pad_token_id=family.pad_token_id, use_cache=use_cache, **family.images)

@@ -65,3 +65,27 @@ def test_every_single_cut_keeps_int_n_keep_and_pdrop_the_same_token_layers(metho
         assert tail <= (layers - k) * target  # never more than the single cut's token-layers
         assert tail > (layers - k) * target - 8 * len(sizes[0])  # short of it by less than a stage per group
         assert row[k:] == sorted(row[k:], reverse=True)
+
+
+def test_a_family_without_vision_saliency_cannot_run_visionzip_and_says_so(tiny_model_dir):
+    """VisionZip reads the vision tower's attention through the adapter; a family adapter that does not
+    provide it is refused before anything runs (and a comparison skips the method, naming why)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from dllava.families.base import FamilyAdapter
+    from dllava.families.llava import LlavaAdapter
+    from dllava.inference.engine import SparseEngine
+    from dllava.inference.selection import unsupported
+    from dllava.sparse.model import DynamicLlava
+
+    class WithoutSaliency(LlavaAdapter):
+        vision_saliency = FamilyAdapter.vision_saliency
+
+    assert unsupported("visionzip", LlavaAdapter()) is None
+    assert "has no vision_saliency" in unsupported("visionzip", WithoutSaliency())
+    assert unsupported("divprune", WithoutSaliency()) is None
+    model = DynamicLlava(LlavaForConditionalGeneration.from_pretrained(tiny_model_dir), {"layer": 1}, {"d_model": 32, "heads": 4, "ff": 64, "layers": 1})
+    model.__class__ = type("OtherFamily", (type(model),), {"adapter": property(lambda self: WithoutSaliency())})
+    with pytest.raises(NotImplementedError, match="method=visionzip: the llava adapter has no vision_saliency"):
+        SparseEngine(model, method="visionzip", keep=0.25, text="off")
+    SparseEngine(model, method="divprune", keep=0.25, text="off")  # the other methods run

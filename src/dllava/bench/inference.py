@@ -1,4 +1,4 @@
-"""Prefill and decoding efficiency of Dynamic-LLaVA against dense, FastV and random keep, side by side.
+"""Prefill and decoding efficiency of Dynamic-LLaVA against dense and the training-free methods, side by side.
 
 Every arm runs through the same :class:`~dllava.inference.engine.SparseEngine` (same decoder layers,
 same SDPA kernel with explicit masks), on the same prompt, interleaved round by round so drift hits
@@ -11,6 +11,12 @@ all arms alike; warm-up rounds are not timed. Reported per arm:
   vision tower separately (the family's formula);
 * prefill latency of the decoder (image features precomputed: the vision tower is the same in every
   arm and timed on its own);
+* the training-free arms are ``bench.baselines`` (default FastV and random; every method of
+  :mod:`dllava.inference.selection` at the same budget). DART, DivPrune, CDPruner and VisionZip choose
+  from the features' values, so they need a real device: their FLOPs are counted on the real run
+  (SDPA's math kernel), selection matmuls included (what ``flops.selection_flops`` states); VisionZip's
+  FLOPs and latency include the second vision-tower pass that reads its attention (the official code
+  reads it from the one pass);
 * decoding: ``new_tokens`` greedy tokens with the sparse KV cache, tokens/s (decode steps only), KV
   bytes over all layers and valid tokens in a layer >= K, and peak memory on a GPU.
 
@@ -67,7 +73,28 @@ from dllava.sparse.model import DynamicVLM
 from dllava.utils.checks import describe, is_int
 
 log = logging.getLogger(__name__)
-BASELINES = ("fastv", "random")
+BASELINES = ("fastv", "random")  # the default training-free arms beside dense and dynamic (bench.baselines)
+# methods whose choice reads the features' values (greedy set selection, vision attention): they cannot
+# run on the meta device, so their prefill FLOPs are counted on the bench's own device
+READS_VALUES = ("dart", "divprune", "cdpruner", "visionzip")
+
+
+def check_baselines(baselines: Sequence[str], device: str) -> tuple[str, ...]:
+    """The training-free arms to run: methods other than dense and dynamic, each once, and on the meta
+    device only those whose choice needs no values."""
+    from dllava.inference.selection import IMAGE_METHODS
+
+    allowed = [m for m in IMAGE_METHODS if m not in ("dense", "dynamic")]
+    unknown = [m for m in baselines if m not in allowed]
+    if unknown or len(set(baselines)) != len(baselines):
+        raise ValueError(f"bench.baselines must be distinct methods of {allowed}, got {list(baselines)}")
+    on_meta = [m for m in baselines if m in READS_VALUES]
+    if device == "meta" and on_meta:
+        raise ValueError(
+            f"bench.baselines {on_meta} choose tokens from the features' values, which the meta device does not have: "
+            "run the bench on cpu or cuda (bench.device), or leave them out"
+        )
+    return tuple(baselines)
 
 
 def choose_device(requested: str, parameters: int, bytes_per_param: int, cpu_max_gib: float) -> str:
@@ -232,6 +259,19 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
+def count_real_flops(fn: Callable[[], Any]) -> int:
+    """:func:`count_flops` of a run on real tensors, with SDPA on its math backend (a fused CPU kernel has
+    no FLOP formula and would count 0; the math backend's two matmuls are what the meta count sees)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        return count_flops(fn)
+
+
+def prompt_on(prompt: tuple[torch.Tensor, torch.Tensor], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return prompt[0].to(device), prompt[1].to(device)
+
+
 def sync_device(device: str) -> None:
     """Wait for queued GPU work, so wall-clock timings cover it (no-op elsewhere)."""
     if device.startswith("cuda"):
@@ -252,11 +292,19 @@ def timed_rounds(arms: dict[str, Callable[[], Any]], device: str, warmup: int, r
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def arm_engines(model: DynamicVLM, keep: float, text_rate: float | None, seed: int) -> dict[str, SparseEngine]:
+def arm_engines(
+    model: DynamicVLM, keep: float, text_rate: float | None, seed: int, baselines: Sequence[str] = BASELINES
+) -> dict[str, SparseEngine]:
     """One engine per arm; the text policy only matters once decoding starts (prefill drops image tokens only)."""
     dynamic_text: str | float = "learned" if text_rate is None else text_rate
-    arms = {"dense": ("dense", "off"), "dynamic": ("dynamic", dynamic_text), "fastv": ("fastv", "off"), "random": ("random", "off")}
+    arms = {"dense": ("dense", "off"), "dynamic": ("dynamic", dynamic_text), **{name: (name, "off") for name in baselines}}
     return {name: SparseEngine(model, method=method, keep=keep, text=text, seed=seed) for name, (method, text) in arms.items()}
+
+
+def _pixels_for(engine: SparseEngine, pixels: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The pixel inputs an arm needs beside the precomputed features: VisionZip reads the tower's
+    attention (a second tower pass, timed as part of its prefill)."""
+    return pixels if engine.method == "visionzip" and pixels else {}
 
 
 def run_bench(
@@ -273,8 +321,10 @@ def run_bench(
     image_px: int | None = None,
     decode_lengths: Sequence[int] = (),
     decode_device: str = "auto",
+    baselines: Sequence[str] = BASELINES,
 ) -> dict[str, Any]:
     """Measure every arm; returns the ``bench.json`` record (see the module docstring).
+    ``baselines``: the training-free arms beside dense and dynamic (:func:`check_baselines`).
     ``image_px``: the side of the square bench image (None: the family's default).
     ``decode_lengths``: generated-token counts of the long-decoding comparison (:func:`run_decode_long`;
     empty: skipped, and the record has no ``decode_long`` keys); ``decode_device``: where that decode
@@ -289,8 +339,9 @@ def run_bench(
     layer = model.sparsity.layer
 
     # FLOPs, on a meta copy (shapes only, exact counts); positions from the same prompts on the host
+    baselines = check_baselines(baselines, device)
     meta_model = model if device == "meta" else copy.deepcopy(model).to("meta")
-    meta_engines = arm_engines(meta_model, keep, text_keep_rate, seed)
+    meta_engines = arm_engines(meta_model, keep, text_keep_rate, seed, [b for b in baselines if b not in READS_VALUES])
     features_meta = meta_features(image, config, batch_size, shape.hidden)
     prompts = {"image_tokens": make_prompt(config, image, batch_size, 1, "cpu", seed),
                "prompt": make_prompt(config, image, batch_size, text_tokens, "cpu", seed)}
@@ -307,11 +358,12 @@ def run_bench(
     vision = adapter.vision_flops(config, features_meta)
 
     # Latency and decoding
-    engines = meta_engines if device == "meta" else arm_engines(model, keep, text_keep_rate, seed)
+    engines = meta_engines if device == "meta" else arm_engines(model, keep, text_keep_rate, seed, baselines)
     ids, mask = make_prompt(config, image, batch_size, text_tokens, "cpu", seed)
     positions = prompt_positions(model, (ids, mask), image, batch_size).to(device)
     ids, mask = ids.to(device), mask.to(device)
     dtype = next(model.parameters()).dtype
+    pixels = None
     if device == "meta":
         features = features_meta
         latency = vision_s = None
@@ -320,8 +372,20 @@ def run_bench(
         pixels = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in pixels.items()}
         with torch.no_grad():
             features = model.encode_images(pixels)
+        for name in baselines:  # choices that read values: FLOPs of the real run (SDPA's math kernel, counted)
+            if name in READS_VALUES:
+                engine = engines[name]
+                prefill_flops[name] = {
+                    key: count_real_flops(partial(
+                        engine.start, *prompt_on(prompts[key], device), image_features=features,
+                        position_ids=prompt_positions(model, prompts[key], image, batch_size).to(device),
+                        **_pixels_for(engine, pixels),
+                    ))
+                    for key in prompts
+                }
         prefill_arms = {
-            name: (lambda e=e: e.start(ids, mask, image_features=features, position_ids=positions)) for name, e in engines.items()
+            name: (lambda e=e: e.start(ids, mask, image_features=features, position_ids=positions, **_pixels_for(e, pixels)))
+            for name, e in engines.items()
         }
         latency = timed_rounds(prefill_arms, device, warmup, repeats)
         vision_s = timed_rounds({"vision": lambda: model.encode_images(pixels)}, device, warmup, repeats)["vision"]
@@ -330,12 +394,15 @@ def run_bench(
         decode = {name: decode_accounting(engine, ids, new_tokens, dtype, image) for name, engine in engines.items()}
     else:
         for engine in engines.values():  # warm-up: the first decode of a process pays for allocations
-            decode_arm(engine, ids, mask, features, min(8, new_tokens), device, positions)
-        decode = {name: decode_arm(engine, ids, mask, features, new_tokens, device, positions) for name, engine in engines.items()}
+            decode_arm(engine, ids, mask, features, min(8, new_tokens), device, positions, _pixels_for(engine, pixels))
+        decode = {
+            name: decode_arm(engine, ids, mask, features, new_tokens, device, positions, _pixels_for(engine, pixels))
+            for name, engine in engines.items()
+        }
 
     record = report(
         model, device, keep, text_keep_rate, shape, image, layer, prefill_flops, vision, latency, vision_s, decode,
-        batch_size, text_tokens, new_tokens,
+        batch_size, text_tokens, new_tokens, baselines,
     )
     if decode_lengths:
         record.update(run_decode_long(
@@ -348,12 +415,12 @@ def run_bench(
 @torch.no_grad()
 def decode_arm(
     engine: SparseEngine, ids: torch.Tensor, mask: torch.Tensor, features: ImageFeatures, new_tokens: int, device: str,
-    positions: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None, pixels: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Prefill once, then ``new_tokens - 1`` cached decode steps (timed; no EOS: every step runs)."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    logits, state = engine.start(ids, mask, image_features=features, position_ids=positions)
+    logits, state = engine.start(ids, mask, image_features=features, position_ids=positions, **(pixels or {}))
     token = logits.argmax(-1)
     sync_device(device)
     start = time.perf_counter()
@@ -407,7 +474,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def report(
     model, device, keep, text_rate, shape, image, layer, prefill_flops, vision, latency, vision_s, decode,
-    batch_size, text_tokens, new_tokens,
+    batch_size, text_tokens, new_tokens, baselines=BASELINES,
 ) -> dict[str, Any]:
     """Assemble the ``bench.json`` record: the dynamic arm against dense, and each baseline likewise."""
     dense_flops = prefill_flops["dense"]
@@ -476,7 +543,7 @@ def report(
             "peak_memory_dense": decode["dense"]["peak_memory_bytes"],
             "peak_memory_dynamic": decode["dynamic"]["peak_memory_bytes"],
         },
-        "baselines": {name: arm(name) for name in BASELINES},
+        "baselines": {name: arm(name) for name in baselines},
     }
 
 
@@ -910,16 +977,18 @@ def format_decode_long(record: dict[str, Any]) -> str:
 
 def format_table(record: dict[str, Any]) -> str:
     """A plain-text table of the arms (ratios against dense)."""
-    rows = [("arm", "prefill FLOPs ratio", "prompt FLOPs ratio", "latency ratio", "KV ratio (>=K)", "tokens/s")]
+    rows = [("arm", "prefill FLOPs ratio", "prompt FLOPs ratio", "latency ratio", "KV ratio (>=K)", "KV bytes ratio", "tokens/s")]
     p, d = record["prefill"], record["decode"]
 
     def fmt(x: Any, spec: str = ".3f") -> str:
         return "-" if x is None else format(x, spec)
 
-    rows.append(("dense", "1.000", "1.000", "1.000", "1.000", fmt(d["tokens_per_s_dense"], ".1f")))
-    rows.append(("dynamic", fmt(p["flops_ratio"]), fmt(p["flops_prompt_ratio"]), fmt(p["latency_ratio"]), fmt(d["kv_ratio"]), fmt(d["tokens_per_s_dynamic"], ".1f")))
+    rows.append(("dense", "1.000", "1.000", "1.000", "1.000", "1.000", fmt(d["tokens_per_s_dense"], ".1f")))
+    rows.append(("dynamic", fmt(p["flops_ratio"]), fmt(p["flops_prompt_ratio"]), fmt(p["latency_ratio"]), fmt(d["kv_ratio"]),
+                 fmt(d["kv_bytes_ratio"]), fmt(d["tokens_per_s_dynamic"], ".1f")))
     for name, arm in record["baselines"].items():
-        rows.append((name, fmt(arm["prefill"]["flops_ratio"]), fmt(arm["prefill"]["flops_prompt_ratio"]), fmt(arm["prefill"]["latency_ratio"]), fmt(arm["decode"]["kv_ratio"]), fmt(arm["decode"]["tokens_per_s"], ".1f")))
+        rows.append((name, fmt(arm["prefill"]["flops_ratio"]), fmt(arm["prefill"]["flops_prompt_ratio"]), fmt(arm["prefill"]["latency_ratio"]),
+                     fmt(arm["decode"]["kv_ratio"]), fmt(arm["decode"]["kv_bytes_ratio"]), fmt(arm["decode"]["tokens_per_s"], ".1f")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from dllava.families.base import FamilyAdapter, ImageFeatures, image_statistics
+from dllava.families.base import ImageFeatures, image_statistics
 from dllava.families.llava import LlavaAdapter
 
 # names a preprocessor_config.json may give; the PIL twins preprocess as the torchvision ones do
@@ -153,8 +153,6 @@ class LlavaNextAdapter(LlavaAdapter):
         "vision": ("model.vision_tower.",),
     }
     vision_cls = True  # the tower prepends a CLS token (CLIP); SigLIP has none
-    # VisionZip would need each crop's attention mapped through the packing (unpadding, newlines): not yet
-    vision_saliency = FamilyAdapter.vision_saliency
 
     def model_class(self) -> type[nn.Module]:
         from transformers import LlavaNextForConditionalGeneration
@@ -184,6 +182,95 @@ class LlavaNextAdapter(LlavaAdapter):
         grids = [(rows * lay.side, cols * lay.side) for lay in layouts for rows, cols in [lay.crops]]
         views = torch.cat([lay.views for lay in layouts])
         return ImageFeatures(torch.cat(per_image), [f.shape[0] for f in per_image], grids, views=views)
+
+    def _pack_kwargs(self, config: Any) -> dict[str, Any]:
+        """What this family's ``pack_image_features`` takes besides features, sizes and newline."""
+        return {"vision_feature_select_strategy": config.vision_feature_select_strategy}
+
+    # -- VisionZip --------------------------------------------------------------------------------
+    def vision_saliency(self, model: nn.Module, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """VisionZip's inputs, one row per packed image token (:meth:`encode_images`' order): the
+        attention the token receives in the vision layer whose output the projector reads
+        (``vision_feature_layer``) (T,) and that layer's keys, mean over heads (T, d). Float32.
+
+        Per crop (the base view and every anyres crop run through the tower separately):
+
+        * LLaVA-NeXT (CLIP, with CLS): the CLS query's softmax row over the crop's tokens, summed over
+          heads, as :meth:`LlavaAdapter.vision_saliency` (the CLS column dropped under the ``default``
+          strategy, as the projector's input drops it);
+        * LLaVA-OneVision (SigLIP, no CLS): the attention each patch *receives*: the probabilities of
+          every query of the same crop on it, mean over heads, summed over the queries (the CLS-less
+          rule of ../shared/BASELINES.md). It is read in the projected layer, not the tower's last block:
+          LLaVA models project an intermediate layer's output (OneVision's checkpoints: ``-1`` of a
+          SigLIP whose last block was cut off, so the two coincide there), and that layer's features are
+          what the LLM sees (Qwen reads the last block because its merger reads the last block).
+
+        The per-crop rows go to the packed order through HF's own ``pack_image_features`` of the model,
+        given (crops, patches, 1 + d) "features" (score, then keys) and a zero newline vector of that
+        width: base view first, crops stitched and unpadded, OneVision's bilinear shrink, a newline after
+        every row; the geometry is HF's. Newline tokens get score 0 and zero keys (they are never dropped:
+        view -1). Where OneVision shrinks the stitched grid, a token blends up to four source tokens
+        bilinearly, and so do its score and key (the same weights as its feature).
+
+        The layer's input (after its ``layer_norm1``) is taken by a pre-hook on its attention module
+        during one run of HF's ``get_image_features`` as :meth:`encode_images` runs it (so the crops are
+        the ones HF selects from the padded ``pixel_values``); q/k come from the module's own
+        projections. OneVision's probabilities are taken one crop at a time (heads x patches^2 at once).
+        """
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = model.config
+        chosen = config.vision_feature_layer
+        if not isinstance(chosen, int):
+            raise NotImplementedError("method=visionzip with several vision_feature_layer values")
+        layers = self.vision_layers(model)
+        index = chosen % (len(layers) + 1) - 1  # hidden_states[i] is the output of layer i - 1
+        if index < 0:
+            raise NotImplementedError("method=visionzip reads a vision layer's attention; vision_feature_layer selects the embeddings")
+        attn = layers[index].self_attn
+        seen: list[tuple[torch.Tensor, Any]] = []
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+            seen.append((hidden, mask))
+
+        sizes = images["image_sizes"]
+        handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model.model.get_image_features(
+                    pixel_values=images["pixel_values"], image_sizes=sizes, return_dict=True, **self._feature_kwargs(config)
+                )
+        finally:
+            handle.remove()
+        if len(seen) != 1 or seen[0][1] is not None:
+            raise NotImplementedError("method=visionzip expects one unmasked run of the vision layer's attention")
+        hidden = seen[0][0]
+        with torch.no_grad():
+            crops, n, _ = hidden.shape
+            query = attn.q_proj(hidden).view(crops, n, -1, attn.head_dim).transpose(1, 2).float()  # (crops, heads, n, d)
+            key = attn.k_proj(hidden).view(crops, n, -1, attn.head_dim).transpose(1, 2).float()
+            if self.vision_cls:  # the CLS row, summed over heads
+                score = (query[:, :, :1] @ key.transpose(-1, -2) * attn.scale).softmax(-1)[:, :, 0].sum(1)
+            else:  # received: mean over heads, summed over the crop's queries
+                score = torch.stack([
+                    (q @ k.transpose(-1, -2) * attn.scale).softmax(-1).mean(0).sum(0) for q, k in zip(query, key)
+                ]) if crops else query.new_zeros(0, n)
+            first = 1 if config.vision_feature_select_strategy == "default" else 0
+            rows = torch.cat([score[..., None], key.mean(1)], -1)[:, first:].contiguous()  # (crops, patches, 1 + d)
+            patches = [
+                image_size_to_num_patches(s, config.image_grid_pinpoints, config.vision_config.image_size)
+                for s in sizes.tolist()
+            ]
+            if sum(patches) != crops:
+                raise ValueError(f"the vision layer ran on {crops} crops, the image sizes give {sum(patches)}")
+            packed, _ = model.model.pack_image_features(
+                list(torch.split(rows, patches)), sizes, image_newline=rows.new_zeros(rows.shape[-1]),
+                **self._pack_kwargs(config),
+            )
+            flat = torch.cat(packed)
+        return flat[:, 0].contiguous(), flat[:, 1:].contiguous()
 
     def vision_flops(self, config: Any, features: ImageFeatures) -> int:
         """The tower on the base view and every crop (``grids`` hold each image's crop grid in patches)."""
@@ -242,6 +329,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def _feature_kwargs(self, config: Any) -> dict[str, Any]:
         return {**super()._feature_kwargs(config), "vision_aspect_ratio": config.vision_aspect_ratio}
+
+    def _pack_kwargs(self, config: Any) -> dict[str, Any]:
+        return {"vision_aspect_ratio": config.vision_aspect_ratio}
 
     def sample_preprocessor(self, processor: Any, max_length: int) -> Any:
         """The processor's chat template (ChatML), anyres pixels, per-image counts."""

@@ -2,10 +2,13 @@
 
 Training only masks; here the dropped tokens are gone (PAPER.md section 7). Layers 0..K-1 run on the
 whole prompt; at layer K each sample's image tokens are cut to ``int(n * keep)`` of its own ``n``
-droppable ones (per view under the ``per_view`` budget; LLaVA-NeXT's newlines always stay) (learned, FastV, random or none, see :mod:`dllava.inference.selection`), and layers
-K..L-1 run on the shorter sequence with the kept tokens' original positions: the family's position ids
-(1-D, or M-RoPE's 3-D) are computed once on the unpruned prompt, the kept columns gathered, and
-decoding continues from the full prompt's last position (never renumbered). While decoding, each new token attends to
+droppable ones (per view under the ``per_view`` budget; LLaVA-NeXT's newlines always stay), and layers
+K..L-1 run on the shorter sequence with the kept tokens' original positions. Which tokens, and where
+the cut falls, is the method's (:mod:`dllava.inference.selection`): the learned predictor, FastV,
+random and DART cut at K; DivPrune, CDPruner and VisionZip before layer 0 (every layer runs the kept
+tokens); PyramidDrop at K and again at later layers. The family's position ids (1-D, or M-RoPE's 3-D)
+are computed once on the unpruned prompt, the kept columns gathered, and decoding continues from the
+full prompt's last position (never renumbered). While decoding, each new token attends to
 itself in its own step and is stored in the caches of layers >= K only when the text policy keeps it
 (:class:`~dllava.inference.cache.SparseKVCache`); the output-side baselines may evict an earlier one
 instead (:mod:`dllava.inference.text_policies`). Without a cache every step re-runs the whole

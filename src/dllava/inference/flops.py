@@ -141,8 +141,8 @@ def selection_flops(
 
     * ``fastv``: one score row in layer K-1 (:func:`fastv_score_flops`); ``pdrop``: one per stage, over
       the keys present at that stage;
-    * ``dart``: layer K-1's keys of every prompt token (for their norms) and the cosine of the 8 pivots
-      with every image token;
+    * ``dart``: layer K-1's keys of every prompt token (for their norms; the adapter's projection also
+      forms one query) and the cosine of the pivots (4 image, up to 4 text) with every image token;
     * ``divprune``: the n x n cosine matrix; ``cdpruner``: that, the image-instruction cosines and the
       greedy DPP's incremental Cholesky rows (``2 t n`` at pick ``t``);
     * ``visionzip``: none here: its CLS attention row and the merge's key cosines run on the vision
@@ -157,13 +157,17 @@ def selection_flops(
     if method == "pdrop":
         cuts = [i for i in range(1, len(per_layer)) if per_layer[i] != per_layer[i - 1]]
         return sum(fastv_score_flops(shape, prompt_len - n_image + per_layer[i - 1]) for i in cuts)
-    if method == "dart":
-        kv_dim = shape.kv_heads * shape.head_dim
-        return 2 * prompt_len * shape.hidden * kv_dim + 2 * 8 * n_image * shape.hidden
+    if method == "dart":  # keys of every prompt token (and the one query the key projection comes with)
+        kv_dim, q_dim = shape.kv_heads * shape.head_dim, shape.heads * shape.head_dim
+        pivots = 4 + min(4, instruction)  # 4 image pivots, up to 4 text pivots among the instruction's tokens
+        return 2 * prompt_len * shape.hidden * kv_dim + 2 * shape.hidden * q_dim + 2 * pivots * n_image * shape.hidden
     if method == "divprune":
         return 2 * n_image * n_image * shape.hidden
     if method == "cdpruner":
-        return 2 * n_image * n_image * shape.hidden + 2 * n_image * instruction * shape.hidden + n_image * kept * (kept - 1)
+        # pick t updates every gain with a t-long Cholesky row: 2 t n; at t = 1 that contraction is an
+        # element-wise product (no matmul), so the counted sum runs over t = 2 .. k-1
+        dpp = n_image * max(kept * (kept - 1) - 2, 0)
+        return 2 * n_image * n_image * shape.hidden + 2 * n_image * instruction * shape.hidden + dpp
     raise ValueError(f"no selection cost for method={method}")
 
 

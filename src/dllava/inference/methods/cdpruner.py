@@ -7,7 +7,7 @@ Rule (official code: ``encode_images`` in ``llava/model/llava_arch.py`` of Theia
   embedding and each instruction embedding, then min-max normalised as ``(x - min + 1e-6) / (max - min)``
   (the 1e-6 keeps the least relevant token's kernel entry positive). LLaVA-1.5 uses CLIP's image-side
   patch embeddings and CLIP text-tower embeddings of the question (one per 77-token segment); on other
-  families the LLM's input embeddings of the instruction tokens serve (the brief's BASELINES.md);
+  families the LLM's input embeddings of the instruction tokens serve (../shared/BASELINES.md);
 * kernel ``L_ij = r_i S_ij r_j``;
 * greedy MAP inference of the DPP with the fast algorithm of Chen et al. (NeurIPS 2018): keep, for every
   candidate, the squared norm ``d_i^2`` of its component orthogonal to the picked set (its marginal
