@@ -131,12 +131,7 @@ def test_saliency_equals_hf_eager_attention_of_last_block(family: Family):
 def test_batch_equals_each_image_alone(family: Family):
     """Per-image segments: an image's rows do not depend on the other images of the batch."""
     hf = _sharpened(family.hf)
-    score, keys = family.adapter.vision_saliency(hf, family.images)
-    counts = family.adapter.encode_images(hf, family.images).counts
-    for i, (s, k) in enumerate(zip(torch.split(score, counts), torch.split(keys, counts))):
-        alone_score, alone_keys = family.adapter.vision_saliency(hf, family.adapter.select_rows(family.images, [i]))
-        torch.testing.assert_close(s, alone_score, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(k, alone_keys, rtol=1e-5, atol=1e-6)
+    _assert_batch_equals_alone(family, hf)
 
 
 @qwen
@@ -349,13 +344,7 @@ def test_anyres_batch_equals_each_image_alone(family: Family):
     zero crops its pixel tensor is padded with)."""
     pixels, _ = _crops(family.hf, family.images)
     hf = _sharpened_layer(family.hf, _projected_layer(family.hf, pixels))
-    score, keys = family.adapter.vision_saliency(hf, family.images)
-    counts = family.adapter.encode_images(hf, family.images).counts
-    assert score.shape[0] == keys.shape[0] == sum(counts)
-    for i, (s, k) in enumerate(zip(torch.split(score, counts), torch.split(keys, counts))):
-        alone_score, alone_keys = family.adapter.vision_saliency(hf, family.adapter.select_rows(family.images, [i]))
-        torch.testing.assert_close(s, alone_score, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(k, alone_keys, rtol=1e-5, atol=1e-6)
+    _assert_batch_equals_alone(family, hf)
 
 
 @anyres
@@ -366,3 +355,14 @@ def test_anyres_rows_count_packed_tokens(family: Family):
     assert score.shape == (features.flat.shape[0],) and keys.shape[0] == features.flat.shape[0]
     assert keys.shape[1] == family.hf.config.vision_config.hidden_size // family.hf.config.vision_config.num_attention_heads
     assert sum(features.counts) == features.flat.shape[0] == sum(family.counts)
+
+
+def _assert_batch_equals_alone(family: Family, hf) -> None:
+    """Each image's rows (score and keys) are the same in the batch and alone."""
+    score, keys = family.adapter.vision_saliency(hf, family.images)
+    counts = family.adapter.encode_images(hf, family.images).counts
+    assert score.shape[0] == keys.shape[0] == sum(counts)
+    for i, (s, k) in enumerate(zip(torch.split(score, counts), torch.split(keys, counts))):
+        alone_score, alone_keys = family.adapter.vision_saliency(hf, family.adapter.select_rows(family.images, [i]))
+        torch.testing.assert_close(s, alone_score, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(k, alone_keys, rtol=1e-5, atol=1e-6)

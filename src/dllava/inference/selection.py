@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from dllava.sparse.decisions import group_budgets, group_sizes, num_kept
+from dllava.sparse.decisions import group_budgets, num_kept
 
 IMAGE_METHODS = ("dynamic", "dense", "fastv", "random", "dart", "divprune", "cdpruner", "visionzip", "pdrop")
 BEFORE_LLM = ("divprune", "cdpruner", "visionzip")  # act on the projector's output: the cut is before layer 0

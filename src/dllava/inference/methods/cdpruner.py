@@ -38,34 +38,9 @@ from __future__ import annotations
 
 import torch
 
-_EPS = 1e-12
+from dllava.inference.methods.rows import check_budgets, first_argmax, unit
+
 _GAIN_TOL = 1e-6
-
-
-def _check(member: torch.Tensor, budgets: list[int]) -> torch.Tensor:
-    """Validate ``budgets`` against ``member`` (R, n); return them as a (R,) long tensor on its device."""
-    if member.dim() != 2 or member.dtype != torch.bool:
-        raise ValueError(f"member must be a (R, n) bool tensor, got {tuple(member.shape)} {member.dtype}")
-    if len(budgets) != member.shape[0]:
-        raise ValueError(f"got {len(budgets)} budgets for {member.shape[0]} rows")
-    counts = member.sum(-1).tolist()
-    for r, (b, c) in enumerate(zip(budgets, counts)):
-        if not 0 <= int(b) <= c:
-            raise ValueError(f"row {r}: budget {b} outside [0, {c}] (its eligible slots)")
-    return torch.tensor([int(b) for b in budgets], dtype=torch.long, device=member.device)
-
-
-def _first_argmax(values: torch.Tensor) -> torch.Tensor:
-    """Index of the largest entry of each row, the lowest index among equal maxima: (R, n) -> (R,)."""
-    n = values.shape[-1]
-    slots = torch.arange(n, device=values.device).expand_as(values)
-    top = values.max(-1, keepdim=True).values
-    return torch.where(values == top, slots, n).min(-1).values.clamp_max(n - 1)
-
-
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
 
 
 def relevance(
@@ -87,7 +62,7 @@ def relevance(
     """
     if theta is not None and not 0 <= theta < 1:
         raise ValueError(f"theta must be in [0, 1), got {theta}")
-    cos = _normalise(image) @ _normalise(instruction).transpose(1, 2)  # (B, n, m)
+    cos = unit(image) @ unit(instruction).transpose(1, 2)  # (B, n, m)
     text = instruction_valid.to(cos.dtype)[:, None, :]
     count = instruction_valid.sum(-1)  # (B,)
     raw = -(cos * text).sum(-1) / count.clamp_min(1).to(cos.dtype)[:, None]  # (B, n)
@@ -105,7 +80,7 @@ def relevance(
 
 def kernel(features: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
     """The conditional DPP kernel ``L_ij = r_i cos(f_i, f_j) r_j``, float32: (R, n, H), (R, n) -> (R, n, n)."""
-    f = _normalise(features)
+    f = unit(features)
     r = relevance.float()
     similarity = f @ f.transpose(1, 2)
     # cos(f, f) = 1 exactly (0 for a zero vector), so equal relevances tie exactly on the diagonal
@@ -122,7 +97,7 @@ def select(
     (R, n) bool: eligible slots (padding False, never selected); ``budgets``: host ints with
     ``0 <= budgets[r] <= member[r].sum()``. Returns (R, n) bool with exactly ``budgets[r]`` True per row.
     """
-    want = _check(member, budgets)
+    want = check_budgets(member, budgets)
     R, n = member.shape
     chosen = torch.zeros(R, n, dtype=torch.bool, device=member.device)
     k_max = int(max(budgets, default=0))
@@ -138,7 +113,7 @@ def select(
         active = want > t
         candidate = member & ~chosen
         clamped = torch.where(gains > tol, gains, torch.zeros_like(gains))
-        pick = _first_argmax(torch.where(candidate, clamped, -inf))
+        pick = first_argmax(torch.where(candidate, clamped, -inf))
         gain = gains[rows, pick]  # (R,)
         formed = active & (gain > tol[:, 0])
         # e_i = (L_pick,i - sum_s c_s,pick c_s,i) / sqrt(d_pick^2), zero when the pick adds no new direction

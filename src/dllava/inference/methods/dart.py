@@ -32,37 +32,10 @@ from __future__ import annotations
 
 import torch
 
+from dllava.inference.methods.rows import check_budgets, top, unit
+
 IMAGE_PIVOTS = 4
 TEXT_PIVOTS = 4
-_EPS = 1e-12
-
-
-def _check(member: torch.Tensor, budgets: list[int]) -> torch.Tensor:
-    """Validate ``budgets`` against ``member`` (R, n); return them as a (R,) long tensor on its device."""
-    if member.dim() != 2 or member.dtype != torch.bool:
-        raise ValueError(f"member must be a (R, n) bool tensor, got {tuple(member.shape)} {member.dtype}")
-    if len(budgets) != member.shape[0]:
-        raise ValueError(f"got {len(budgets)} budgets for {member.shape[0]} rows")
-    counts = member.sum(-1).tolist()
-    for r, (b, c) in enumerate(zip(budgets, counts)):
-        if not 0 <= int(b) <= c:
-            raise ValueError(f"row {r}: budget {b} outside [0, {c}] (its eligible slots)")
-    return torch.tensor([int(b) for b in budgets], dtype=torch.long, device=member.device)
-
-
-def _top(score: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The ``k[r]`` eligible slots of largest score in each row, ties to the lowest slot: (R, n) bool."""
-    n = score.shape[-1]
-    order = torch.sort(score.float(), dim=-1, descending=True, stable=True).indices
-    # eligible slots first, keeping the score order among them (NaN/-inf scores stay selectable)
-    order = order.gather(-1, torch.sort((~eligible).gather(-1, order).to(torch.uint8), dim=-1, stable=True).indices)
-    take = torch.arange(n, device=score.device)[None, :] < k[:, None]
-    return torch.zeros_like(eligible).scatter(-1, order, take)
-
-
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
 
 
 def select(
@@ -83,21 +56,21 @@ def select(
     ``text_valid`` (R, m) bool: real text tokens; ``member`` (R, n) bool: eligible image slots (padding
     False, never selected); ``budgets``: host ints with ``0 <= budgets[r] <= member[r].sum()``.
     """
-    want = _check(member, budgets)
+    want = check_budgets(member, budgets)
     if image_pivots < 1 or text_pivots < 0:
         raise ValueError(f"need image_pivots >= 1 and text_pivots >= 0, got {image_pivots}, {text_pivots}")
     R, n = member.shape
     device = member.device
     n_img = torch.minimum(want, torch.full_like(want, image_pivots))  # image pivots of each row
     n_txt = torch.where(want > 0, text_valid.sum(-1).clamp_max(text_pivots), torch.zeros_like(want))
-    chosen = _top(image_key_norm, member, n_img)  # the image pivots, kept
-    text_pivot = _top(text_key_norm, text_valid, n_txt)
+    chosen = top(image_key_norm, member, n_img)  # the image pivots, kept
+    text_pivot = top(text_key_norm, text_valid, n_txt)
     # pivots in processing order: image pivots by slot, then text pivots by slot; P = image_pivots + text_pivots
     img_slots = torch.sort(torch.where(chosen, torch.arange(n, device=device), n), -1).values[:, :image_pivots]
     m = text_valid.shape[1]
     txt_slots = torch.sort(torch.where(text_pivot, torch.arange(m, device=device), m), -1).values[:, :text_pivots]
-    img_vec = _normalise(image_hidden)
-    txt_vec = _normalise(text_hidden)
+    img_vec = unit(image_hidden)
+    txt_vec = unit(text_hidden)
 
     def pad(x: torch.Tensor) -> torch.Tensor:  # one zero row more: slot n (or m) stands for "no pivot"
         return torch.cat([x, x.new_zeros(R, 1, x.shape[-1])], 1)
@@ -113,5 +86,5 @@ def select(
     quota = torch.where(real, base[:, None] + (order < extra[:, None]).long(), torch.zeros_like(order))
     for p in range(pivots.shape[1]):
         cos = (img_vec @ pivots[:, p, :, None])[..., 0]  # (R, n)
-        chosen = chosen | _top(-cos, member & ~chosen, quota[:, p])
+        chosen = chosen | top(-cos, member & ~chosen, quota[:, p])
     return chosen

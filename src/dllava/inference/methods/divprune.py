@@ -27,34 +27,13 @@ from __future__ import annotations
 
 import torch
 
-_EPS = 1e-12
+from dllava.inference.methods.rows import check_budgets, first_argmax, unit
 
-
-def _check(member: torch.Tensor, budgets: list[int]) -> torch.Tensor:
-    """Validate ``budgets`` against ``member`` (R, n); return them as a (R,) long tensor on its device."""
-    if member.dim() != 2 or member.dtype != torch.bool:
-        raise ValueError(f"member must be a (R, n) bool tensor, got {tuple(member.shape)} {member.dtype}")
-    if len(budgets) != member.shape[0]:
-        raise ValueError(f"got {len(budgets)} budgets for {member.shape[0]} rows")
-    counts = member.sum(-1).tolist()
-    for r, (b, c) in enumerate(zip(budgets, counts)):
-        if not 0 <= int(b) <= c:
-            raise ValueError(f"row {r}: budget {b} outside [0, {c}] (its eligible slots)")
-    return torch.tensor([int(b) for b in budgets], dtype=torch.long, device=member.device)
-
-
-def _first_argmax(values: torch.Tensor) -> torch.Tensor:
-    """Index of the largest entry of each row, the lowest index among equal maxima: (R, n) -> (R,)."""
-    n = values.shape[-1]
-    slots = torch.arange(n, device=values.device).expand_as(values)
-    top = values.max(-1, keepdim=True).values
-    return torch.where(values == top, slots, n).min(-1).values.clamp_max(n - 1)
 
 
 def distances(features: torch.Tensor) -> torch.Tensor:
     """Cosine distance ``1 - cos`` between every pair of tokens of a row, float32: (R, n, H) -> (R, n, n)."""
-    f = features.float()
-    f = f / f.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    f = unit(features)
     return 1.0 - f @ f.transpose(1, 2)
 
 
@@ -65,7 +44,7 @@ def select(features: torch.Tensor, member: torch.Tensor, budgets: list[int]) -> 
     False, never selected); ``budgets``: host ints, ``0 <= budgets[r] <= member[r].sum()``. Returns (R, n)
     bool with exactly ``budgets[r]`` True slots in row r.
     """
-    want = _check(member, budgets)
+    want = check_budgets(member, budgets)
     R, n = member.shape
     chosen = torch.zeros(R, n, dtype=torch.bool, device=member.device)
     k_max = int(max(budgets, default=0))
@@ -82,7 +61,7 @@ def select(features: torch.Tensor, member: torch.Tensor, budgets: list[int]) -> 
     for t in range(k_max):
         active = want > t
         candidate = member & ~chosen
-        pick = _first_argmax(torch.where(candidate, gap, -inf))
+        pick = first_argmax(torch.where(candidate, gap, -inf))
         chosen[rows[active], pick[active]] = True
         to_pick = dist[rows, pick]  # (R, n): distance of every slot to the new pick
         gap = to_pick if t == 0 else torch.minimum(gap, to_pick)

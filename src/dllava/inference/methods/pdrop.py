@@ -38,6 +38,8 @@ from itertools import pairwise
 
 import torch
 
+from dllava.inference.methods.rows import check_budgets, top
+
 RATIO = 0.5
 STAGE_FRACTIONS = (Fraction(1, 4), Fraction(2, 4), Fraction(3, 4))  # 8, 16, 24 of 32 layers
 
@@ -139,17 +141,4 @@ def rank(score: torch.Tensor, member: torch.Tensor, budgets: list[int]) -> torch
 
     ``member`` (R, n) bool marks eligible slots (padding False, never selected); ``budgets`` are host ints
     with ``0 <= budgets[r] <= member[r].sum()``."""
-    if member.dim() != 2 or member.dtype != torch.bool:
-        raise ValueError(f"member must be a (R, n) bool tensor, got {tuple(member.shape)} {member.dtype}")
-    if len(budgets) != member.shape[0]:
-        raise ValueError(f"got {len(budgets)} budgets for {member.shape[0]} rows")
-    for r, (b, c) in enumerate(zip(budgets, member.sum(-1).tolist())):
-        if not 0 <= int(b) <= c:
-            raise ValueError(f"row {r}: budget {b} outside [0, {c}] (its eligible slots)")
-    k = torch.tensor([int(b) for b in budgets], dtype=torch.long, device=member.device)
-    n = member.shape[1]
-    order = torch.sort(score.float(), dim=-1, descending=True, stable=True).indices
-    # eligible slots first, in score order (so NaN or -inf scores of eligible slots stay selectable)
-    order = order.gather(-1, torch.sort((~member).gather(-1, order).to(torch.uint8), dim=-1, stable=True).indices)
-    take = torch.arange(n, device=member.device)[None, :] < k[:, None]
-    return torch.zeros_like(member).scatter(-1, order, take)
+    return top(score, member, check_budgets(member, budgets))

@@ -31,30 +31,9 @@ import math
 
 import torch
 
+from dllava.inference.methods.rows import check_budgets, top, unit
+
 CONTEXTUAL_SHARE = 10 / 64
-_EPS = 1e-12
-
-
-def _check(member: torch.Tensor, budgets: list[int]) -> torch.Tensor:
-    """Validate ``budgets`` against ``member`` (R, n); return them as a (R,) long tensor on its device."""
-    if member.dim() != 2 or member.dtype != torch.bool:
-        raise ValueError(f"member must be a (R, n) bool tensor, got {tuple(member.shape)} {member.dtype}")
-    if len(budgets) != member.shape[0]:
-        raise ValueError(f"got {len(budgets)} budgets for {member.shape[0]} rows")
-    counts = member.sum(-1).tolist()
-    for r, (b, c) in enumerate(zip(budgets, counts)):
-        if not 0 <= int(b) <= c:
-            raise ValueError(f"row {r}: budget {b} outside [0, {c}] (its eligible slots)")
-    return torch.tensor([int(b) for b in budgets], dtype=torch.long, device=member.device)
-
-
-def _top(score: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The ``k[r]`` eligible slots of largest score in each row, ties to the lowest slot: (R, n) bool."""
-    n = score.shape[-1]
-    order = torch.sort(score.float(), dim=-1, descending=True, stable=True).indices
-    order = order.gather(-1, torch.sort((~eligible).gather(-1, order).to(torch.uint8), dim=-1, stable=True).indices)
-    take = torch.arange(n, device=score.device)[None, :] < k[:, None]
-    return torch.zeros_like(eligible).scatter(-1, order, take)
 
 
 def split(total: int, contextual_share: float = CONTEXTUAL_SHARE) -> tuple[int, int]:
@@ -88,13 +67,13 @@ def select(
     and ``merged`` (R, n, H): ``features`` except at centre slots, which hold the centre's feature plus the
     mean feature of the patches assigned to it.
     """
-    _check(member, budgets)
+    check_budgets(member, budgets)
     R, n = member.shape
     device = member.device
     pairs = [split(int(b), contextual_share) for b in budgets]
     dominant_k = torch.tensor([d for d, _ in pairs], dtype=torch.long, device=device)
     contextual_k = torch.tensor([c for _, c in pairs], dtype=torch.long, device=device)
-    dominant = _top(score, member, dominant_k)
+    dominant = top(score, member, dominant_k)
     remaining = member & ~dominant
     left = remaining.sum(-1)  # (R,) >= contextual_k
     step = torch.where(contextual_k > 0, left // contextual_k.clamp_min(1), torch.ones_like(left)).clamp_min(1)
@@ -104,13 +83,12 @@ def select(
     joins = remaining & ~centre & (contextual_k > 0)[:, None]  # without centres nothing is merged
     if not bool(joins.any()):
         return keep, features.clone()
-    k = keys.float()
-    k = k / k.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    k = unit(keys)
     sim = k @ k.transpose(1, 2)  # (R, n, n): slot i's similarity to candidate centre j
     sim = torch.where(centre[:, None, :], sim, torch.tensor(float("-inf"), device=device))
-    top = sim.max(-1, keepdim=True).values
+    best = sim.max(-1, keepdim=True).values
     slots = torch.arange(n, device=device).expand(R, n, n)
-    target = torch.where(sim == top, slots, n).min(-1).values.clamp_max(n - 1)  # (R, n), first best centre
+    target = torch.where(sim == best, slots, n).min(-1).values.clamp_max(n - 1)  # (R, n), first best centre
     target = torch.where(joins, target, torch.zeros_like(target))
     f = features.float()
     weight = joins.float()
