@@ -105,6 +105,12 @@ def test_equal_budget_comparison_writes_table_pareto_and_overlays(tmp_path, dyna
         assert float(row["image_tokens_kept"]) == kept
         if reference:
             assert float(row["acc_vs_dense"]) == pytest.approx(float(row["accuracy"]) / reference)
+    by_keep = (tmp_path / "eval_by_keep.md").read_text().splitlines()
+    assert by_keep[0].startswith("| model | method | keep 0.25 | keep 0.5 | FLOPs ratio @0.25")
+    assert len([line for line in by_keep if line.startswith("| ")]) == 1 + len({(r["model"], r["method"]) for r in rows})
+    divprune = next(r for r in rows if r["method"] == "divprune" and r["keep"] == "0.5")
+    line = next(line for line in by_keep if "| divprune |" in line)
+    assert f"{float(divprune['accuracy']):.4f}" in line.split(" | ")[3]
     table = (tmp_path / "eval_table.md").read_text()
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + len(rows) and "acc / dense" in table
     assert Image.open(tmp_path / "pareto.png").size[0] > 500

@@ -7,6 +7,7 @@ a keep value is the same budget for all); an optional dense-trained checkpoint (
 ``dense``, the reference accuracy, and the training-free baselines at the same budgets. Output, in the
 run dir:
 
+* ``eval_by_keep.md``: one row per (model, method), accuracy at every keep side by side;
 * ``eval_table.csv`` / ``eval_table.md``: one row per (model, method, keep) with accuracy, accuracy
   relative to the reference dense accuracy, realised keep ratio, prefill FLOPs, KV bytes, latency;
 * ``pareto.png``: accuracy against prefill FLOPs per sample;
@@ -104,6 +105,8 @@ def run_comparison(
         "pareto": out_dir / "pareto.png",
     }
     paths["markdown"].write_text(markdown_table(rows, reference, describe(runs[-1][0])) + "\n")
+    paths["by_keep"] = out_dir / "eval_by_keep.md"
+    paths["by_keep"].write_text(by_keep_table(rows, overlay_keep) + "\n")
     pareto_plot(rows, paths["pareto"], reference=reference, title="Equal-budget comparison")
     if overlay_keep is not None and overlays:
         panel = overlay_panel(results, overlay_keep)
@@ -165,6 +168,30 @@ def markdown_table(rows: Sequence[dict[str, Any]], reference: float | None, refe
             "realised token counts (predictor / FastV scoring included). KV: bytes left in the cache per question. "
             "objects kept: share of the patches showing an object that survive (records with a scene).")
     return "\n".join(lines) + "\n" + note
+
+
+def by_keep_table(rows: Sequence[dict[str, Any]], at: float | None = None) -> str:
+    """One line per (model, method): accuracy and, in brackets, its share of the reference dense accuracy
+    at every keep side by side, then the prefill FLOPs ratio, objects kept and latency at keep ``at`` (the
+    overlays' keep; None: the smallest evaluated)."""
+    keeps = sorted({r["keep"] for r in rows if r["method"] != "dense"})
+    at = at if at in keeps else (keeps[0] if keeps else None)
+    header = ["model", "method", *[f"keep {k:g}" for k in keeps], f"FLOPs ratio @{at:g}" if at else "FLOPs ratio",
+              f"objects kept @{at:g}" if at else "objects kept", f"ms / sample @{at:g}" if at else "ms / sample"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    arms: dict[tuple[str, str], dict[float, dict[str, Any]]] = {}
+    for r in rows:
+        arms.setdefault((r["model"], r["method"]), {})[r["keep"]] = r
+    for (model, method), by in arms.items():
+        if method == "dense":
+            (r,) = by.values()
+            cells = [f"{_fmt(r['accuracy'], '.4f')} ({_fmt(r['acc_vs_dense'], '.3f')})"] * len(keeps)
+        else:
+            r = by.get(at, {})
+            cells = [f"{_fmt(by[k]['accuracy'], '.4f')} ({_fmt(by[k]['acc_vs_dense'], '.3f')})" if k in by else "-" for k in keeps]
+        tail = [_fmt(r.get("prefill_flops_ratio"), ".3f"), _fmt(r.get("object_recall"), ".3f"), _fmt(r.get("latency_ms"), ".1f")]
+        lines.append("| " + " | ".join([model, method, *cells, *tail]) + " |")
+    return "\n".join(lines) + "\n\nAccuracy (its share of the reference dense accuracy); dense rows repeat their one value."
 
 
 def overlay_panel(results: Sequence[tuple[LoadedModel, ArmResult]], keep: float, size: int = 192):
