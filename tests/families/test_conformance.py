@@ -264,7 +264,9 @@ def test_baseline_prefill_equals_masked_forward(family: Family, method: str):
 
 
 # the baselines decode with every generated token (text=off)
-@pytest.mark.parametrize("method,text", [(m, t) for m in METHODS for t in ("off", "learned", 0.5)] + [(m, "off") for m in BASELINES])
+@pytest.mark.parametrize(
+    "method,text", [(m, t) for m in METHODS for t in ("off", "learned", 0.5)] + [(m, "off") for m in BASELINES] + [("divprune", 0.5)]
+)
 def test_cache_equals_no_cache(family: Family, method: str, text):
     engine = SparseEngine(family.model, method=method, keep=0.25, text=text)
     args = (family.input_ids, family.attention_mask, family.images)
@@ -453,13 +455,17 @@ def _needs_views(family: Family) -> None:
 
 
 @pytest.mark.parametrize("budget", ["global", "per_view"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + BASELINES)
 def test_newline_tokens_survive_every_method(family: Family, method: str, budget: str):
     _needs_views(family)
     engine = SparseEngine(family.model, method=method, keep=0.1, text="off", budget=budget)
     state = engine.start(family.input_ids, family.attention_mask, **family.images)[1]
     for b, newline in enumerate(family.newlines):
+        for layer, keep in state.cuts.items():  # at every cut (PyramidDrop: every stage)
+            assert bool(keep[b, : newline.shape[0]][newline].all()), (method, b, layer)
         assert bool(state.image_keep[b, : newline.shape[0]][newline].all()), (method, b)
+    if method in BASELINES:
+        return  # the training part below is the learned method's
     # and in training: the Gumbel decisions never gate a newline (its gate stays 1)
     family.model.sparsity.budget = budget
     try:
@@ -482,7 +488,7 @@ def test_views_match_hf_packing(family: Family):
         assert mine.tolist() == hf.tolist()
 
 
-@pytest.mark.parametrize("method", ["dynamic", "fastv", "random"])
+@pytest.mark.parametrize("method", ["dynamic", "fastv", "random", "dart", "divprune", "cdpruner", "visionzip"])
 def test_each_view_keeps_its_share_under_per_view(family: Family, method: str):
     _needs_views(family)
     engine = SparseEngine(family.model, method=method, keep=0.25, text="off", budget="per_view")
@@ -493,10 +499,14 @@ def test_each_view_keeps_its_share_under_per_view(family: Family, method: str):
             member = views == view
             expected = int(member.sum()) if view < 0 else num_kept(int(member.sum()), 0.25)
             assert int(kept[member].sum()) == expected, (b, view)
-    # and the pruned prefill under per_view still equals the masked forward with its decisions
+    # and the pruned prefill under per_view still equals the masked forward with its decisions (from
+    # each cut's layer on; VisionZip's merged features in place)
     state.cache = None
     logits, index, valid = engine._sequence_forward(state, every_position=True)
-    masked = _masked_logits(family, _policy(family, state.image_keep))
+    replaced = None
+    if state.image_replacement is not None:
+        replaced = torch.cat([state.image_replacement[b, :c] for b, c in enumerate(family.counts)])
+    masked = _masked_logits(family, {layer: _policy(family, keep) for layer, keep in state.cuts.items()}, features_flat=replaced)
     expected = masked.gather(1, index[..., None].expand(-1, -1, masked.shape[-1]))
     assert (expected - logits)[valid].abs().max().item() <= ATOL
 
