@@ -48,9 +48,10 @@ ALL_BASELINES = ("fastv", "random", "dart", "divprune", "cdpruner", "visionzip",
 
 def test_every_method_benches_at_its_cuts_and_selection_flops_are_what_flopcounter_counts(tiny_model_dir):
     """All training-free arms in one run on CPU: the arms that choose from values (DART, DivPrune,
-    CDPruner) are counted on the real run, and FlopCounterMode's count equals the decoder on each
-    layer's realised tokens (their cut: before the LLM or at K) plus ``flops.selection_flops``, the
-    formula eval's cost model uses; VisionZip adds its second tower pass (reading the attention)."""
+    CDPruner) are counted on the real run, FastV and PyramidDrop (stages at layers 1 and 2) on meta, and
+    every FlopCounterMode count equals the decoder on each layer's realised tokens (their cuts: before
+    the LLM, at K, or staged) plus ``flops.selection_flops``, the formula eval's cost model uses;
+    VisionZip adds its second tower pass (reading the attention)."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
@@ -60,7 +61,7 @@ def test_every_method_benches_at_its_cuts_and_selection_flops_are_what_flopcount
     from dllava.sparse.model import DynamicLlava
 
     torch.manual_seed(0)
-    base = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)  # 3 layers, K = 1: PyramidDrop has stages
     model = DynamicLlava(base, {"keep": 0.25, "layer": 1}, {"d_model": 32, "heads": 4, "ff": 64, "layers": 1}).eval()
     record = run_bench(model, "cpu", keep=0.25, batch_size=2, text_tokens=6, new_tokens=3, warmup=0, repeats=1,
                        baselines=ALL_BASELINES)
@@ -71,7 +72,7 @@ def test_every_method_benches_at_its_cuts_and_selection_flops_are_what_flopcount
     length = ids.shape[1]
     last_image = max(i for i, t in enumerate(ids[0].tolist()) if t == model.base.config.image_token_id)
     instruction = length - 1 - last_image
-    for name in ("dart", "divprune", "cdpruner"):
+    for name in ("dart", "divprune", "cdpruner", "pdrop", "fastv"):
         plan = cut_plan(name, torch.tensor([[64]]), 0.25, prune_layer(name, 1), shape.layers)
         per_layer = image_tokens_per_layer(plan, [64], [0], shape.layers)[0]
         expected = flops.prefill_flops_layers(shape, [length - 64 + n for n in per_layer], batch=2)
