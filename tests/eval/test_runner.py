@@ -45,6 +45,27 @@ def test_object_patches_follow_the_padding_to_a_square():
     assert object_patches([{"box": [25, 0, 35, 10]}], (40, 20), grid=4) == [1 * 4 + 3]
 
 
+def test_object_tokens_are_the_patches_each_box_covers():
+    """A small object inside one 12 px patch covers one token, a large one filling its 24 px cell the four
+    tokens of that cell (the hard task's redundant tokens); checked on generated hard scenes against the
+    generator's own cell and size."""
+    import numpy as np
+
+    from dllava.data.synthetic import make_scene
+    from dllava.eval.questions import object_tokens
+
+    assert object_tokens([{"box": [26, 2, 34, 10]}, {"box": [49, 25, 71, 47]}], (96, 96), 8) == [[2], [20, 21, 28, 29]]
+    scenes = [make_scene(np.random.default_rng(i), objects=(6, 10), large_share=0.5) for i in range(20)]
+    for scene in scenes:
+        for obj, tokens in zip(scene, object_tokens(scene, (96, 96), 8)):
+            row, col = obj["row"], obj["col"]
+            cell = [(2 * row + r) * 8 + 2 * col + c for r in (0, 1) for c in (0, 1)]
+            if obj["large"]:
+                assert tokens == cell, obj
+            else:
+                assert len(tokens) == 1 and tokens[0] in cell, obj
+
+
 @pytest.mark.parametrize("method,keep", [("dynamic", 0.25), ("fastv", 0.25), ("random", 0.1), ("dense", 1.0)])
 def test_arm_keeps_exactly_its_budget_and_counts_its_cost(loaded, questions, method, keep):
     result = evaluate_arm(loaded, questions, Arm(method, keep), batch_size=5, max_new_tokens=3, progress=False, warmup=False)
@@ -57,9 +78,12 @@ def test_arm_keeps_exactly_its_budget_and_counts_its_cost(loaded, questions, met
     assert s["accuracy"] == pytest.approx(sum(r["metadata"]["correct"] for r in result.records) / 12)
     if method == "dense":
         assert s["prefill_flops"] == s["prefill_flops_dense"] and s["kv_ratio"] == 1.0
-        assert s["object_recall"] == 1.0
+        assert s["object_recall"] == 1.0 and s["objects_seen"] == 1.0
     else:
         assert s["prefill_flops"] < s["prefill_flops_dense"] and s["kv_bytes"] < s["kv_bytes_dense"]
+    for record, question in zip(result.records, questions):  # an object is seen when any of its tokens is kept
+        meta = record["metadata"]
+        assert meta["objects"] == len(question.scene) and 0 <= meta["objects_seen"] <= meta["objects"]
     assert s["latency_s"] > 0 and s["prefill_flops_paper"] > 0
 
 

@@ -67,6 +67,7 @@ class Question:
     reference: str | list[str] | None = None
     kind: str = "all"
     evidence: list[int] | None = None  # image tokens (patches) that show an object, when the record says
+    objects: list[list[int]] | None = None  # per object, the image tokens its box covers (:func:`object_tokens`)
     image_grid_thw: torch.Tensor | None = None  # (1, 3) for families with dynamic resolution (Qwen)
     grid: Any = None  # how this image's keep row is drawn: (rows, cols) of its tokens, or the family's PanelGrid
     image_sizes: torch.Tensor | None = None  # (2,) (height, width) for anyres families (LLaVA-NeXT/OneVision)
@@ -104,6 +105,36 @@ def object_patches(
         row = min(rows - 1, int(((y0 + y1) / 2 + dy) * rows / height))
         patches.append(row * cols + col)
     return sorted(set(patches))
+
+
+def object_tokens(
+    scene: Sequence[dict[str, Any]], image_size: tuple[int, int], grid: int | tuple[int, int], square: bool = True
+) -> list[list[int]]:
+    """Per object of a scene, the row-major tokens its box covers (geometry as :func:`object_patches`): a
+    token counts when the box overlaps at least a quarter of its width and a quarter of its height, so an
+    object drawn inside one patch has one token and one filling a cell of 2 x 2 patches has four. What
+    ``objects_seen`` reads: an object is seen when any of its tokens survives."""
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
+    width, height = image_size
+    dx = dy = 0.0
+    if square:
+        side = max(width, height)
+        dx, dy, width, height = (side - width) / 2, (side - height) / 2, side, side
+    cell_w, cell_h = width / cols, height / rows
+    found = []
+    for obj in scene:
+        x0, y0, x1, y1 = obj["box"]
+        x0, x1, y0, y1 = x0 + dx, x1 + dx, y0 + dy, y1 + dy
+        tokens = []
+        for row in range(rows):
+            overlap_h = min(y1, (row + 1) * cell_h) - max(y0, row * cell_h)
+            if overlap_h < cell_h / 4:
+                continue
+            for col in range(cols):
+                if min(x1, (col + 1) * cell_w) - max(x0, col * cell_w) >= cell_w / 4:
+                    tokens.append(row * cols + col)
+        found.append(tokens or [object_patches([obj], image_size, grid, square)[0]])  # a tiny object: its centre's
+    return found
 
 
 class BadQuestion(Exception):
@@ -239,6 +270,7 @@ class ShardQuestions:
         try:
             square = self.preprocess.pads_to_square
             evidence = object_patches(scene, sample["image"].size, grid, square) if scene else None
+            objects = object_tokens(scene, sample["image"].size, grid, square) if scene else None
         except Exception as err:
             raise BadQuestion(CORRUPT_SAMPLE, f"bad 'scene' ({type(err).__name__}: {err})") from None
         return Question(
@@ -248,6 +280,7 @@ class ShardQuestions:
             reference=item["answer"],
             kind=item["kind"],
             evidence=evidence,
+            objects=objects,
             scene=scene,
             grid=self.preprocess.picture_grid(pixels),
             **pixels,

@@ -9,9 +9,10 @@ engine's counts; per arm (``eval.json``):
   questions that have a reference;
 * realised keep ratios: ``vision_keep`` (kept / image tokens, both without the never-dropped ones:
   LLaVA-NeXT's newlines; the share training's ``val/vision_keep`` reports), ``text_keep`` (generated tokens kept in
-  the caches of layers >= K / generated tokens fed back), and ``object_recall``, the share of the
+  the caches of layers >= K / generated tokens fed back), ``object_recall``, the share of the
   patches that show an object which survive (questions whose record has a ``scene``, the synthetic
-  task; None otherwise);
+  task; None otherwise), and ``objects_seen``, the share of objects with at least one of the tokens
+  their box covers kept (a large object needs one of its four, not its centre's);
 * ``prefill_flops``: mean decoder prefill FLOPs per question by the full count of
   :mod:`dllava.inference.flops` with the realised token counts (the question's own unpadded prompt
   length in layers < K, the kept tokens after; predictor or FastV scoring included; vision tower
@@ -285,6 +286,9 @@ def evaluate_arm(
             }
             if evidence_kept is not None:
                 metadata.update(object_patches=len(question.evidence), object_patches_kept=evidence_kept)
+            if question.objects:  # objects with at least one of their tokens kept
+                seen = sum(bool(image_keep[i, tokens].any()) for tokens in question.objects)
+                metadata.update(objects=len(question.objects), objects_seen=seen)
             if question.reference is not None:
                 metadata.update(reference=question.reference, correct=bool(exact_match_any(texts[i], question.reference)))
             record = answer_record(question.question_id, question.prompt, texts[i], model_id, metadata)
@@ -365,6 +369,7 @@ def summarize(records: Sequence[dict[str, Any]], cost: CostModel) -> dict[str, A
             "image_tokens_kept": kept,
             "vision_keep": (kept - fixed) / (n_image - fixed) if n_image > fixed else 1.0,
             "object_recall": meta["object_patches_kept"] / meta["object_patches"] if meta.get("object_patches") else None,
+            "objects_seen": meta["objects_seen"] / meta["objects"] if meta.get("objects") else None,
             **{k: meta.get(k) for k in ("text_tokens_fed", "text_tokens_kept", "prefill_flops", "prefill_flops_dense",
                                         "prefill_flops_paper", "kv_bytes", "kv_bytes_dense")},
         }
@@ -389,6 +394,7 @@ def summarize(records: Sequence[dict[str, Any]], cost: CostModel) -> dict[str, A
         "image_tokens_kept": _mean(stats["image_tokens_kept"]),
         "vision_keep": _mean(stats["vision_keep"]),
         "object_recall": _mean(stats["object_recall"]),
+        "objects_seen": _mean(stats["objects_seen"]),
         "text_tokens_fed": _mean(stats["text_tokens_fed"]),
         "text_tokens_kept": _mean(stats["text_tokens_kept"]),
         "text_keep": kept_text / fed if fed else None,
