@@ -20,6 +20,7 @@ crops reproduces ``get_image_features`` exactly). The three images get 2x2, 2x3 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 
@@ -44,21 +45,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _hf_eager_last_block(hf: torch.nn.Module, images: dict[str, torch.Tensor]):
-    """HF's eager attention of the last vision block: per attention call (one per ``cu_seqlens``
-    segment) its probabilities (heads, L, L) and keys (heads, L, d), and the tower's output."""
-    tower = hf.model.visual
-    attn = tower.blocks[-1].attn
+@contextlib.contextmanager
+def _eager_calls(attn: torch.nn.Module):
+    """HF's eager attention recorded for one attention module: yields a list that fills with one
+    (probabilities, keys) pair per call of ``attn``, in float32 (the module's config set to eager, its
+    modeling file's ``eager_attention_forward`` wrapped, both restored after)."""
     modeling = importlib.import_module(type(attn).__module__)
     original = modeling.eager_attention_forward
-    probs, keys = [], []
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def recording(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         out, weights = original(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
         if module is attn:
             assert attention_mask is None
-            probs.append(weights[0].detach().float())
-            keys.append(key[0].detach().float())
+            seen.append((weights.detach().float(), key.detach().float()))
         return out, weights
 
     before = attn.config._attn_implementation
@@ -66,11 +66,19 @@ def _hf_eager_last_block(hf: torch.nn.Module, images: dict[str, torch.Tensor]):
     attn.config._attn_implementation = "eager"
     try:
         with torch.no_grad():
-            out = tower(images["pixel_values"].to(tower.dtype), grid_thw=images["image_grid_thw"])
+            yield seen
     finally:
         attn.config._attn_implementation = before
         modeling.eager_attention_forward = original
-    return probs, keys, out
+
+
+def _hf_eager_last_block(hf: torch.nn.Module, images: dict[str, torch.Tensor]):
+    """HF's eager attention of the last vision block: per attention call (one per ``cu_seqlens``
+    segment) its probabilities (heads, L, L) and keys (heads, L, d), and the tower's output."""
+    tower = hf.model.visual
+    with _eager_calls(tower.blocks[-1].attn) as seen:
+        out = tower(images["pixel_values"].to(tower.dtype), grid_thw=images["image_grid_thw"])
+    return [w[0] for w, _ in seen], [k[0] for _, k in seen], out
 
 
 def _output_order(hf: torch.nn.Module, out) -> torch.Tensor:
@@ -226,27 +234,8 @@ def _hf_eager_layer(hf: torch.nn.Module, index: int, pixels: torch.Tensor):
     """HF's eager attention of vision layer ``index`` on ``pixels`` (crops, 3, s, s): probabilities
     (crops, heads, n, n) and keys (crops, heads, n, d), and the tower's hidden states."""
     tower = hf.model.vision_tower
-    attn = _vision_layers(hf)[index].self_attn
-    modeling = importlib.import_module(type(attn).__module__)
-    original = modeling.eager_attention_forward
-    seen = []
-
-    def recording(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        out, weights = original(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-        if module is attn:
-            assert attention_mask is None
-            seen.append((weights.detach().float(), key.detach().float()))
-        return out, weights
-
-    before = attn.config._attn_implementation
-    modeling.eager_attention_forward = recording
-    attn.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            out = tower(pixels, output_hidden_states=True)
-    finally:
-        attn.config._attn_implementation = before
-        modeling.eager_attention_forward = original
+    with _eager_calls(_vision_layers(hf)[index].self_attn) as seen:
+        out = tower(pixels, output_hidden_states=True)
     assert len(seen) == 1
     return seen[0][0], seen[0][1], out.hidden_states
 
