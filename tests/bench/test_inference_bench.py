@@ -82,3 +82,32 @@ def test_every_method_benches_at_its_cuts_and_selection_flops_are_what_flopcount
     arms = record["baselines"]
     assert arms["divprune"]["prefill"]["flops_ratio"] < arms["fastv"]["prefill"]["flops_ratio"]
     assert arms["visionzip"]["prefill"]["flops"] > arms["divprune"]["prefill"]["flops"]  # + the tower pass
+
+
+def test_long_decoding_runs_whatever_baselines_are_listed_and_meta_refuses_what_needs_values(tiny_model_dir):
+    """The long decode compares dense, Dynamic-LLaVA and FastV even when bench.baselines leaves FastV
+    out; on the meta device the value-reading methods and the instruction-aware predictor are refused
+    up front, naming why."""
+    import copy
+
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from dllava.bench.inference import run_bench
+    from dllava.sparse.model import DynamicLlava
+
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
+    model = DynamicLlava(base, {"keep": 0.25, "layer": 1}, {"d_model": 32, "heads": 4, "ff": 64, "layers": 1}).eval()
+    record = run_bench(model, "cpu", keep=0.25, batch_size=1, text_tokens=4, new_tokens=2, warmup=0, repeats=1,
+                       baselines=["random"], decode_lengths=[4], decode_device="meta")
+    assert list(record["baselines"]) == ["random"]
+    assert set(next(iter(record["decode_long"].values()))) == {"dense", "dynamic", "fastv"}
+    meta = copy.deepcopy(model).to("meta")
+    with pytest.raises(ValueError, match=r"bench.baselines \['divprune'\] choose tokens from the features' values"):
+        run_bench(meta, "meta", keep=0.25, baselines=["divprune"])
+    torch.manual_seed(0)
+    aware = DynamicLlava(LlavaForConditionalGeneration.from_pretrained(tiny_model_dir),
+                         {"keep": 0.25, "layer": 1, "image_predictor": "instruction_aware"},
+                         {"d_model": 32, "heads": 4, "ff": 64, "layers": 1}).to("meta")
+    with pytest.raises(ValueError, match="instruction-aware image predictor reads the prompt's text"):
+        run_bench(aware, "meta", keep=0.25)

@@ -389,6 +389,35 @@ def test_prefill_flops_equal_flop_counter(family: Family, method: str):
     assert counted == expected + family.adapter.vision_flops(family.hf.config, features)
 
 
+@pytest.mark.parametrize("budget", ["global", "per_view"])
+@pytest.mark.parametrize("method", ["fastv", "dart", "divprune", "cdpruner", "pdrop"])
+def test_selection_flops_equal_flop_counter(family: Family, method: str, budget: str):
+    """What eval reports for one question alone (the decoder on each layer's tokens from the recorded
+    cuts, plus ``flops.selection_flops`` with the groups' budgets) equals FlopCounterMode on the real
+    prefill minus the vision tower: before the LLM, at K, staged, and per view (selection once per view)."""
+    from dllava.eval.runner import _cuts
+
+    if budget == "per_view" and not family.newlines:
+        pytest.skip("single-view images: per_view equals global")
+    ids, mask, images = family.sample(2)
+    engine = SparseEngine(family.model, method=method, keep=0.25, text="off", budget=budget)
+    vision = _counted(lambda: family.model.encode_images(images))
+    counted = _counted(lambda: engine.start(ids, mask, **images)) - vision
+    state = engine.start(ids, mask, **images)[1]
+    result = engine.summarize(state, torch.zeros(1, 1, dtype=torch.long), [1])
+    n, per_layer = result.image_tokens[0], result.image_tokens_per_layer[0]
+    at = dict(_cuts(per_layer, n))  # what the answer file records
+    rows, current = [], n
+    for i in range(len(per_layer)):
+        current = at.get(i, current)
+        rows.append(current)
+    shape = flops.DecoderShape.from_config(family.model.text_config)
+    expected = flops.prefill_flops_layers(shape, [ids.shape[1] - n + t for t in rows]) + flops.selection_flops(
+        method, shape, ids.shape[1], n, rows, engine.layer, result.instruction_tokens[0], result.image_group_budgets[0]
+    )
+    assert counted == expected
+
+
 # -- 10. fused gated attention == eager, in the training forward -----------------------------------
 def _train_step_grads(family: Family, attention: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Loss, logits and every parameter's gradient of one training-mode forward (Gumbel straight-through

@@ -89,3 +89,29 @@ def test_a_family_without_vision_saliency_cannot_run_visionzip_and_says_so(tiny_
     with pytest.raises(NotImplementedError, match="method=visionzip: the llava adapter has no vision_saliency"):
         SparseEngine(model, method="visionzip", keep=0.25, text="off")
     SparseEngine(model, method="divprune", keep=0.25, text="off")  # the other methods run
+
+
+def test_pyramid_drop_leaves_out_stages_that_would_keep_what_the_last_kept():
+    """A stage keeping the previous stage's count is no cut: it is left out of the plan, so nothing is
+    ranked there and nothing counted (at keep 1.0 PyramidDrop is a single cut keeping everything)."""
+    plan = cut_plan("pdrop", torch.tensor([[64]]), 1.0, 2, 8)
+    assert plan == [(2, [[64]])]
+    for keep in (0.3, 0.6, 0.9):
+        plan = cut_plan("pdrop", torch.tensor([[64], [40]]), keep, 2, 32)
+        assert all(b[1] != a[1] for a, b in zip(plan, plan[1:]))
+
+
+def test_continuing_answers_needs_the_same_cut_and_settings_defaults_filled_in():
+    from dllava.eval.runner import Arm, check_answered
+
+    record = {"model_id": "m", "question_id": 1, "metadata": {
+        "method": "divprune", "keep": 0.2, "text": "off", "budget": "global", "options": {}, "prune_layer": 2,
+        "prefill_flops_dense": 1}}
+    arm = Arm("divprune", 0.2, "off", options={})
+    check_answered([record], "m", arm, prune_layer=2)
+    with pytest.raises(ValueError, match="prune_layer=2, not of .* prune_layer=0"):
+        check_answered([record], "m", arm, prune_layer=0)  # DivPrune at K continued before the LLM
+    spelled = {**record, "metadata": {**record["metadata"], "method": "cdpruner", "options": {"theta": None}}}
+    check_answered([spelled], "m", Arm("cdpruner", 0.2, "off", options={}), prune_layer=2)  # the default, spelled out
+    with pytest.raises(ValueError, match="options="):
+        check_answered([spelled], "m", Arm("cdpruner", 0.2, "off", options={"theta": 0.5}), prune_layer=2)

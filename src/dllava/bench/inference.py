@@ -340,6 +340,11 @@ def run_bench(
 
     # FLOPs, on a meta copy (shapes only, exact counts); positions from the same prompts on the host
     baselines = check_baselines(baselines, device)
+    if device == "meta" and getattr(model.sparsity, "image_predictor", "original") == "instruction_aware":
+        raise ValueError(
+            "the instruction-aware image predictor reads the prompt's text after the image, which the meta device "
+            "has no values for: run the bench on cpu or cuda (bench.device)"
+        )
     meta_model = model if device == "meta" else copy.deepcopy(model).to("meta")
     meta_engines = arm_engines(meta_model, keep, text_keep_rate, seed, [b for b in baselines if b not in READS_VALUES])
     features_meta = meta_features(image, config, batch_size, shape.hidden)
@@ -405,8 +410,11 @@ def run_bench(
         batch_size, text_tokens, new_tokens, baselines,
     )
     if decode_lengths:
+        # the long decode compares dense, Dynamic-LLaVA and FastV whatever bench.baselines lists
+        decode_meta = {**arm_engines(meta_model, keep, text_keep_rate, seed, ["fastv"]), **meta_engines}
+        decode_engines = decode_meta if device == "meta" else {**arm_engines(model, keep, text_keep_rate, seed, ["fastv"]), **engines}
         record.update(run_decode_long(
-            model, device, meta_engines, engines, image, (ids, mask), positions, features, decode_lengths,
+            model, device, decode_meta, decode_engines, image, (ids, mask), positions, features, decode_lengths,
             decode_device, seed,
         ))
     return record

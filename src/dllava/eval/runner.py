@@ -49,7 +49,7 @@ from dllava.families import ImageFeatures
 from dllava.inference import flops
 from dllava.bench.inference import sync_device
 from dllava.inference.engine import SparseEngine
-from dllava.inference.selection import check_method, num_kept
+from dllava.inference.selection import check_method, method_defaults, num_kept
 from dllava.inference.text_policies import check_text_policy
 from dllava.sparse.decisions import check_budget
 
@@ -109,7 +109,10 @@ class CostModel:
         self.predictor = model.predictor_config if arm.method == "dynamic" else None
         self.instruction_aware = getattr(model.sparsity, "image_predictor", "original") == "instruction_aware"
 
-    def extra(self, prompt_len: int, n_image: int, per_layer: list[int] | None = None, instruction: int = 0) -> int:
+    def extra(
+        self, prompt_len: int, n_image: int, per_layer: list[int] | None = None, instruction: int = 0,
+        group_budgets: list[int] | None = None,
+    ) -> int:
         """Predictor or training-free selection work of one prompt (none without image tokens: nothing is
         selected; :func:`~dllava.inference.flops.selection_flops`)."""
         if n_image == 0:
@@ -120,7 +123,9 @@ class CostModel:
                 instruction_aware=self.instruction_aware,
             )
         per_layer = per_layer if per_layer is not None else [n_image] * self.shape.layers
-        return flops.selection_flops(self.arm.method, self.shape, prompt_len, n_image, per_layer, self.layer, instruction)
+        return flops.selection_flops(
+            self.arm.method, self.shape, prompt_len, n_image, per_layer, self.layer, instruction, group_budgets
+        )
 
     def image_per_layer(self, n_image: int, kept: int | float, cuts: Sequence[Sequence[int]] | None = None) -> list[int]:
         """Image tokens each decoder layer runs for one question: from its ``cuts`` ([layer, tokens from
@@ -137,12 +142,12 @@ class CostModel:
 
     def prefill(
         self, prompt_len: int, kept: int | float, n_image: int, cuts: Sequence[Sequence[int]] | None = None,
-        instruction: int = 0,
+        instruction: int = 0, group_budgets: list[int] | None = None,
     ) -> int:
         per_layer = self.image_per_layer(n_image, kept, cuts)
         return flops.prefill_flops_layers(
             self.shape, [prompt_len - n_image + t for t in per_layer],
-            extra=self.extra(prompt_len, n_image, per_layer, instruction),
+            extra=self.extra(prompt_len, n_image, per_layer, instruction, group_budgets),
         )
 
     def prefill_dense(self, prompt_len: int) -> int:
@@ -216,7 +221,7 @@ def evaluate_arm(
     dtype = next(model.parameters()).dtype
     model_id = model_id or f"{loaded.name}:{arm.label}"
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    check_answered(answered, model_id, arm)
+    check_answered(answered, model_id, arm, engine.prune_layer)
     earlier = {question_key(r["question_id"]): r for r in answered}
 
     order: list[str] = []  # every question's key, in question order
@@ -259,6 +264,7 @@ def evaluate_arm(
             kept, n_image = result.image_tokens_kept[i], result.image_tokens[i]
             cuts = _cuts(result.image_tokens_per_layer[i], n_image)
             instruction = result.instruction_tokens[i] if result.instruction_tokens else 0
+            group_budgets = result.image_group_budgets[i] if result.image_group_budgets else None
             grid = result.image_grids[i] if result.image_grids else None
             evidence_kept = int(image_keep[i, question.evidence].sum()) if question.evidence else None
             metadata = {
@@ -275,7 +281,7 @@ def evaluate_arm(
                 "text_tokens_fed": result.text_tokens_fed[i],
                 "text_tokens_kept": result.text_tokens_kept[i],
                 "kv_bytes": result.kv_bytes[i] if result.kv_bytes else None,
-                "prefill_flops": cost.prefill(prompt_lens[i], kept, n_image, cuts, instruction),
+                "prefill_flops": cost.prefill(prompt_lens[i], kept, n_image, cuts, instruction, group_budgets),
                 "kind": question.kind,
                 # what the summary needs besides the above, so that it can score a continued run's
                 # earlier answers from the answer file alone
@@ -332,8 +338,11 @@ def evaluate_arm(
     return ArmResult(arm=arm, records=records, summary=summary, examples=drawn)
 
 
-def check_answered(answered: Sequence[dict[str, Any]], model_id: str, arm: Arm) -> None:
-    """Earlier answers may be continued only by the same model and arm: scoring a mix would be wrong."""
+def check_answered(answered: Sequence[dict[str, Any]], model_id: str, arm: Arm, prune_layer: int | None = None) -> None:
+    """Earlier answers may be continued only by the same model and arm (method settings compared with
+    their defaults filled in, and where the method cut): scoring a mix would be wrong."""
+    defaults = method_defaults(arm.method)
+    options = {**defaults, **arm.options}
     for record in answered:
         meta = record.get("metadata", {})
         if "prefill_flops_dense" not in meta:
@@ -343,12 +352,14 @@ def check_answered(answered: Sequence[dict[str, Any]], model_id: str, arm: Arm) 
             )
         # answers written before budgets existed were all global
         found = (record.get("model_id"), meta.get("method"), meta.get("keep"), meta.get("text"), meta.get("budget", "global"),
-                 meta.get("options", {}))
-        if found != (model_id, arm.method, arm.keep, arm.text, arm.budget, arm.options):
+                 {**defaults, **meta.get("options", {})})
+        where = meta.get("prune_layer", prune_layer)  # answers written before cuts were recorded: the default
+        if found != (model_id, arm.method, arm.keep, arm.text, arm.budget, options) or where != prune_layer:
             raise ValueError(
                 f"answers.jsonl holds answers of model_id={found[0]!r} method={found[1]} keep={found[2]} "
-                f"text={found[3]} budget={found[4]} options={found[5]}, not of model_id={model_id!r} {arm.label} "
-                f"text={arm.text} budget={arm.budget} options={arm.options}: continue with the same ckpt_path, method "
+                f"text={found[3]} budget={found[4]} options={found[5]} prune_layer={where}, not of model_id={model_id!r} "
+                f"{arm.label} text={arm.text} budget={arm.budget} options={options} prune_layer={prune_layer}: continue "
+                "with the same ckpt_path, method "
                 "(and its settings), sparsity.keep and sparsity.budget, or evaluate into a new run dir"
             )
 

@@ -102,6 +102,7 @@ class GenerationResult:
     image_tokens_per_layer: list[list[int]] | None = None  # (B, L) image tokens each decoder layer ran
     image_token_layers: list[int] | None = None  # image tokens summed over layers K..L-1 (equal-budget check)
     instruction_tokens: list[int] | None = None  # prompt tokens after the image (CDPruner's and DART's text)
+    image_group_budgets: list[list[int]] | None = None  # per sample, what each budget group keeps at the first cut
 
 
 class SparseEngine:
@@ -304,6 +305,16 @@ class SparseEngine:
         """The learned method with ``sparsity.image_predictor=instruction_aware``: its image predictor also
         reads the prompt's text after the image entering layer K."""
         return self.method == "dynamic" and getattr(self.model.sparsity, "image_predictor", "original") == "instruction_aware"
+
+    def _group_budgets(self, features: ImageFeatures | None) -> list[list[int]] | None:
+        """Per sample, the tokens each of its non-empty budget groups keeps at the method's first cut."""
+        if features is None:
+            return None
+        plan = self.plan(features)
+        if not plan:
+            return None
+        sizes = group_sizes(features.groups(self.budget), features.valid()).tolist()
+        return [[b for b, size in zip(row, sizes_row) if size] for row, sizes_row in zip(plan[0][1], sizes)]
 
     def _instruction_counts(self, state: RequestState) -> list[int] | None:
         if state.image_features is None or state.input_ids.device.type == "meta":
@@ -513,7 +524,9 @@ class SparseEngine:
         if self.method in ("cdpruner", "dart") or self._reads_instruction:
             # the text after each sample's image, up to the end of its prompt (padding excluded)
             after = _instruction_mask(state.input_ids, state.attention_mask, state.prompt_len, self.image_token_id)
-            source = self.lm.embed_tokens(state.input_ids) if self.method == "cdpruner" else None
+            # CDPruner before the LLM compares with the instruction's input embeddings; moved to K (and DART,
+            # the learned predictor), with the instruction's hidden states entering the cut layer
+            source = self.lm.embed_tokens(state.input_ids) if self.method == "cdpruner" and self.prune_layer == 0 else None
             width_text = max(int(after.sum(-1).max()), 1)
             text_cols = torch.sort((~after).to(torch.uint8), dim=-1, stable=True).indices[:, :width_text]
             text_valid = after.gather(1, text_cols)
@@ -724,6 +737,7 @@ class SparseEngine:
             prompt_tokens_sparse=[p - n + row[self.layer] for p, n, row in zip(prompt, n_image, per_layer)],
             image_tokens_per_layer=per_layer,
             instruction_tokens=self._instruction_counts(state),
+            image_group_budgets=self._group_budgets(features),
             image_token_layers=[sum(row[self.layer :]) for row in per_layer] if sparse_layers else None,
         )
 

@@ -134,24 +134,31 @@ def fastv_score_flops(shape: DecoderShape, n_keys: int, batch: int = 1) -> int:
 
 def selection_flops(
     method: str, shape: DecoderShape, prompt_len: int, n_image: int, per_layer: list[int], sparse_layer: int,
-    instruction: int = 0,
+    instruction: int = 0, group_budgets: list[int] | None = None,
 ) -> int:
     """The matmuls a training-free method adds to one prompt's prefill to choose its image tokens
-    (``per_layer``: the image tokens each layer runs; ``instruction``: text tokens after the image):
+    (``per_layer``: the image tokens each layer runs; ``instruction``: text tokens after the image;
+    ``group_budgets``: the tokens each budget group keeps, one group under the ``global`` budget, one per
+    view under ``per_view``; default: one group keeping ``per_layer[-1]``):
 
     * ``fastv``: one score row in layer K-1 (:func:`fastv_score_flops`); ``pdrop``: one per stage, over
       the keys present at that stage;
     * ``dart``: layer K-1's keys of every prompt token (for their norms; the adapter's projection also
-      forms one query) and the cosine of the pivots (4 image, up to 4 text) with every image token;
-    * ``divprune``: the n x n cosine matrix; ``cdpruner``: that, the image-instruction cosines and the
-      greedy DPP's incremental Cholesky rows (``2 t n`` at pick ``t``);
+      forms one query) and, per budget group, the cosine of the pivots (4 image, up to 4 text) with every
+      image token;
+    * ``divprune``: per budget group, the n x n cosine matrix; ``cdpruner``: that, the image-instruction
+      cosines (once) and the greedy DPP's incremental Cholesky rows (``2 t n`` per group at pick ``t``,
+      picks running to the largest group budget);
     * ``visionzip``: none here: its CLS attention row and the merge's key cosines run on the vision
       tower's keys (vision-side work of a few matmuls of one vision layer, not decoder prefill).
 
-    Element-wise work (norms, argmax) is not counted, as ``FlopCounterMode`` does not count it."""
+    The engine selects every budget group over the image's n slots (:func:`~dllava.sparse.decisions.select_per_group`),
+    so the pairwise terms scale with the number of groups. Element-wise work (norms, argmax) is not
+    counted, as ``FlopCounterMode`` does not count it."""
     if not n_image or method in ("dense", "dynamic", "random", "visionzip"):
         return 0
-    kept = per_layer[-1]
+    budgets = list(group_budgets) if group_budgets else [per_layer[-1]]
+    groups, largest = len(budgets), max(budgets)
     if method == "fastv":
         return fastv_score_flops(shape, prompt_len)
     if method == "pdrop":
@@ -160,14 +167,14 @@ def selection_flops(
     if method == "dart":  # keys of every prompt token (and the one query the key projection comes with)
         kv_dim, q_dim = shape.kv_heads * shape.head_dim, shape.heads * shape.head_dim
         pivots = 4 + min(4, instruction)  # 4 image pivots, up to 4 text pivots among the instruction's tokens
-        return 2 * prompt_len * shape.hidden * kv_dim + 2 * shape.hidden * q_dim + 2 * pivots * n_image * shape.hidden
+        return 2 * prompt_len * shape.hidden * kv_dim + 2 * shape.hidden * q_dim + groups * 2 * pivots * n_image * shape.hidden
     if method == "divprune":
-        return 2 * n_image * n_image * shape.hidden
+        return groups * 2 * n_image * n_image * shape.hidden
     if method == "cdpruner":
         # pick t updates every gain with a t-long Cholesky row: 2 t n; at t = 1 that contraction is an
         # element-wise product (no matmul), so the counted sum runs over t = 2 .. k-1
-        dpp = n_image * max(kept * (kept - 1) - 2, 0)
-        return 2 * n_image * n_image * shape.hidden + 2 * n_image * instruction * shape.hidden + dpp
+        dpp = groups * n_image * max(largest * (largest - 1) - 2, 0)
+        return groups * 2 * n_image * n_image * shape.hidden + 2 * n_image * instruction * shape.hidden + dpp
     raise ValueError(f"no selection cost for method={method}")
 
 

@@ -102,7 +102,7 @@ def prune_layer(method: str, layer: int, requested: int | None = None) -> int:
     methods acting on the projector's output, else K. ``requested`` (0 or K) moves a method whose rule
     reads no particular layer (:data:`MOVABLE`; the diversity methods then select on the hidden states
     entering layer K instead of the projected features); the others read layer K-1 or K and refuse."""
-    if requested is None or requested == (0 if method in BEFORE_LLM else layer):
+    if requested is None or method == "dense" or requested == (0 if method in BEFORE_LLM else layer):
         return 0 if method in BEFORE_LLM else layer
     if requested not in (0, layer):
         raise ValueError(f"prune_layer must be 0 (before the LLM) or the sparse layer K={layer}, got {requested}")
@@ -140,7 +140,10 @@ def cut_plan(
         def count(sched: list[tuple[int, int]] | None, layer: int) -> int:
             return 0 if sched is None else min((c for l, c in sched if l <= layer), default=0)
 
-        return [(layer, [[count(sched, layer) for sched in row] for row in per_group]) for layer in layers]
+        plan = [(layer, [[count(sched, layer) for sched in row] for row in per_group]) for layer in layers]
+        # a stage that keeps what the previous one kept (every group of every sample) is no cut at all:
+        # leave it out, so nothing is ranked there (and nothing is counted)
+        return plan[:1] + [b for a, b in zip(plan, plan[1:]) if b[1] != a[1]]
     return [(first, group_budgets(sizes, keep))]
 
 
