@@ -323,3 +323,27 @@ def test_instruction_aware_predictor_decides_in_the_engine_as_in_the_model_forwa
     same_question = SparseEngine(original, method="dynamic", keep=0.25, text="off")
     a = same_question.start(ids, mask, pixels)[1].image_keep
     assert torch.equal(a, same_question.start(other, mask, pixels)[1].image_keep)  # the original cannot tell
+
+
+def test_every_pyramid_drop_stage_of_a_request_is_cut_whatever_its_counts(tmp_path):
+    """The cache's stage groups come from PyramidDrop's stage layout, not from one image size: at keep
+    0.8 on a 6-layer decoder (K = 1) a 64-token image cuts at layers 1, 3 and 4 (a 1000-token image would
+    skip layer 3), and every one of those cuts is applied, with and without cache, the cache holding
+    exactly the planned tokens in every layer."""
+    from dllava.model.tiny import save_tiny_llava
+
+    path = save_tiny_llava(tmp_path / "six", seed=0, num_hidden_layers=6)
+    model = _dynamic(path)
+    ids, mask, pixels = _prompts(model.llava.config)
+    engine = SparseEngine(model, method="pdrop", keep=0.8, text="off")
+    features = model.encode_images({"pixel_values": pixels})
+    plan = engine.plan(features)
+    assert [layer for layer, _ in plan] == [1, 3, 4]
+    _, state = engine.start(ids, mask, pixels)
+    assert sorted(state.cuts) == [1, 3, 4]
+    prompt = mask.sum(-1).tolist()
+    per_layer = engine.image_tokens_per_layer(features)
+    assert state.cache.layer_token_counts() == [[p - 64 + t for t in row] for p, row in zip(prompt, per_layer)]
+    cached = engine.generate(ids, mask, pixels, max_new_tokens=4, pad_token_id=PAD, use_cache=True)
+    uncached = engine.generate(ids, mask, pixels, max_new_tokens=4, pad_token_id=PAD, use_cache=False)
+    assert cached.sequences.tolist() == uncached.sequences.tolist()

@@ -48,7 +48,7 @@ from dllava.sparse.decisions import (
     group_sizes,
     image_columns,
     keep_score,
-    score_rows,
+    group_rows,
     select_per_group,
     top_per_row,
 )
@@ -161,11 +161,15 @@ class SparseEngine:
         return None if self.method == "dense" else self.keep
 
     def _stages(self) -> list[int]:
-        """Cut layers after K (a staged method's later stages; they get cache groups of their own)."""
+        """Cut layers after K (a staged method's later stages; they get cache groups of their own). Every
+        stage the layout has gets a group, whatever a request's counts: a batch whose stage keeps what the
+        previous one kept just leaves that group's tokens as they were."""
         if self.method not in selection.STAGED:
             return []
-        probe = torch.tensor([[1000]])  # the layers do not depend on the group size
-        return [layer for layer, _ in selection.cut_plan(self.method, probe, self.keep, self.layer, self.model.num_layers, self.options) if layer > self.layer]
+        from dllava.inference.methods import pdrop
+
+        starts = pdrop.stage_starts(self.layer, self.model.num_layers, self.options.get("stage_layers"))
+        return [layer for layer in starts if layer > self.layer]
 
     def plan(self, features: ImageFeatures) -> list[tuple[int, list[list[int]]]]:
         """Every cut of a batch: ``[(layer, budgets[b][g])]`` (:func:`~dllava.inference.selection.cut_plan`)."""
@@ -244,9 +248,6 @@ class SparseEngine:
         groups = features.groups(self.budget).to(device)
         method, options = self.method, self.options
 
-        def rows(t: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
-            return score_rows(t, member)
-
         if method == "dynamic":
             ragged = len(set(features.counts)) > 1
             words, words_valid = instruction if instruction is not None else (None, None)
@@ -258,14 +259,14 @@ class SparseEngine:
             score = torch.rand(batch, n, generator=state.generator).to(device)
         if method in ("dynamic", "random") or method in selection.ATTENTION_RANKED:
             ranked = score.float()
-            return select_per_group(lambda member, flat: top_per_row(rows(ranked, member), flat, member), groups, alive, budgets)
+            return select_per_group(lambda member, flat: top_per_row(group_rows(ranked, member), flat, member), groups, alive, budgets)
         if method == "divprune":
-            return select_per_group(lambda member, flat: divprune.select(rows(image_hidden, member), member, flat), groups, alive, budgets)
+            return select_per_group(lambda member, flat: divprune.select(group_rows(image_hidden, member), member, flat), groups, alive, budgets)
         if method == "cdpruner":
             words, words_valid = instruction
             relevance = cdpruner.relevance(image_hidden, words, alive, words_valid, **options)
             return select_per_group(
-                lambda member, flat: cdpruner.select(rows(image_hidden, member), rows(relevance, member), member, flat),
+                lambda member, flat: cdpruner.select(group_rows(image_hidden, member), group_rows(relevance, member), member, flat),
                 groups, alive, budgets,
             )
         if method == "dart":
@@ -273,8 +274,8 @@ class SparseEngine:
             image_hidden, text_hidden = self.lm.norm(image_hidden), self.lm.norm(text_hidden)  # as DART compares them
             return select_per_group(
                 lambda member, flat: dart.select(
-                    rows(image_hidden, member), rows(image_norm, member), rows(text_hidden, member),
-                    rows(text_norm, member), rows(text_valid, member), member, flat, **options,
+                    group_rows(image_hidden, member), group_rows(image_norm, member), group_rows(text_hidden, member),
+                    group_rows(text_norm, member), group_rows(text_valid, member), member, flat, **options,
                 ),
                 groups, alive, budgets,
             )
@@ -286,7 +287,7 @@ class SparseEngine:
 
             def pick(member: torch.Tensor, flat: list[int]) -> torch.Tensor:
                 keep, merged = visionzip.select(
-                    rows(attention, member), rows(keys, member), rows(image_hidden, member), member, flat, **options
+                    group_rows(attention, member), group_rows(keys, member), group_rows(image_hidden, member), member, flat, **options
                 )
                 out.append(merged)
                 return keep

@@ -189,9 +189,8 @@ def prefill_flops(
 ) -> int:
     """Full decoder prefill: ``tokens`` (padded length) in layers < K, ``kept_tokens`` after, plus
     the LM head on ``logits_positions`` positions and ``extra`` (predictors or FastV scoring)."""
-    dense = sparse_layer * layer_flops(shape, tokens, tokens, batch)
-    sparse = (shape.layers - sparse_layer) * layer_flops(shape, kept_tokens, kept_tokens, batch)
-    return dense + sparse + lm_head_flops(shape, logits_positions, batch) + extra
+    per_layer = [tokens] * sparse_layer + [kept_tokens] * (shape.layers - sparse_layer)
+    return prefill_flops_layers(shape, per_layer, batch, logits_positions, extra)
 
 
 def cache_tokens(prompt: int, n_image: int, kept_images: int, fed: int, kept_text: int) -> tuple[int, int]:
@@ -202,8 +201,7 @@ def cache_tokens(prompt: int, n_image: int, kept_images: int, fed: int, kept_tex
 
 def kv_bytes(shape: DecoderShape, sparse_layer: int, dense_tokens: int, sparse_tokens: int, element_size: int) -> int:
     """K + V bytes of one sample: ``dense_tokens`` in layers < K, ``sparse_tokens`` in layers >= K."""
-    per_token = 2 * shape.kv_heads * shape.head_dim * element_size
-    return per_token * (sparse_layer * dense_tokens + (shape.layers - sparse_layer) * sparse_tokens)
+    return kv_bytes_layers(shape, [dense_tokens] * sparse_layer + [sparse_tokens] * (shape.layers - sparse_layer), element_size)
 
 
 def kv_bytes_layers(shape: DecoderShape, tokens: list[int], element_size: int) -> int:

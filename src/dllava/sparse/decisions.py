@@ -89,12 +89,13 @@ def top_per_group(score: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor
     ``groups`` and ``valid`` may live on the host (budgets are host ints, so this runs on the meta device)."""
     budgets = group_budgets(group_sizes(groups, valid), keep)
     groups, valid = groups.to(score.device), valid.to(score.device)
-    return select_per_group(lambda member, flat: top_per_row(score_rows(score, member), flat, member), groups, valid, budgets)
+    return select_per_group(lambda member, flat: top_per_row(group_rows(score, member), flat, member), groups, valid, budgets)
 
 
-def score_rows(score: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
-    """``score`` (B, n) repeated for each of the G budget groups of ``member`` (B * G, n)."""
-    return score.repeat_interleave(member.shape[0] // score.shape[0], dim=0)
+def group_rows(values: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``values`` (B, ...) repeated for each of the G budget groups of ``member`` (B * G, n): the
+    rows :func:`select_per_group` hands a selection rule."""
+    return values.repeat_interleave(member.shape[0] // values.shape[0], dim=0)
 
 
 def select_per_group(

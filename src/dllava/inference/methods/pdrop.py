@@ -51,6 +51,23 @@ def default_stage_layers(first_layer: int, num_layers: int) -> list[int]:
     return [first_layer, *later]
 
 
+def stage_starts(first_layer: int, num_layers: int, stage_layers: Sequence[int] | None = None) -> list[int]:
+    """Every stage's first layer, ``first_layer`` first: ``stage_layers`` checked (strictly increasing,
+    within [first_layer, num_layers); ``first_layer`` prepended when missing), or
+    :func:`default_stage_layers`. They depend on no image-token count, so the engine lays its cache groups
+    out from them before any request."""
+    if stage_layers is None:
+        return default_stage_layers(first_layer, num_layers)
+    layers = [int(x) for x in stage_layers]
+    if any(b <= a for a, b in pairwise(layers)):
+        raise ValueError(f"stage_layers must be strictly increasing, got {layers}")
+    if layers and not (first_layer <= layers[0] and layers[-1] < num_layers):
+        raise ValueError(f"stage_layers must lie in [{first_layer}, {num_layers}), got {layers}")
+    if not layers or layers[0] != first_layer:
+        layers = [first_layer, *layers]
+    return layers
+
+
 def _stage_lengths(layers: list[int], num_layers: int) -> list[int]:
     return [b - a for a, b in pairwise([*layers, num_layers])]
 
@@ -81,16 +98,7 @@ def schedule(
         raise ValueError(f"need 0 <= first_layer < num_layers, got {first_layer}, {num_layers}")
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    if stage_layers is None:
-        layers = default_stage_layers(first_layer, num_layers)
-    else:
-        layers = [int(x) for x in stage_layers]
-        if any(b <= a for a, b in pairwise(layers)):
-            raise ValueError(f"stage_layers must be strictly increasing, got {layers}")
-        if layers and not (first_layer <= layers[0] and layers[-1] < num_layers):
-            raise ValueError(f"stage_layers must lie in [{first_layer}, {num_layers}), got {layers}")
-        if not layers or layers[0] != first_layer:
-            layers = [first_layer, *layers]
+    layers = stage_starts(first_layer, num_layers, stage_layers)
     lengths = _stage_lengths(layers, num_layers)
     k = max(1, int(n * keep))
     target = (num_layers - first_layer) * k
