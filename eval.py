@@ -34,7 +34,7 @@ from dllava.eval.decode import run_decode_comparison
 from dllava.eval.loading import load_for_eval
 from dllava.eval.overlay import kept_patch_overlay, tile
 from dllava.eval.questions import describe_skipped, question_source, write_skipped
-from dllava.eval.runner import Arm, NoQuestions, evaluate_arm, flat_metrics
+from dllava.eval.runner import NoQuestions, arm_for, evaluate_arm, flat_metrics
 from dllava.startup import check_eval_config
 from dllava.utils.resolvers import register_resolvers
 from dllava.utils.run import task_wrapper, write_json_atomic, write_summary
@@ -72,12 +72,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def single(
     cfg: DictConfig, loaded: Any, questions: Any, out: Path, settings: dict[str, Any], answered: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    method = cfg.method.name
-    text = cfg.method.text
-    text = "off" if text is False else text  # YAML's bare `off`
-    keep = 1.0 if method == "dense" else float(cfg.sparsity.keep if cfg.sparsity.keep is not None else loaded.model.sparsity.keep)
     options = OmegaConf.to_container(cfg.method.options, resolve=True) if cfg.method.get("options") else {}
-    arm = Arm(method, keep, text, budget_of(cfg, loaded), options=options, prune_layer=cfg.method.get("prune_layer"))
+    arm = arm_for(loaded.model, cfg.method.name, cfg.sparsity.keep, cfg.method.text, cfg.sparsity.get("budget"),
+                  options, cfg.method.get("prune_layer"))
     path = out / "answers.jsonl"
     try:
         with AnswerAppender(path) as append:  # each batch on disk as soon as it is answered

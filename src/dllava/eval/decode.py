@@ -138,7 +138,7 @@ def decode_arm(
             samples.append(DecodeSample(
                 question=question, text=texts[i].strip(), tokens=result.lengths[i], fed=result.text_tokens_fed[i],
                 kept=result.text_tokens_kept[i], computing=result.text_computing[i], prompt=prompts[i],
-                prompt_sparse=result.prompt_tokens_sparse[i], nll=nll[i][0], reference_tokens=nll[i][1],
+                prompt_sparse=result.prompt_tokens_sparse[i], nll=nll[i].nll, reference_tokens=nll[i].tokens,
             ))
         bar.update(len(batch))
     bar.close()

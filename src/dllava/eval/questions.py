@@ -355,22 +355,36 @@ class QuestionFile:
 
     def _question(self, record: dict[str, Any]) -> Question:
         image = load_image(self.image_folder / record["image"])
-        text = record["text"]
-        turns = [{"from": "human", "value": f"<image>\n{text}"}]
-        pixels = self.preprocess.pixel_inputs(image)
-        try:
-            ids = self.preprocess.encode(turns, self.preprocess.image_tokens(pixels), for_generation=True)
-        except ImageSpanTruncated as err:
-            raise BadQuestion(TOO_LONG, f"{err} (data.max_length)") from None
-        return Question(
-            question_id=record["question_id"],
-            prompt=text,
-            prompt_ids=ids.input_ids,
-            reference=record.get("answers", record.get("answer")),
-            kind=str(record.get("category", "all")),
-            grid=self.preprocess.picture_grid(pixels),
-            **pixels,
+        return image_question(
+            self.preprocess, record["question_id"], image, record["text"],
+            reference=record.get("answers", record.get("answer")), kind=str(record.get("category", "all")),
         )
+
+
+def image_question(
+    preprocess: SamplePreprocessor, question_id: Any, image: Image.Image, text: str,
+    reference: str | list[str] | None = None, kind: str = "all",
+) -> Question:
+    """One question about one image, asked as LLaVA's ``model_vqa_loader.py`` asks a question-file line:
+    one human turn ``<image>\\n<text>`` (``text`` as is when it already holds ``<image>``), in the family's
+    chat template, ending where the answer starts. :class:`BadQuestion` (``too_long``) when the prompt
+    does not fit ``max_length``."""
+    value = text if "<image>" in text else f"<image>\n{text}"
+    turns = [{"from": "human", "value": value}]
+    pixels = preprocess.pixel_inputs(image)
+    try:
+        ids = preprocess.encode(turns, preprocess.image_tokens(pixels), for_generation=True)
+    except ImageSpanTruncated as err:
+        raise BadQuestion(TOO_LONG, f"{err} (max_length)") from None
+    return Question(
+        question_id=question_id,
+        prompt=text,
+        prompt_ids=ids.input_ids,
+        reference=reference,
+        kind=kind,
+        grid=preprocess.picture_grid(pixels),
+        **pixels,
+    )
 
 
 def parse_question_line(line: bytes) -> dict[str, Any]:

@@ -84,6 +84,29 @@ def default_text(model: Any, method: str) -> str:
     return "learned" if method == "dynamic" and getattr(model, "text_predictor", None) is not None else "off"
 
 
+def arm_for(
+    model: Any,
+    method: str,
+    keep: float | None = None,
+    text: str | float | None = None,
+    budget: str | None = None,
+    options: dict[str, Any] | None = None,
+    prune_layer: int | None = None,
+) -> Arm:
+    """The arm a checkpoint runs ``method`` with, unset settings filled from the checkpoint itself:
+    ``keep`` its trained ``sparsity.keep`` (dense: 1.0), ``text`` :func:`default_text`, ``budget`` its
+    trained convention. The one place ``eval.py`` and the lmms-eval model resolve these."""
+    text = "off" if text is False else text  # YAML's and lmms-eval's bare `off`
+    if method == "dense":
+        keep = 1.0
+    elif keep is None:
+        keep = model.sparsity.keep
+    return Arm(
+        method, float(keep), default_text(model, method) if text is None else text,
+        str(model.sparsity.budget if budget is None else budget), options=dict(options or {}), prune_layer=prune_layer,
+    )
+
+
 @dataclass
 class ArmResult:
     """What one arm produced: answer-file records, the ``eval.json`` summary, and keep masks of the
@@ -278,6 +301,7 @@ def evaluate_arm(
                 "image_tokens_fixed": result.image_tokens_fixed[i],
                 "image_tokens_kept": kept,
                 "image_cuts": cuts,  # [layer, image tokens from there on] (PDrop: several)
+                "generated_tokens": result.lengths[i],  # EOS included
                 "text_tokens_fed": result.text_tokens_fed[i],
                 "text_tokens_kept": result.text_tokens_kept[i],
                 "kv_bytes": result.kv_bytes[i] if result.kv_bytes else None,

@@ -26,7 +26,7 @@ supported: padding is masked as keys everywhere, and a padded query attends only
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -78,6 +78,14 @@ class RequestState:
     def fed(self) -> int:
         """Generated tokens fed back into the model so far."""
         return self.input_ids.shape[1] - self.prompt_len
+
+
+class ReferenceScore(NamedTuple):
+    """How likely one reference continuation is after its prompt (:meth:`SparseEngine.reference_nll`)."""
+
+    nll: float  # summed over the reference's tokens
+    tokens: int
+    greedy: bool  # every token was the most likely one
 
 
 @dataclass
@@ -674,25 +682,29 @@ class SparseEngine:
         references: list[list[int]],
         use_cache: bool = True,
         **image_inputs: torch.Tensor,
-    ) -> list[tuple[float, int]]:
+    ) -> list[ReferenceScore]:
         """Teacher-forced negative log-likelihood of each sample's ``references`` token ids after its prompt,
         through the same sparse decoding: every reference token is fed back and faces the text policy,
         so a dropped or evicted token is really absent for the tokens after it. Returns per sample
-        ``(summed NLL, tokens)``; perplexity is ``exp(summed / tokens)``."""
+        ``(summed NLL, tokens, greedy)``; perplexity is ``exp(summed / tokens)``; ``greedy``: every
+        reference token was the argmax (lmms-eval's ``loglikelihood`` reports it)."""
         if any(not ref for ref in references):
             raise ValueError("every reference needs at least one token")
         logits, state = self.start(input_ids, attention_mask, use_cache=use_cache, **image_inputs)
         longest = max(len(ref) for ref in references)
         totals = [0.0] * len(references)
+        greedy = [True] * len(references)
         for t in range(longest):
             if t > 0:
                 fed = [ref[t - 1] if t - 1 < len(ref) else 0 for ref in references]  # pad after a sample's end
                 logits = self.step(state, torch.tensor(fed, dtype=torch.long, device=input_ids.device))
             logp = logits.float().log_softmax(-1)
+            best = logp.argmax(-1).tolist()
             for b, ref in enumerate(references):
                 if t < len(ref):
                     totals[b] -= float(logp[b, ref[t]])
-        return [(total, len(ref)) for total, ref in zip(totals, references)]
+                    greedy[b] = greedy[b] and best[b] == ref[t]
+        return [ReferenceScore(total, len(ref), g) for total, ref, g in zip(totals, references, greedy)]
 
     def summarize(self, state: RequestState, sequences: torch.Tensor, lengths: list[int]) -> GenerationResult:
         """Per-sample statistics as a single-sample run would give them: a sample's own tokens fed
