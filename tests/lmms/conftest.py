@@ -46,3 +46,14 @@ def task_dir(synthetic_dir, tmp_path_factory) -> Path:
         shutil.copy(TASKS_DIR / TASK / name, folder / name)
     write_task_docs(str(synthetic_dir / "test-*.tar"), folder / f"{TASK}.jsonl")
     return root
+
+
+def doc_image(doc: dict):
+    """A task document's image, decoded as the task's doc_to_visual decodes it."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(doc["image"]))) as image:
+        return image.convert("RGB")

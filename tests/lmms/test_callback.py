@@ -33,3 +33,13 @@ def test_the_trained_model_is_scored_at_the_end_and_equals_its_export_scored_aft
     assert [s["filtered_resps"] for s in samples] == [s["filtered_resps"] for s in saved["samples"][TASK]]
     assert scores["exact_match,none"] == pytest.approx(score)
     assert {s["token_counts"][0]["method"] for s in samples} == {"dynamic"}
+
+
+def test_an_unknown_task_is_refused_before_training(tiny_model_dir, synthetic_dir, task_dir, tmp_path):
+    from tests.test_train import _overrides, _train
+
+    overrides = [o for o in _overrides(tiny_model_dir, synthetic_dir) if o != "callbacks=none"]
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['gqa'\].*include_defaults=true"):
+        _train(tmp_path, [*overrides, "callbacks=lmms_eval", f"callbacks.lmms_eval.include_path={task_dir}",
+                          "callbacks.lmms_eval.tasks=[gqa]", "trainer.max_steps=2"])
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained

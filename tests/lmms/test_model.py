@@ -27,12 +27,15 @@ def run_task(lm, task_dir: Path, limit: int | None = None) -> tuple[dict, list[d
     return results["results"][TASK], results["samples"][TASK]
 
 
-def eval_answers(loaded, synthetic_dir: Path, arm, batch_size: int = 8) -> dict[str, dict]:
-    """eval.py's answer records on the fixture's test split (its shards, its question builder), by id."""
+def eval_answers(loaded, synthetic_dir: Path, arm, batch_size: int = 8, only: set[str] | None = None) -> dict[str, dict]:
+    """eval.py's answer records on the fixture's test split (its shards, its question builder), by id
+    (``only``: just these questions)."""
     from dllava.eval.questions import ShardQuestions
     from dllava.eval.runner import evaluate_arm
 
     questions = ShardQuestions(str(synthetic_dir / "test-*.tar"), loaded.processor, SHORT_KINDS, adapter=loaded.model.adapter)
+    if only is not None:
+        questions = [q for q in questions if q.question_id in only]
     result = evaluate_arm(loaded, questions, arm, batch_size=batch_size, max_new_tokens=8, warmup=False, progress=False)
     return {r["question_id"]: r for r in result.records}
 
@@ -69,7 +72,7 @@ def test_trained_tiny_base_scores_in_lmms_eval_what_eval_py_scores(method, keep,
 
     lm = DllavaLMM(pretrained=str(TINY_BASE), method=method, keep=keep, batch_size=3)
     scores, samples = run_task(lm, task_dir)
-    answers = eval_answers(load_for_eval(TINY_BASE, "cpu"), synthetic_dir, lm.arm)
+    answers = eval_answers(load_for_eval(TINY_BASE, "cpu"), synthetic_dir, lm.arm, only=set(doc_ids(task_dir)))
     accuracy = assert_same_as_eval(scores, samples, answers, task_dir)
     assert accuracy > 0.5  # a trained model, not noise: equal accuracies mean something here
     if method == "fastv":
@@ -85,10 +88,11 @@ def test_a_stock_hf_checkpoint_of_every_family_answers_as_in_eval_py(family, tas
     from tests.families.conftest import _save
 
     path = _save(family, tmp_path / family)
+    loaded = load_for_eval(path, "cpu")
     for method, keep in (("dense", None), ("fastv", 0.5)):
-        lm = DllavaLMM(pretrained=str(path), method=method, keep=keep, batch_size=4)
+        lm = DllavaLMM(loaded=loaded, method=method, keep=keep, batch_size=4)
         scores, samples = run_task(lm, task_dir, limit=6)
-        answers = eval_answers(load_for_eval(path, "cpu"), synthetic_dir, lm.arm)
+        answers = eval_answers(loaded, synthetic_dir, lm.arm, only=set(doc_ids(task_dir)[:6]))
         assert_same_as_eval(scores, samples, answers, task_dir)
 
 
@@ -110,8 +114,9 @@ def test_the_lmms_eval_command_finds_dllava_by_its_entry_point(dynamic_dir, task
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "lmms_eval", "--model", "dllava",
-        "--model_args", f"pretrained={dynamic_dir},method=dynamic,keep=0.2,text=off",
-        "--tasks", TASK, "--include_path", str(task_dir), "--output_path", str(out), "--batch_size", "4",
+        # as the README writes it: batch size and device in --model_args, which win over the CLI's flags
+        "--model_args", f"pretrained={dynamic_dir},method=dynamic,keep=0.2,text=off,batch_size=4,device=cpu",
+        "--device", "cpu", "--tasks", TASK, "--include_path", str(task_dir), "--output_path", str(out),
         "--log_samples", "--verbosity", "DEBUG",  # DEBUG: an evaluation error fails the command (else exit 0)
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -119,7 +124,7 @@ def test_the_lmms_eval_command_finds_dllava_by_its_entry_point(dynamic_dir, task
     results = json.loads(next(out.rglob("*results.json")).read_text())
     samples = [json.loads(line) for line in next(out.rglob(f"*samples_{TASK}.jsonl")).read_text().splitlines()]
     loaded = load_for_eval(dynamic_dir, "cpu")
-    answers = eval_answers(loaded, synthetic_dir, arm_for(loaded.model, "dynamic", 0.2, "off"))
+    answers = eval_answers(loaded, synthetic_dir, arm_for(loaded.model, "dynamic", 0.2, "off"), only=set(doc_ids(task_dir)))
     assert_same_as_eval(results["results"][TASK], samples, answers, task_dir)
     assert all(s["token_counts"][0]["method"] == "dynamic" for s in samples)
 
@@ -144,9 +149,10 @@ def scene():
     return record, image
 
 
-def test_loglikelihood_of_dense_is_hf_forwards_own_log_probability(scene):
-    """Dense: lmms-eval's log-probability of a continuation is HF's forward over prompt + continuation
-    (the stock LlavaForConditionalGeneration, not our engine), and greedy says whether argmax agrees."""
+def test_loglikelihood_of_dense_is_hf_forwards_own_loss(scene):
+    """Dense: the value is HF's own loss over the continuation (the stock LlavaForConditionalGeneration's
+    forward over prompt + continuation, mean over its tokens, as lmms-eval's models report it), and
+    greedy says whether argmax agrees."""
     from transformers import LlavaForConditionalGeneration
 
     from dllava.lmms.model import DllavaLMM
@@ -156,7 +162,7 @@ def test_loglikelihood_of_dense_is_hf_forwards_own_log_probability(scene):
     lm.task_dict = {"t": {"test": [{"image": image}] * 3}}
     question = record["conversations"][0]["value"].replace("<image>\n", "")
     items = [(question, " red"), (question, " blue circle ."), (question, record["conversations"][1]["value"])]
-    ours = lm.loglikelihood(_requests("loglikelihood", items, image))
+    ours = [r.text for r in lm.loglikelihood(_requests("loglikelihood", items, image))]
     hf = LlavaForConditionalGeneration.from_pretrained(TINY_BASE).eval()
     tokenizer = lm.loaded.processor.tokenizer
     for i, (context, target) in enumerate(items):
@@ -167,8 +173,8 @@ def test_loglikelihood_of_dense_is_hf_forwards_own_log_probability(scene):
             logits = hf(input_ids=ids, pixel_values=prompt.pixel_values[None]).logits[0].float()
         logp = logits[-n - 1 : -1].log_softmax(-1)
         wanted = ids[0, -n:]
-        expected = float(logp.gather(1, wanted[:, None]).sum())
-        assert ours[i][0] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        expected = -float(logp.gather(1, wanted[:, None]).mean())
+        assert ours[i][0] == pytest.approx(expected, rel=1e-4, abs=1e-5)
         assert ours[i][1] == bool((logp.argmax(-1) == wanted).all())
 
 
@@ -183,9 +189,9 @@ def test_loglikelihood_after_pruning_agrees_with_what_generation_answers(scene):
     gen = {"max_new_tokens": 8, "until": ["\n\n"], "do_sample": False}
     answer = lm.generate_until(_requests("generate_until", [(question, gen)], image))[0].text
     wrong = "seven" if answer != "seven" else "eight"
-    scores = lm.loglikelihood(_requests("loglikelihood", [(question, " " + answer), (question, " " + wrong)], image))
+    scores = [r.text for r in lm.loglikelihood(_requests("loglikelihood", [(question, " " + answer), (question, " " + wrong)], image))]
     assert scores[0][1] is True and scores[1][1] is False
-    assert scores[0][0] > scores[1][0]
+    assert scores[0][0] < scores[1][0]  # a loss: lower is likelier
 
 
 # -- what the model refuses, and what it writes --------------------------------------------------------
@@ -229,3 +235,78 @@ def test_stats_path_gets_one_line_per_request_and_until_cuts_the_answer(scene, t
     assert all(line["image_tokens_kept"] == 32 and line["image_tokens"] == 64 for line in lines)
     assert [o.token_counts.to_dict() for o in outs] == [{k: v for k, v in line.items() if k not in ("task", "doc_id", "model_id")} for line in lines]
     assert cut_at_stop("red . blue", [" ."]) == "red" and cut_at_stop("red", ["\n\n"]) == "red"
+
+
+def test_a_continuation_is_tokenised_as_it_follows_the_prompt_not_alone():
+    """SentencePiece-style tokenizer (a space marker on every word start): "A" right after "ASSISTANT:"
+    is not the "▁A" it is alone; joint tokenisation (what lmms-eval's own models do) gives the ids the
+    model would see."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from dllava.lmms.model import continuation_ids
+
+    trained = SentencePieceBPETokenizer()
+    trained.train_from_iterator(["USER: what is it ? ASSISTANT: A red circle . B blue square"] * 50,
+                                vocab_size=80, special_tokens=["<s>", "</s>", "<unk>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=trained, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    text = "USER: what is it ? ASSISTANT:"
+    prompt = [tokenizer.bos_token_id, *tokenizer(text).input_ids]
+    for continuation in ("A", " A red", " blue square ."):
+        joint = tokenizer(text + continuation).input_ids[len(prompt) - 1 :]
+        assert continuation_ids(tokenizer, prompt, continuation) == joint
+    assert continuation_ids(tokenizer, prompt, "A") != tokenizer("A", add_special_tokens=False).input_ids
+
+
+def test_requests_with_different_settings_come_back_in_order_each_as_if_alone(scene):
+    from dllava.lmms.model import DllavaLMM
+
+    record, image = scene
+    lm = DllavaLMM(pretrained=str(TINY_BASE), method="fastv", keep=0.5, batch_size=2, progress=False)
+    lm.task_dict = {"t": {"test": [{"image": image}] * 5}}
+    questions = [turn["value"].replace("<image>\n", "") for turn in record["conversations"][::2]]
+    items = [(questions[i % len(questions)], {"max_new_tokens": (1, 6)[i % 2], "until": ["\n\n"]}) for i in range(5)]
+    together = [r.text for r in lm.generate_until(_requests("generate_until", items, image))]
+    alone = [lm.generate_until(_requests("generate_until", [item], image))[0].text for item in items]
+    assert together == alone
+    assert [len(t.split()) <= 1 for t in together[::2]] == [True] * 3  # the 1-token requests stayed short
+
+
+def test_multiple_choice_runs_through_lmms_evals_evaluator(task_dir, tmp_path):
+    """A multiple_choice task (loglikelihood of every choice) end to end in lmms-eval: each choice's
+    log-probability in lmms-eval's results is the model's own loglikelihood, and the trained model
+    picks the right answer far above chance."""
+    import shutil
+
+    from dllava.data.synthetic import COLORS, COUNT_WORDS, SHAPES
+    from dllava.lmms.model import DllavaLMM
+
+    choices = [*COLORS, *SHAPES, *COUNT_WORDS, "yes", "no"]
+    folder = tmp_path / "mc"
+    folder.mkdir()
+    docs = [json.loads(line) for line in (task_dir / TASK / f"{TASK}.jsonl").read_text().splitlines()]
+    (folder / "docs.jsonl").write_text("".join(json.dumps({**d, "target": choices.index(d["answer"])}) + "\n" for d in docs))
+    shutil.copy(task_dir / TASK / "utils.py", folder / "utils.py")
+    (folder / "mc.yaml").write_text(
+        "task: dllava_test_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: docs.jsonl\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_visual: !function utils.doc_to_visual\n"
+        "doc_to_text: !function utils.doc_to_text\n"
+        f"doc_to_choice: {json.dumps(choices)}\n"
+        "doc_to_target: target\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n"
+    )
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    lm = DllavaLMM(pretrained=str(TINY_BASE), method="fastv", keep=0.5, batch_size=16, progress=False)
+    results = simple_evaluate(model=lm, tasks=["dllava_test_choice"], limit=8, log_samples=True,
+                              task_manager=TaskManager(include_path=str(folder), include_defaults=False))
+    assert results["results"]["dllava_test_choice"]["acc,none"] >= 0.5  # chance: 1/17
+    sample = results["samples"]["dllava_test_choice"][3]
+    from tests.lmms.conftest import doc_image
+
+    lm.task_dict["t"] = {"test": [{"image": doc_image(docs[sample["doc_id"]])}] * len(choices)}
+    direct = [r.text for r in lm.loglikelihood(_requests("loglikelihood", [(sample["arguments"][0], " " + c) for c in choices], None))]
+    logged = [tuple(r[0]) for r in sample["resps"]]
+    assert [loss for loss, _ in logged] == pytest.approx([loss for loss, _ in direct], rel=1e-5)
+    assert [greedy for _, greedy in logged] == [greedy for _, greedy in direct]

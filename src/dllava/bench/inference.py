@@ -62,6 +62,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dllava.eval.questions import pixels_to
 from dllava.families import FamilyAdapter, ImageFeatures
 from dllava.inference import flops
 from dllava.inference.engine import SparseEngine
@@ -374,7 +375,7 @@ def run_bench(
         latency = vision_s = None
     else:
         pixels = bench_pixels(image, config, batch_size, torch.Generator().manual_seed(seed))
-        pixels = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in pixels.items()}
+        pixels = pixels_to(pixels, device, dtype)
         with torch.no_grad():
             features = model.encode_images(pixels)
         for name in baselines:  # choices that read values: FLOPs of the real run (SDPA's math kernel, counted)

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from dllava.eval.answers import answer_record, write_answer_file
 from dllava.eval.loading import LoadedModel
 from dllava.eval.plots import fmt as _fmt, write_rows
-from dllava.eval.questions import Question, batches, collate_questions
+from dllava.eval.questions import Question, batches, collate_questions, pixels_to
 from dllava.inference import flops
 from dllava.inference.engine import SparseEngine
 from dllava.inference.text_policies import check_share
@@ -126,7 +126,7 @@ def decode_arm(
     for batch in batches(iter(questions), batch_size):
         ids, mask, images = collate_questions(batch, pad)
         ids, mask = ids.to(device), mask.to(device)
-        images = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in images.items()}
+        images = pixels_to(images, device, dtype)
         result = engine.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **images)
         texts = tokenizer.batch_decode(
             [r[:n].tolist() for r, n in zip(result.sequences, result.lengths)], skip_special_tokens=True

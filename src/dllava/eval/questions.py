@@ -511,3 +511,8 @@ def collate_questions(batch: Sequence[Question], pad_id: int) -> tuple[torch.Ten
         ids[i, width - n :] = torch.tensor(q.prompt_ids)
         mask[i, width - n :] = 1
     return ids, mask, collate_pixels([q.pixels for q in batch])
+
+
+def pixels_to(images: dict[str, torch.Tensor], device: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Pixel inputs on ``device``, the floating ones in the model's ``dtype`` (grids and sizes stay integer)."""
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in images.items()}

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from dllava.eval.answers import answer_record
 from dllava.eval.loading import LoadedModel
-from dllava.eval.questions import Question, batches, collate_questions, describe_skipped, question_key
+from dllava.eval.questions import Question, batches, collate_questions, describe_skipped, pixels_to, question_key
 from dllava.eval.scoring import exact_match_any, vqa_accuracy
 from dllava.families import ImageFeatures
 from dllava.inference import flops
@@ -266,7 +266,7 @@ def evaluate_arm(
     for batch in batches(unanswered(), batch_size):
         ids, mask, images = collate_questions(batch, pad)
         ids, mask = ids.to(device), mask.to(device)
-        images = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in images.items()}
+        images = pixels_to(images, device, dtype)
         if warmup:  # the first call of a process pays for allocations and kernel selection
             engine.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **images)
             warmup = False

@@ -1,6 +1,7 @@
 """Run lmms-eval tasks on the model a training run just trained: ``python train.py callbacks=lmms_eval``.
 
-At the end of a completed fit (not after an interrupted or failed one), the trained model is wrapped,
+At the end of a completed fit (``on_train_end``: the model still on its training device; not after an
+interrupted or failed fit), the trained model is wrapped,
 in memory, as the ``dllava`` lmms-eval model (:class:`~dllava.lmms.model.DllavaLMM`, the same class
 ``--model dllava`` builds) and ``lmms_eval.evaluator.simple_evaluate`` runs ``tasks`` on it. The scores
 go to every logger as ``lmms/<task>/<metric>`` at the last step, into ``trainer.callback_metrics`` (so
@@ -9,8 +10,10 @@ go to every logger as ``lmms/<task>/<metric>`` at the last step, into ``trainer.
 
 ``include_path`` (default: dllava's own tasks, ``dllava_synthetic_vqa``) names the folders of local
 tasks (list :data:`dllava.lmms.TASKS_DIR` too to keep dllava's); ``include_defaults=false`` skips indexing lmms-eval's ~2000 built-in tasks (3 s) when only local
-tasks run. One process only: under DDP/FSDP every rank holds part of the model or a copy, so the fit is
-refused at its start (evaluate the exported checkpoint with ``python -m lmms_eval`` instead).
+tasks run. What can be checked before training is, at the fit's start: lmms-eval importable, one process
+(under DDP/FSDP every rank holds part of the model or a copy; evaluate the exported checkpoint with
+``python -m lmms_eval`` instead), and every task name known. An error during the evaluation itself fails
+the run after the checkpoints written so far.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -64,14 +68,25 @@ class LmmsEvalCallback(L.Callback):
                 "exported checkpoint with `python -m lmms_eval --model dllava ...` instead (README, lmms-eval)"
             )
         try:  # fail before training, not after it
-            import lmms_eval.evaluator  # noqa: F401
+            from lmms_eval.tasks import TaskManager
         except ImportError as err:
             raise ImportError(
                 f"callbacks=lmms_eval needs lmms-eval ({err}): pip install -e '.[lmms]' and then "
                 "pip install --no-deps lmms-eval==0.7.3 (make setup does both)"
             ) from None
+        missing = [p for p in self.include_path if not Path(p).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"callbacks.lmms_eval.include_path: {missing[0]} is not a directory")
+        known = set(self._task_manager(TaskManager).all_tasks)
+        unknown = [t for t in self.tasks if t not in known]
+        if unknown:
+            where = " (lmms-eval's built-in tasks are indexed only with include_defaults=true)" if not self.include_defaults else ""
+            raise ValueError(f"callbacks.lmms_eval.tasks: unknown task(s) {unknown} in {self.include_path}{where}")
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _task_manager(self, manager_class: Any) -> Any:
+        return manager_class(include_path=self.include_path, include_defaults=self.include_defaults)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted or trainer.received_sigterm or not trainer.is_global_zero:
             return
         from lmms_eval.evaluator import simple_evaluate
@@ -88,7 +103,7 @@ class LmmsEvalCallback(L.Callback):
                              name=f"step_{trainer.global_step}", path=str(self.output_dir or ""), device=str(pl_module.device))
         try:
             lm = DllavaLMM(loaded=loaded, **self.settings)
-            manager = TaskManager(include_path=self.include_path, include_defaults=self.include_defaults)
+            manager = self._task_manager(TaskManager)
             with torch.no_grad():
                 results = simple_evaluate(model=lm, tasks=self.tasks, task_manager=manager, limit=self.limit,
                                           log_samples=self.log_samples)
@@ -115,9 +130,9 @@ def flat_scores(results: dict[str, Any]) -> dict[str, float]:
     for task, scores in results.get("results", {}).items():
         for key, value in scores.items():
             metric, _, filter_name = key.partition(",")
-            if "_stderr" in metric or not isinstance(value, (int, float)) or isinstance(value, bool) or key == "alias":
+            if "_stderr" in metric or not isinstance(value, numbers.Real) or isinstance(value, bool):
                 continue
-            if isinstance(value, float) and math.isnan(value):
+            if math.isnan(value):
                 continue
             name = metric if filter_name in ("", "none") else f"{metric}_{filter_name}"
             flat[f"lmms/{task}/{name}"] = float(value)

@@ -23,15 +23,23 @@ sparse KV cache). So a task's accuracy here equals ``eval.py``'s on the same que
 * any other key is a setting of the method (``conf/method/<name>.yaml``'s ``options``, e.g.
   ``pivots=8`` for DART); a name the method does not have is refused.
 
-Decoding is greedy (as LLaVA's and lmms-eval's VQA protocols are); a request asking for sampling or beam
-search is refused rather than silently decoded greedily. ``until`` stop strings cut the answer after
-generation. Each request takes exactly one image (the engine prunes one image per prompt); a request
-with none or several is refused naming its task and document.
+Settings given in ``--model_args`` win over lmms-eval's ``--batch_size`` / ``--device`` flags (which it
+always passes). A baseline on a checkpoint without a learned sparsifier needs ``keep`` (nothing was
+trained to default to); ``method=dense`` with a ``keep`` below 1 and ``text=true`` are refused.
 
-Per-request statistics (image tokens and how many were kept, generated tokens fed back and kept,
-prefill FLOPs, KV bytes, each also dense) are returned as lmms-eval token counts
+Decoding is greedy (as LLaVA's and lmms-eval's VQA protocols are); a request asking for sampling
+(``do_sample``, or ``temperature > 0`` even without ``do_sample``, as lmms-eval's ``llava_hf`` reads
+it) or beam search is refused rather than silently decoded greedily. ``until`` stop strings cut the
+answer after generation (the counts below include the tokens cut). Each request takes exactly one
+image (the engine prunes one image per prompt); a request with none or several is refused naming its
+task and document. Questions are built batch by batch, so a large task never sits in memory.
+
+Per-request statistics of ``generate_until`` (image tokens and how many were kept, generated tokens fed
+back and kept, prefill FLOPs, KV bytes, each also dense) are returned as lmms-eval token counts
 (:class:`SparsityCounts`), which lmms-eval writes into its ``samples_<task>.jsonl`` (``--log_samples``)
-under ``token_counts``.
+under ``token_counts``. Answers lmms-eval serves from its response cache (``--use_cache``) carry none
+(the cache keeps only the text; it is keyed by the model arguments, so a checkpoint re-written at the
+same path is served stale answers).
 """
 
 from __future__ import annotations
@@ -40,19 +48,22 @@ import json
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
+from lmms_eval.utils import simple_parse_args_string
 
 from dllava.eval.loading import LoadedModel, load_for_eval
-from dllava.eval.questions import BadQuestion, Question, batches, collate_questions, image_question, make_preprocessor
+from dllava.eval.questions import (
+    BadQuestion, Question, batches, collate_questions, image_question, make_preprocessor, pixels_to,
+)
 from dllava.eval.runner import Arm, arm_for, evaluate_arm
 from dllava.inference.engine import SparseEngine
 
 log = logging.getLogger(__name__)
 
-# Settings of the model itself; any other --model_args key is a setting of the method.
+# Generation settings a greedy decoder understands (others are logged as ignored).
 _GREEDY_KEYS = ("max_new_tokens", "until", "temperature", "do_sample", "top_p", "top_k", "num_beams")
 DEFAULT_MAX_NEW_TOKENS = 128  # what LLaVA's VQA evaluation scripts allow a free-form answer
 
@@ -87,6 +98,24 @@ def counts_from(metadata: dict[str, Any], prompt_tokens: int) -> SparsityCounts:
         input_tokens=prompt_tokens, output_tokens=metadata.get("generated_tokens"),
         **{key: metadata.get(key) for key in keys},
     )
+
+
+def continuation_ids(tokenizer: Any, prompt_ids: Sequence[int], continuation: str, tail: int = 16) -> list[int]:
+    """The token ids ``continuation`` has after the prompt: tokenised together with the prompt's last
+    text (its last ``tail`` tokens after any special token, decoded), as lmms-eval's own HF models
+    tokenise context and continuation jointly. Alone, a SentencePiece tokenizer splits ``" A"``
+    differently from how it follows ``"ASSISTANT:"``; when the decoded tail does not tokenise back to
+    the same ids, the continuation is tokenised alone."""
+    special = set(tokenizer.all_special_ids)
+    start = len(prompt_ids)
+    while start > 0 and len(prompt_ids) - start < tail and prompt_ids[start - 1] not in special:
+        start -= 1
+    tail_ids = list(prompt_ids[start:])
+    if tail_ids:
+        joint = tokenizer(tokenizer.decode(tail_ids) + continuation, add_special_tokens=False).input_ids
+        if joint[: len(tail_ids)] == tail_ids:
+            return joint[len(tail_ids):]
+    return tokenizer(continuation, add_special_tokens=False).input_ids
 
 
 def cut_at_stop(text: str, until: Sequence[str]) -> str:
@@ -133,6 +162,7 @@ class DllavaLMM(lmms):
         max_length: int | None = None,
         seed: int = 0,
         stats_path: str | None = None,
+        progress: bool = True,
         loaded: LoadedModel | None = None,
         max_batch_size: int | None = None,  # lmms-eval passes it; batches are fixed-size here
         **options: Any,
@@ -144,6 +174,13 @@ class DllavaLMM(lmms):
         model = self.loaded.model
         if method is None:
             method = "dynamic" if model.image_predictor is not None else "dense"
+        if method == "dense" and keep not in (None, 1, 1.0):
+            raise ValueError(f"dllava: method=dense keeps every image token; drop keep={keep} or choose a pruning method")
+        if keep is None and method not in ("dense", "dynamic") and model.image_predictor is None:
+            raise ValueError(f"dllava: method={method} on a checkpoint without a learned sparsifier needs keep=<ratio> "
+                             "(there is no trained keep to default to)")
+        if text is True:
+            raise ValueError("dllava: text=true is not a generated-token policy; use learned, off or a keep rate in (0, 1]")
         self.arm: Arm = arm_for(model, method, keep, text, budget, options, prune_layer)
         SparseEngine(model, method=self.arm.method, keep=self.arm.keep, text=self.arm.text, budget=self.arm.budget,
                      options=self.arm.options, prune_layer=self.arm.prune_layer)  # every setting checked now, not at request 1
@@ -156,9 +193,18 @@ class DllavaLMM(lmms):
         self.seed = int(seed)
         self.preprocess = make_preprocessor(self.loaded.processor, max_length, model.adapter)
         self.stats_path = Path(stats_path) if stats_path else None
+        self.progress = bool(progress)
         self.model_id = f"{self.loaded.name}:{self.arm.label}"
         log.info("dllava: %s, method=%s keep=%g text=%s budget=%s", self.loaded.name, self.arm.method,
                  self.arm.keep, self.arm.text, self.arm.budget)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> "DllavaLMM":
+        """``--model_args`` win over the CLI's ``--batch_size`` / ``--device`` (which lmms-eval always
+        passes, ``--batch_size`` defaulting to 1): ``--model_args batch_size=8`` means batches of 8."""
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
 
     # -- requests -> questions ------------------------------------------------------------------------
     def _question(self, index: int, context: str, doc_to_visual: Any, doc_id: int, task: str, split: str) -> Question:
@@ -198,44 +244,65 @@ class DllavaLMM(lmms):
             groups.setdefault(setting, []).append(i)
         out: list[GenerationResult | None] = [None] * len(requests)
         for (max_new_tokens, until), members in groups.items():
-            questions = [self._question(i, *_question_args(requests[i])) for i in members]
+            prompt_tokens: dict[int, int] = {}
+
+            def questions(members: list[int] = members) -> Iterator[Question]:
+                for i in members:  # built batch by batch as the engine asks: a big task never sits in memory
+                    question = self._question(i, *_question_args(requests[i]))
+                    prompt_tokens[i] = len(question.prompt_ids)
+                    yield question
+
             result = evaluate_arm(
-                self.loaded, questions, self.arm, batch_size=self.batch_size_per_gpu, max_new_tokens=max_new_tokens,
-                model_id=self.model_id, seed=self.seed, warmup=False, progress=False,
+                self.loaded, questions(), self.arm, batch_size=self.batch_size_per_gpu, max_new_tokens=max_new_tokens,
+                model_id=self.model_id, seed=self.seed, warmup=False, progress=self.progress,
             )
             counts = []
-            for i, question, record in zip(members, questions, result.records):
-                count = counts_from(record["metadata"], len(question.prompt_ids))
+            for i, record in zip(members, result.records):
+                count = counts_from(record["metadata"], prompt_tokens[i])
                 counts.append(count)
                 out[i] = GenerationResult(text=cut_at_stop(record["text"], until), token_counts=count)
             self._write_stats([requests[i] for i in members], counts)
         return out  # type: ignore[return-value]
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """Log-probability of each continuation after its context and image, teacher-forced through the
-        same sparse engine (the image pruned as for generation; every continuation token fed back and
-        facing the text policy), and whether greedy decoding would produce it."""
-        tokenizer = self.loaded.processor.tokenizer
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """How likely each continuation is after its context and image, teacher-forced through the same
+        sparse engine (the image pruned as for generation; every continuation token fed back and facing
+        the text policy), and whether greedy decoding would produce it.
+
+        The value is what lmms-eval 0.7.3's own models return and its scoring expects, not the
+        log-probability its base class describes: the **mean negative log-likelihood** per continuation
+        token (HF's loss over the continuation; multiple-choice scoring takes the argmin). Each
+        ``(loss, greedy)`` pair comes wrapped as a :class:`GenerationResult`'s ``text``: the evaluator
+        turns a bare tuple into its string (``unwrap_generation_output``) and its multiple-choice scoring
+        then fails; the wrapper is passed through as is."""
         model, device = self.loaded.model, self.loaded.device
         dtype = next(model.parameters()).dtype
         engine = SparseEngine(model, method=self.arm.method, keep=self.arm.keep, text=self.arm.text, seed=self.seed,
                               budget=self.arm.budget, options=self.arm.options, prune_layer=self.arm.prune_layer)
-        items = []
+        pad = self.loaded.processor.tokenizer.pad_token_id
+        out: list[GenerationResult] = []
+        for batch in batches(self._scored(requests), self.batch_size_per_gpu):
+            ids, mask, images = collate_questions([q for q, _ in batch], pad)
+            result = engine.reference_nll(ids.to(device), mask.to(device), [t for _, t in batch],
+                                          **pixels_to(images, device, dtype))
+            out.extend(GenerationResult(text=(score.nll / score.tokens, score.greedy)) for score in result)  # type: ignore[arg-type]
+        return out
+
+    def _scored(self, requests: list[Instance]) -> Iterator[tuple[Question, list[int]]]:
+        """(prompt, continuation token ids) of each loglikelihood request, built as the engine asks."""
+        tokenizer = self.loaded.processor.tokenizer
         for i, request in enumerate(requests):
+            if len(request.args) != 6:  # acc_mutual_info's unconditional requests: (context, continuation)
+                raise ValueError(f"task {request.metadata.get('task')!r} doc {request.metadata.get('doc_id')}: a "
+                                 "loglikelihood request without an image (acc_mutual_info) is not supported")
             context, continuation, doc_to_visual, doc_id, task, split = request.args
             if callable(continuation):  # a task's doc_to_target
                 continuation = continuation(self.task_dict[task][split][doc_id])
-            target = tokenizer(str(continuation), add_special_tokens=False).input_ids
+            question = self._question(i, context, doc_to_visual, doc_id, task, split)
+            target = continuation_ids(tokenizer, question.prompt_ids, str(continuation))
             if not target:
                 raise ValueError(f"task {task!r} doc {doc_id}: the continuation {continuation!r} has no tokens")
-            items.append((self._question(i, context, doc_to_visual, doc_id, task, split), target))
-        scores: list[tuple[float, bool]] = []
-        for batch in batches(items, self.batch_size_per_gpu):
-            ids, mask, images = collate_questions([q for q, _ in batch], tokenizer.pad_token_id)
-            images = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in images.items()}
-            result = engine.reference_nll(ids.to(device), mask.to(device), [t for _, t in batch], **images)
-            scores.extend((-score.nll, score.greedy) for score in result)
-        return scores
+            yield question, target
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError(
