@@ -95,7 +95,7 @@ def arm_for(
 ) -> Arm:
     """The arm a checkpoint runs ``method`` with, unset settings filled from the checkpoint itself:
     ``keep`` its trained ``sparsity.keep`` (dense: 1.0), ``text`` :func:`default_text`, ``budget`` its
-    trained convention. The one place ``eval.py`` and the lmms-eval model resolve these."""
+    trained convention. Shared by ``eval.py``'s single arm and the lmms-eval model (comparisons plan their arms in compare.py)."""
     text = "off" if text is False else text  # YAML's and lmms-eval's bare `off`
     if method == "dense":
         keep = 1.0
