@@ -20,11 +20,14 @@ from dllava.data.synthetic import (
     CLASSIC_KINDS,
     COLORS,
     COUNT_WORDS,
+    FINAL_KINDS,
     LONG_KINDS,
     ONE_WORD_KINDS,
     POSITION_WORDS,
     RGB,
     SHAPES,
+    SHORT_ANSWER_SUFFIX,
+    SHORT_ANSWER_SUFFIX_WORDS,
     SHORT_KINDS,
     UNIQUE_KINDS,
     WIDE_POSITION_WORDS,
@@ -38,6 +41,8 @@ from dllava.data.synthetic import (
     make_conversation,
     make_record,
     read_info,
+    with_short_suffix,
+    without_short_suffix,
     write_split,
 )
 
@@ -700,8 +705,9 @@ def test_hard_answers_are_recomputed_from_the_scene_and_single_object_questions_
 
 
 def test_hard_tokens_are_words_the_tiny_tokenizers_know():
-    """No new word: every question and answer of the hard task is in WORDS, so even the 66-word tokenizer
-    of the first tiny models has an id for each (and check_tokenizer_knows accepts the preset's spec)."""
+    """No new word of its own: every question and answer of the hard task is in WORDS, so even the 66-word
+    tokenizer of the first tiny models has an id for each (and check_tokenizer_knows accepts the spec without
+    LLaVA-1.5's short-answer suffix; with it, the preset's default, only the full tokenizer knows every word)."""
     from dllava.data.datamodule import check_tokenizer_knows
     from dllava.model.tiny import build_tiny_tokenizer
 
@@ -711,6 +717,9 @@ def test_hard_tokens_are_words_the_tiny_tokenizers_know():
         tokenizer = build_tiny_tokenizer(full=full)
         assert all(tokenizer.convert_tokens_to_ids(t) != tokenizer.unk_token_id for t in tokens)
         check_tokenizer_knows(tokenizer, {"out": "x", **HARD}, "the tiny tokenizer")
+    check_tokenizer_knows(build_tiny_tokenizer(full=True), {"out": "x", **HARD, "short_suffix": True}, "the tiny tokenizer")
+    with pytest.raises(ValueError, match="'Answer'.*short_suffix=true.*short_suffix=false"):
+        check_tokenizer_knows(build_tiny_tokenizer(), {"out": "x", **HARD, "short_suffix": True}, "the 66 words")
 
 
 def test_hard_answer_distributions_are_balanced():
@@ -784,8 +793,9 @@ def test_the_hard_preset_composes_and_generates_shards_the_cli_writes_too(tmp_pa
     info = ensure_synthetic(**small)
     assert info["objects"] == [6, 10] and info["large_share"] == 0.5 and info["kinds"] == HARD_KINDS
     assert ensure_synthetic(**small) == info  # a matching generation is found again, not rewritten
+    assert info["short_suffix"] is True  # inherited from synthetic.yaml
     main(["--out", str(tmp_path / "cli"), "--train", "24", "--val", "8", "--test", "4", "--samples-per-shard", "16",
-          "--objects", "6,10", "--large-share", "0.5", "--kinds", ",".join(HARD_KINDS)])
+          "--objects", "6,10", "--large-share", "0.5", "--kinds", ",".join(HARD_KINDS), "--short-suffix"])
     assert json.loads(capsys.readouterr().out) == {"train": 24, "val": 8, "test": 4}
     assert read_info(tmp_path / "cli") == info
     assert _payload_hashes(tmp_path / "cli") == _payload_hashes(tmp_path / "preset")
@@ -835,3 +845,123 @@ def test_cli_and_datamodule_reject_bad_scene_options(tmp_path, capsys):
     ):
         with pytest.raises(error, match=message):
             check_synthetic_spec(spec)
+
+
+# -- LLaVA-1.5's short-answer suffix (short_suffix) ---------------------------------------------------
+DEFAULT_KINDS = ["color", "shape", "count", "exist", "describe", "detail"]  # conf/data/synthetic.yaml's
+SUFFIXED = {"kinds": DEFAULT_KINDS, "short_suffix": True}
+
+
+def test_short_suffix_ends_every_one_word_question_in_every_round_and_no_description():
+    """LLaVA-1.5's mix665k convention: "<question>\\nAnswer the question using a single word or phrase." on
+    every short-answer question, first round or later; the records are otherwise those without the option."""
+    assert SHORT_ANSWER_SUFFIX == "Answer the question using a single word or phrase."
+    later_rounds, kinds_seen = Counter(), set()
+    for index, options in [(i, {"kinds": DEFAULT_KINDS}) for i in range(300)] + [(i, HARD) for i in range(100)]:
+        record = make_conversation("train", index, 0, **options, short_suffix=True)
+        plain = make_conversation("train", index, 0, **options)
+        kinds_seen |= set(record["kinds"])
+        assert {k: v for k, v in record.items() if k != "conversations"} == {k: v for k, v in plain.items() if k != "conversations"}
+        assert record["conversations"][1::2] == plain["conversations"][1::2]  # the answers
+        for n, (kind, turn, before) in enumerate(zip(record["kinds"], record["conversations"][0::2], plain["conversations"][0::2])):
+            if kind in ONE_WORD_KINDS:
+                assert turn["value"] == with_short_suffix(before["value"]) == before["value"] + "\n" + SHORT_ANSWER_SUFFIX
+                assert without_short_suffix(turn["value"]) == before["value"]
+                later_rounds[n > 0] += 1
+            else:
+                assert kind in LONG_KINDS and turn == before and SHORT_ANSWER_SUFFIX not in turn["value"]
+    assert later_rounds[True] > 0 and later_rounds[False] > 0 and kinds_seen == set(FINAL_KINDS)
+    assert without_short_suffix("how many red shapes are there ?") == "how many red shapes are there ?"
+
+
+def test_the_default_records_have_no_suffix_and_parse_as_before():
+    """Off by default in the Python API and the CLI (the configs turn it on): the checksums above stay
+    valid; questions without the suffix parse with the same patterns, and so do suffixed ones once it is cut."""
+    for index in range(20):
+        assert make_conversation("val", index, 0) == make_conversation("val", index, 0, short_suffix=False)
+    for record in (make_conversation("train", i, 0, kinds=SHORT_KINDS, short_suffix=True) for i in range(100)):
+        for kind, question, answer in _rounds(record):
+            assert question.endswith("\n" + SHORT_ANSWER_SUFFIX)
+            assert answer == _expected_answer(kind, without_short_suffix(question), record["scene"])
+
+
+def test_suffixed_shards_are_deterministic_and_record_the_option_in_info_json(tmp_path, capsys):
+    sizes = dict(train=6, val=2, test=0, seed=1, samples_per_shard=4)
+    info = generate(tmp_path / "api", **sizes, short_suffix=True)
+    assert info["short_suffix"] is True and read_info(tmp_path / "api") == info
+    plain = generate(tmp_path / "plain", **sizes)
+    assert "short_suffix" not in plain and "short_suffix" not in json.loads((tmp_path / "plain" / "info.json").read_text())
+    main(["--out", str(tmp_path / "cli"), "--train", "6", "--val", "2", "--test", "0", "--seed", "1",
+          "--samples-per-shard", "4", "--short-suffix"])
+    capsys.readouterr()
+    assert read_info(tmp_path / "cli") == info and _payload_hashes(tmp_path / "cli") == _payload_hashes(tmp_path / "api")
+    records = [json.loads(s["json"]) for s in wds.WebDataset(str(tmp_path / "api" / "train-000000.tar"), shardshuffle=False)]
+    assert records == [make_conversation("train", i, 1, short_suffix=True) for i in range(4)]
+    with pytest.raises(TypeError, match="short_suffix must be true or false"):
+        make_record("train", 0, 0, short_suffix="false")
+
+
+def test_a_generation_with_the_other_suffix_setting_is_refused_naming_it(tmp_path):
+    """An existing data dir written without the suffix (every one before the option) is not reused by a
+    config that asks for it, and the other way round; the error names the difference."""
+    from dllava.data.datamodule import ensure_synthetic
+
+    spec = dict(train=2, val=1, test=0, seed=0, samples_per_shard=4)
+    generate(tmp_path / "plain", **spec)
+    generate(tmp_path / "suffixed", **spec, short_suffix=True)
+    assert ensure_synthetic(str(tmp_path / "plain"), **spec, short_suffix=False)["splits"]["train"]["records"] == 2
+    assert ensure_synthetic(str(tmp_path / "plain"), **spec)  # a spec without the key means no suffix
+    assert ensure_synthetic(str(tmp_path / "suffixed"), **spec, short_suffix=True)["short_suffix"] is True
+    with pytest.raises(ValueError, match=r"short_suffix: on disk False, configured True.*Delete it to regenerate"):
+        ensure_synthetic(str(tmp_path / "plain"), **spec, short_suffix=True)
+    with pytest.raises(ValueError, match=r"short_suffix: on disk True, configured False"):
+        ensure_synthetic(str(tmp_path / "suffixed"), **spec)
+
+
+def test_the_configs_turn_the_suffix_on_but_where_the_tokenizer_predates_its_words(tmp_path):
+    """conf/data/synthetic.yaml (and the hard preset) ask for the suffix; the tiny LLaVA-NeXT and Qwen2.5-VL
+    presets, whose word-level tokenizers predate its words, and their base recipes do not."""
+    from omegaconf import OmegaConf
+
+    from dllava.data.datamodule import check_synthetic_spec
+    from tests.helpers import compose
+
+    for overrides, on in (([], True), (["data=synthetic_hard"], True), (["experiment=tiny_base"], True),
+                          (["model=tiny_llava_next"], False), (["model=tiny_qwen2_5_vl"], False),
+                          (["experiment=tiny_qwen_base"], False), (["experiment=tiny_qwen_base_shapes"], False)):
+        cfg = compose("train", overrides, output_dir=tmp_path)
+        assert cfg.data.synthetic.short_suffix is on, overrides
+        check_synthetic_spec(OmegaConf.to_container(cfg.data.synthetic, resolve=True))
+    with pytest.raises(TypeError, match="data.synthetic.short_suffix"):
+        check_synthetic_spec({"out": "x", "short_suffix": "yes"})
+
+
+def test_the_tokenizer_check_asks_for_the_suffix_words_only_when_a_one_word_kind_carries_them():
+    from dllava.data.datamodule import check_tokenizer_knows
+    from dllava.model.tiny import build_tiny_tokenizer
+
+    classic, full = build_tiny_tokenizer(), build_tiny_tokenizer(full=True)
+    assert [w for w in SHORT_ANSWER_SUFFIX_WORDS if w not in WORDS] == ["Answer", "question", "using", "single", "word", "or", "phrase"]
+    check_tokenizer_knows(classic, {"kinds": ["color", "describe"], "short_suffix": False}, "classic")
+    check_tokenizer_knows(classic, {"kinds": ["describe"], "short_suffix": True}, "classic")  # no one-word question
+    with pytest.raises(ValueError, match=r"\['Answer', 'or', 'phrase', 'question', 'single', 'using', 'word'\]"):
+        check_tokenizer_knows(classic, {"kinds": ["color", "describe"], "short_suffix": True}, "classic")
+    check_tokenizer_knows(full, {"kinds": list(FINAL_KINDS), "short_suffix": True}, "full")
+    record = make_conversation("test", 1, 0, **SUFFIXED)
+    assert any(SHORT_ANSWER_SUFFIX in turn["value"] for turn in record["conversations"])
+    for turn in record["conversations"]:
+        ids = full(turn["value"], add_special_tokens=False)["input_ids"]
+        assert full.unk_token_id not in ids and full.decode(ids).split() == turn["value"].replace("phrase.", "phrase .").split()
+
+
+def test_the_question_only_baseline_groups_suffixed_questions_as_before():
+    """train.py's baseline/question_only_acc groups by question text: the suffix is the same on every
+    one-word question, so the groups (and the baseline) do not change."""
+    from dllava.metrics.answers import question_only_baseline
+
+    def records(split, n, suffix):
+        return [make_conversation(split, i, 0, short_suffix=suffix) for i in range(n)]
+
+    plain = question_only_baseline(records("train", 1500, False), records("val", 400, False), SHORT_KINDS)
+    suffixed = question_only_baseline(records("train", 1500, True), records("val", 400, True), SHORT_KINDS)
+    assert suffixed == plain <= 0.35

@@ -13,6 +13,15 @@ def test_the_full_vocabulary_extends_the_classic_one_after_the_image_token():
     assert len(set(full)) == len(full)
 
 
+def test_the_short_answer_suffix_words_come_last_so_older_full_vocabularies_stay_prefixes():
+    """LLaVA-1.5's "Answer the question using a single word or phrase." brought seven words (case-sensitive:
+    "Answer" is new, "the" / "a" / "." were there); they follow five and six, so the 88-word tokenizer of the
+    base before them keeps every id."""
+    full = tiny_vocabulary(full=True)
+    assert full[-9:] == ["five", "six", "Answer", "question", "using", "single", "word", "or", "phrase"]
+    assert len(full) == 95 and full.index("<image>") == 65
+
+
 def test_extending_keeps_the_models_outputs_over_its_old_vocabulary(tmp_path):
     old = save_tiny_llava(tmp_path / "old", seed=0, num_hidden_layers=2)
     new = extend_vocabulary(old, tmp_path / "new")

@@ -37,7 +37,9 @@ from dllava.data.reader import (
 )
 from dllava.data.records import IMAGE_KEYS, UnreadableImage, image_error
 from dllava.families.llava import count_image_tokens, square_grid  # noqa: F401  (count_image_tokens: its former home)
-from dllava.utils.checks import check_float, check_int, check_keys, check_mapping, check_str, check_str_list, check_urls
+from dllava.utils.checks import (
+    check_bool, check_float, check_int, check_keys, check_mapping, check_str, check_str_list, check_urls,
+)
 
 
 def resolve_urls(spec: str | Sequence[str], key: str = "data.urls", synthetic: bool = False) -> list[str]:
@@ -89,7 +91,9 @@ SYNTHETIC_INTS = {"train": 0, "val": 0, "test": 0, "seed": 0, "image_size": 1, "
 def check_synthetic_spec(spec: Any) -> None:
     """Types and ranges of ``data.synthetic`` (the generator's arguments), named by their config keys."""
     check_mapping("data.synthetic", spec)
-    check_keys("data.synthetic", spec, ("out", "kinds", "cell", "grid_sizes", "objects", "large_share", *SYNTHETIC_INTS))
+    check_keys(
+        "data.synthetic", spec, ("out", "kinds", "cell", "grid_sizes", "objects", "large_share", "short_suffix", *SYNTHETIC_INTS)
+    )
     check_str("data.synthetic.out", spec.get("out"))
     for name, low in SYNTHETIC_INTS.items():
         if name in spec:
@@ -108,6 +112,8 @@ def check_synthetic_spec(spec: Any) -> None:
         low = check_int("data.synthetic.objects[0]", objects[0], low=1)
         check_int("data.synthetic.objects[1]", objects[1], low=low)
     check_float("data.synthetic.large_share", spec.get("large_share"), low=0, high=1, optional=True)  # null: none
+    if "short_suffix" in spec:  # LLaVA-1.5's "Answer the question using a single word or phrase." on one-word questions
+        check_bool("data.synthetic.short_suffix", spec["short_suffix"])
 
 
 def check_grid_sizes(key: str, value: Any) -> None:
@@ -676,11 +682,14 @@ def check_tokenizer_knows(tokenizer: Any, spec: dict[str, Any], where: str) -> N
     wide = any(side > len(synthetic.POSITION_WORDS) for size in spec.get("grid_sizes") or [] for side in size)
     words = set(synthetic.WIDE_WORDS if wide else synthetic.WORDS)
     words |= set(synthetic.DETAIL_WORDS) if "detail" in kinds else set()
+    suffix = bool(spec.get("short_suffix")) and any(k in synthetic.ONE_WORD_KINDS for k in kinds)
+    words |= set(synthetic.SHORT_ANSWER_SUFFIX_WORDS) if suffix else set()
     missing = sorted(w for w in words if tokenizer.convert_tokens_to_ids(w) == unk)
     if missing:
         raise ValueError(
-            f"the tokenizer of {where} has no token for {missing[:10]} (words of data.synthetic.kinds={list(kinds)}): "
-            "drop those kinds, or extend a tiny model's vocabulary with `python -m dllava.model.tiny --extend <dir> --out <new dir>`"
+            f"the tokenizer of {where} has no token for {missing[:10]} (words of data.synthetic.kinds={list(kinds)}"
+            f"{', short_suffix=true' if suffix else ''}): drop those kinds"
+            f"{' or set data.synthetic.short_suffix=false' if suffix else ''}, or extend a tiny model's vocabulary with `python -m dllava.model.tiny --extend <dir> --out <new dir>`"
         )
 
 
@@ -718,6 +727,9 @@ def _check_generation(out: str, info: dict[str, Any], spec: dict[str, Any]) -> d
     }
     if "kinds" in expected:  # info.json lists them in canonical order
         expected["kinds"] = list(synthetic.check_kinds(expected["kinds"]))
+    # info.json names short_suffix only when it is on; a spec without it generates without the suffix
+    expected["short_suffix"] = bool(expected.get("short_suffix", False))
+    found["short_suffix"] = synthetic.generation_short_suffix(info)
     differs = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
     if differs:
         detail = ", ".join(f"{k}: on disk {a}, configured {b}" for k, (a, b) in differs.items())

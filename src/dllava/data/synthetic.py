@@ -12,6 +12,11 @@ Design (measurements behind it: ../shared/CALIBRATION.md):
   answer uniformly from zero..three before choosing the colour, exist is yes half the time and its
   "no"s are often near misses.
 * ``describe`` answers list every object and its cell (tens of tokens), for text sparsification.
+* LLaVA-1.5's short-answer prompt (``short_suffix``): every one-word question, in every round, ends with
+  "\\nAnswer the question using a single word or phrase." (:data:`SHORT_ANSWER_SUFFIX`), as the VQAv2 / GQA
+  questions of llava_v1_5_mix665k.json and its evaluation question files do, so a LLaVA question file asks
+  the way the shards do; descriptions never carry it. Only the question text changes (no draw depends on
+  it). Off by default here and in the CLI (records byte-identical to earlier versions); the configs turn it on.
 * Other vision towers (:class:`Layout`): ``cell`` sets the cell side directly (28 px = one merged
   Qwen2.5-VL token of 2 x 2 14-px patches, 32 px for Qwen3-VL's 16-px patches; an object still sits in one
   quadrant = one patch) and ``grid_sizes`` lists (rows, cols) choices, up to 6 x 6, one drawn per record,
@@ -45,13 +50,15 @@ scenes and questions so that each family of methods has a place to win:
   20,000 train / 2,000 val records (color 0.16, shape 0.23, count 0.20, exist 0.47, color_by_shape 0.16,
   shape_by_color 0.22), 0.23-0.29 with 3,000 / 1,000 records over seeds. ``describe`` / ``detail`` are refused
   with more than four objects (their count words and ordinals stop at four).
-* Every word is already in :data:`WORDS`: the tiny tokenizers need no new word.
+* Every word of its questions and answers is already in :data:`WORDS`: the tiny tokenizers need no new word
+  (but the suffix's, with ``short_suffix``: :data:`SHORT_ANSWER_SUFFIX_WORDS`).
 
 Record ``i`` of a split draws everything (conversation, then pixels) from its own RNG seeded by
 ``(seed, split, i)``, so shards are byte-identical whatever the number of worker processes.
 
 CLI: ``python -m dllava.data.synthetic --out data/synthetic --train 20000 --val 512 --test 512``
-(Qwen2.5-VL sizes: ``--cell 28 --grid-sizes 4x4,4x6,6x4``; the hard task: ``--objects 6,10 --large-share 0.5
+(what train.py generates: add ``--kinds color,shape,count,exist,describe,detail --short-suffix``;
+Qwen2.5-VL sizes: ``--cell 28 --grid-sizes 4x4,4x6,6x4``; the hard task: ``--objects 6,10 --large-share 0.5
 --kinds color,shape,count,exist,color_by_shape,shape_by_color``).
 """
 
@@ -132,6 +139,25 @@ _DETAIL_TEXT = (
     "top bottom left right corner of its cell . it is above below and to the in the same row column as"
 )
 DETAIL_WORDS: tuple[str, ...] = tuple(sorted(set(_DETAIL_TEXT.split()) - set(WIDE_WORDS)))
+
+# LLaVA-1.5's short-answer instruction: the VQAv2 / GQA / ... questions of llava_v1_5_mix665k.json and of its
+# evaluation question files end with "\n" + this text. With ``short_suffix`` every one-word question
+# (ONE_WORD_KINDS, in every round) ends with it too, so a LLaVA question file asks the way the shards do.
+SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
+# Its words as the word-level tiny tokenizers split them (words and runs of punctuation), in text order. Case
+# matters there: "Answer" is a new word. The ones not in WORDS come after DETAIL_WORDS and the rows five and
+# six in the full tiny vocabulary (appended last, so older tiny checkpoints stay valid prefixes).
+SHORT_ANSWER_SUFFIX_WORDS: tuple[str, ...] = tuple(dict.fromkeys(re.findall(r"\w+|[^\w\s]+", SHORT_ANSWER_SUFFIX)))
+
+
+def with_short_suffix(question: str) -> str:
+    """``question`` as LLaVA-1.5 asks for a short answer: followed by a newline and SHORT_ANSWER_SUFFIX."""
+    return f"{question}\n{SHORT_ANSWER_SUFFIX}"
+
+
+def without_short_suffix(question: str) -> str:
+    """``question`` with a trailing LLaVA-1.5 short-answer suffix removed (unchanged without one)."""
+    return question.removesuffix(f"\n{SHORT_ANSWER_SUFFIX}")
 
 Scene = list[dict[str, Any]]
 
@@ -222,6 +248,13 @@ def check_kinds(kinds: Collection[str]) -> tuple[str, ...]:
     if unknown or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of {list(FINAL_KINDS)}, got {list(kinds)}")
     return tuple(k for k in FINAL_KINDS if k in kinds)
+
+
+def check_short_suffix(short_suffix: Any) -> bool:
+    """``short_suffix`` as a bool; raises TypeError on anything else (a string "false" would read as true)."""
+    if not isinstance(short_suffix, bool):
+        raise TypeError(f"short_suffix must be true or false, got {short_suffix!r}")
+    return short_suffix
 
 
 def _check_split(split: str) -> None:
@@ -593,6 +626,7 @@ def _conversation(
     layout: Layout,
     kinds: tuple[str, ...],
     options: SceneOptions | None = None,
+    short_suffix: bool = False,
 ) -> dict[str, Any]:
     options = options or SceneOptions()
     counts = count_answers(options.most)
@@ -606,7 +640,9 @@ def _conversation(
         raise RuntimeError(f"could not build record {split}-{index} in {MAX_SCENE_DRAWS} scene draws")
     record_id = f"{split}-{index:07d}"
     conversations = []
-    for n, (question, answer) in enumerate(exchanges):
+    for n, ((kind, _), (question, answer)) in enumerate(zip(plan, exchanges)):
+        if short_suffix and kind in ONE_WORD_KINDS:  # text only: no RNG draw depends on it
+            question = with_short_suffix(question)
         conversations.append({"from": "human", "value": f"<image>\n{question}" if n == 0 else question})
         conversations.append({"from": "gpt", "value": answer})
     return {
@@ -629,13 +665,14 @@ def make_conversation(
     grid_sizes: Sequence[Sequence[int]] | None = None,
     objects: Sequence[int] | None = None,
     large_share: float | None = None,
+    short_suffix: bool = False,
 ) -> dict[str, Any]:
     """The record of :func:`make_record` without rendering its image (fast, for statistics)."""
     choices = layouts(image_size, grid, cell, grid_sizes)
     kinds = check_kinds(kinds)
     options = scene_options(objects, large_share, choices, kinds)
     rng = _rng(seed, split, index)
-    return _conversation(rng, split, index, _draw_layout(rng, choices), kinds, options)
+    return _conversation(rng, split, index, _draw_layout(rng, choices), kinds, options, check_short_suffix(short_suffix))
 
 
 def make_record(
@@ -649,18 +686,21 @@ def make_record(
     grid_sizes: Sequence[Sequence[int]] | None = None,
     objects: Sequence[int] | None = None,
     large_share: float | None = None,
+    short_suffix: bool = False,
 ) -> tuple[dict[str, Any], Image.Image]:
     """Record ``index`` of ``split`` (LLaVA mix665k schema plus ``kinds`` and ``scene``) and its RGB image.
 
     ``kinds`` restricts the questions (e.g. ``["shape"]`` for a curriculum stage); the default draws
     from the five kinds that predate ``detail`` (records stay byte-identical; ask for it by name). ``cell`` and ``grid_sizes`` choose other layouts (:func:`layouts`).
-    ``objects`` / ``large_share`` make crowded scenes with cell-filling objects (the hard task, module docstring)."""
+    ``objects`` / ``large_share`` make crowded scenes with cell-filling objects (the hard task, module docstring).
+    ``short_suffix`` ends every one-word question with LLaVA-1.5's :data:`SHORT_ANSWER_SUFFIX` (after a
+    newline); off by default, so records stay byte-identical to those before it (the configs turn it on)."""
     choices = layouts(image_size, grid, cell, grid_sizes)
     kinds = check_kinds(kinds)
     options = scene_options(objects, large_share, choices, kinds)
     rng = _rng(seed, split, index)
     layout = _draw_layout(rng, choices)
-    record = _conversation(rng, split, index, layout, kinds, options)
+    record = _conversation(rng, split, index, layout, kinds, options, check_short_suffix(short_suffix))
     return record, render(record["scene"], rng, layout=layout)  # pixels draw after the conversation
 
 
@@ -680,14 +720,17 @@ def _shard_name(split: str, shard: int) -> str:
     return f"{split}-{shard:06d}.tar"
 
 
-def _write_shard(task: tuple[Path, str, int, int, int, int, int, int, tuple[str, ...], int | None, Any, SceneOptions]) -> int:
+def _write_shard(
+    task: tuple[Path, str, int, int, int, int, int, int, tuple[str, ...], int | None, Any, SceneOptions, bool],
+) -> int:
     """Write one shard under a temporary name, then move it into place; returns its record count."""
-    out, split, shard, start, stop, seed, image_size, grid, kinds, cell, grid_sizes, options = task
+    out, split, shard, start, stop, seed, image_size, grid, kinds, cell, grid_sizes, options, short_suffix = task
     path = out / _shard_name(split, shard)
     tmp = out / f".{path.name}.{os.getpid()}.tmp"  # dot-prefixed: shard globs never match it
     with wds.TarWriter(str(tmp), mtime=SHARD_MTIME) as sink:
         for index in range(start, stop):
-            sink.write(_sample(*make_record(split, index, seed, image_size, grid, kinds, cell, grid_sizes, *options)))
+            record = make_record(split, index, seed, image_size, grid, kinds, cell, grid_sizes, *options, short_suffix=short_suffix)
+            sink.write(_sample(*record))
     os.replace(tmp, path)
     return stop - start
 
@@ -715,13 +758,14 @@ def write_split(
     grid_sizes: Sequence[Sequence[int]] | None = None,
     objects: Sequence[int] | None = None,
     large_share: float | None = None,
+    short_suffix: bool = False,
 ) -> list[str]:
     """Write ``num_records`` records of ``split`` as shards under ``out``; returns the shard file names.
 
     One task per shard, spread over ``workers`` processes; every record has its own RNG, so the bytes
     do not depend on ``workers``. ``progress`` (optional) is advanced by each finished shard's records.
     ``cell`` / ``grid_sizes``: other layouts (:func:`layouts`); ``objects`` / ``large_share``: the scenes
-    (:func:`make_scene`).
+    (:func:`make_scene`); ``short_suffix``: LLaVA-1.5's short-answer suffix (:func:`make_record`).
     """
     _check_split(split)
     choices = layouts(image_size, grid, cell, grid_sizes)
@@ -731,11 +775,12 @@ def write_split(
     _check_at_least("workers", workers, 1)
     kinds = check_kinds(kinds)
     options = scene_options(objects, large_share, choices, kinds)
+    short_suffix = check_short_suffix(short_suffix)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = [
         (out, split, shard, start, min(start + samples_per_shard, num_records), seed, image_size, grid, kinds,
-         cell, grid_sizes, options)
+         cell, grid_sizes, options, short_suffix)
         for shard, start in enumerate(range(0, num_records, samples_per_shard))
     ]
     if workers > 1 and len(tasks) > 1:
@@ -768,10 +813,13 @@ def generate(
     grid_sizes: Sequence[Sequence[int]] | None = None,
     objects: Sequence[int] | None = None,
     large_share: float | None = None,
+    short_suffix: bool = False,
 ) -> dict[str, Any]:
     """Write all three splits, then ``info.json`` (atomically, last: its presence means complete).
 
-    ``info.json`` names ``cell``, ``grid_sizes``, ``objects`` and ``large_share`` only when they are set,
+    ``info.json`` names ``cell``, ``grid_sizes``, ``objects`` and ``large_share`` only when they are set, and
+    ``short_suffix`` only when it is on (a file without it was written without the suffix:
+    :func:`generation_short_suffix`),
     so the default generation's file is unchanged."""
     sizes = {"train": train, "val": val, "test": test}
     for split, count in sizes.items():
@@ -779,6 +827,7 @@ def generate(
     choices = layouts(image_size, grid, cell, grid_sizes)
     kinds = check_kinds(kinds)
     options = scene_options(objects, large_share, choices, kinds)
+    short_suffix = check_short_suffix(short_suffix)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "info.json").unlink(missing_ok=True)  # an interrupted regeneration must not look complete
@@ -799,11 +848,13 @@ def generate(
         info["objects"] = list(options.objects)
     if options.large_share is not None:
         info["large_share"] = options.large_share
+    if short_suffix:
+        info["short_suffix"] = True
     with tqdm(total=sum(sizes.values()), desc=f"synthetic -> {out}", unit="rec") as progress:
         for split, count in sizes.items():
             shards = write_split(
                 out, split, count, seed, image_size, grid, samples_per_shard, workers, progress, kinds, cell, grid_sizes,
-                *options,
+                *options, short_suffix=short_suffix,
             )
             info["splits"][split] = {"records": count, "shards": shards}
     tmp = out / f".info.json.{os.getpid()}.tmp"
@@ -820,6 +871,12 @@ def read_info(out: str | Path) -> dict[str, Any] | None:
     info = json.loads(path.read_text())
     info.setdefault("kinds", list(CLASSIC_KINDS))  # generations from before kinds existed drew from these five
     return info
+
+
+def generation_short_suffix(info: dict[str, Any]) -> bool:
+    """Whether the generation of ``info`` (:func:`read_info`) wrote LLaVA-1.5's short-answer suffix: only
+    generations with the option on name it, so an info.json without the key (older ones too) means no."""
+    return bool(info.get("short_suffix", False))
 
 
 # -- CLI ---------------------------------------------------------------------------------------------
@@ -843,6 +900,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="MIN,MAX objects per scene (default 2,4; the hard task: 6,10), at most one per cell")
     parser.add_argument("--large-share", type=float, default=None,
                         help="share of objects drawn filling their whole cell, 2x2 patches (default none; hard: 0.5)")
+    parser.add_argument("--short-suffix", action=argparse.BooleanOptionalAction, default=False,
+                        help="end every one-word question with a newline and LLaVA-1.5's short-answer instruction "
+                        f"'{SHORT_ANSWER_SUFFIX}' (conf/data/synthetic.yaml turns it on; default off, the records of "
+                        "earlier versions)")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=1, help="processes writing shards (default 1)")
     parser.add_argument(
@@ -871,6 +932,7 @@ def main(argv: list[str] | None = None) -> None:
     info = generate(
         args.out, args.train, args.val, args.test, args.seed, args.image_size, args.grid,
         args.samples_per_shard, args.workers, kinds, args.cell, grid_sizes, objects, args.large_share,
+        args.short_suffix,
     )
     print(json.dumps({split: entry["records"] for split, entry in info["splits"].items()}))
 

@@ -53,8 +53,10 @@ TINY_TEXT = dict(
 
 def tiny_vocabulary(full: bool = False) -> list[str]:
     """Special tokens, then every word of the template and the square synthetic task's first five kinds,
-    then ``<image>``; with ``full``, then the words of the ``detail`` kind and the rows / columns five and
-    six of wider layouts (every word any synthetic record can hold).
+    then ``<image>``; with ``full``, then the words of the ``detail`` kind, the rows / columns five and
+    six of wider layouts, and the words of LLaVA-1.5's short-answer suffix that are new ("Answer", "question",
+    "using", "single", "word", "or", "phrase"; ``synthetic.SHORT_ANSWER_SUFFIX``): every word any synthetic
+    record can hold.
 
     The later words come after the image token because they were added later: a checkpoint saved with
     the 66-word vocabulary keeps every id when it is extended (:func:`extend_vocabulary`). Without them the
@@ -68,7 +70,10 @@ def tiny_vocabulary(full: bool = False) -> list[str]:
     for word in words:
         if word not in vocab:
             vocab.append(word)
-    later = [w for w in (*synthetic.DETAIL_WORDS, *synthetic.WIDE_POSITION_WORDS) if w not in vocab]
+    later = [
+        w for w in (*synthetic.DETAIL_WORDS, *synthetic.WIDE_POSITION_WORDS, *synthetic.SHORT_ANSWER_SUFFIX_WORDS)
+        if w not in vocab
+    ]
     return vocab + [IMAGE_PLACEHOLDER] + (list(dict.fromkeys(later)) if full else [])
 
 
