@@ -78,6 +78,11 @@ class Arm:
     def label(self) -> str:
         return "dense" if self.method == "dense" else f"{self.method}@{self.keep:g}"
 
+    def engine(self, model: Any, seed: int = 0) -> SparseEngine:
+        """The sparse engine that runs this arm on ``model`` (checks every setting against the model)."""
+        return SparseEngine(model, method=self.method, keep=self.keep, text=self.text, seed=seed, budget=self.budget,
+                            options=self.options, prune_layer=self.prune_layer)
+
 
 def default_text(model: Any, method: str) -> str:
     """The learned method decodes with its text predictor when it has one; the baselines keep every token."""
@@ -238,8 +243,7 @@ def evaluate_arm(
     answer records as soon as they exist (``eval.py`` appends them to answers.jsonl).
     """
     model, tokenizer, device = loaded.model, loaded.processor.tokenizer, loaded.device
-    engine = SparseEngine(model, method=arm.method, keep=arm.keep, text=arm.text, seed=seed, budget=arm.budget,
-                          options=arm.options, prune_layer=arm.prune_layer)
+    engine = arm.engine(model, seed)
     cost = CostModel(loaded, arm, engine.layer)
     dtype = next(model.parameters()).dtype
     model_id = model_id or f"{loaded.name}:{arm.label}"

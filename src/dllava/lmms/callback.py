@@ -68,7 +68,7 @@ class LmmsEvalCallback(L.Callback):
                 "exported checkpoint with `python -m lmms_eval --model dllava ...` instead (README, lmms-eval)"
             )
         try:  # fail before training, not after it
-            from lmms_eval.tasks import TaskManager
+            import lmms_eval.tasks  # noqa: F401
         except ImportError as err:
             raise ImportError(
                 f"callbacks=lmms_eval needs lmms-eval ({err}): pip install -e '.[lmms]' and then "
@@ -77,20 +77,21 @@ class LmmsEvalCallback(L.Callback):
         missing = [p for p in self.include_path if not Path(p).is_dir()]
         if missing:
             raise FileNotFoundError(f"callbacks.lmms_eval.include_path: {missing[0]} is not a directory")
-        known = set(self._task_manager(TaskManager).all_tasks)
+        known = set(self._task_manager().all_tasks)
         unknown = [t for t in self.tasks if t not in known]
         if unknown:
             where = " (lmms-eval's built-in tasks are indexed only with include_defaults=true)" if not self.include_defaults else ""
             raise ValueError(f"callbacks.lmms_eval.tasks: unknown task(s) {unknown} in {self.include_path}{where}")
 
-    def _task_manager(self, manager_class: Any) -> Any:
-        return manager_class(include_path=self.include_path, include_defaults=self.include_defaults)
+    def _task_manager(self) -> Any:
+        from lmms_eval.tasks import TaskManager
+
+        return TaskManager(include_path=self.include_path, include_defaults=self.include_defaults)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted or trainer.received_sigterm or not trainer.is_global_zero:
             return
         from lmms_eval.evaluator import simple_evaluate
-        from lmms_eval.tasks import TaskManager
 
         from dllava.eval.loading import LoadedModel
         from dllava.lmms.model import DllavaLMM
@@ -103,7 +104,7 @@ class LmmsEvalCallback(L.Callback):
                              name=f"step_{trainer.global_step}", path=str(self.output_dir or ""), device=str(pl_module.device))
         try:
             lm = DllavaLMM(loaded=loaded, **self.settings)
-            manager = self._task_manager(TaskManager)
+            manager = self._task_manager()
             with torch.no_grad():
                 results = simple_evaluate(model=lm, tasks=self.tasks, task_manager=manager, limit=self.limit,
                                           log_samples=self.log_samples)

@@ -59,7 +59,6 @@ from dllava.eval.questions import (
     BadQuestion, Question, batches, collate_questions, image_question, make_preprocessor, pixels_to,
 )
 from dllava.eval.runner import Arm, arm_for, evaluate_arm
-from dllava.inference.engine import SparseEngine
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +84,19 @@ class SparsityCounts(TokenCounts):
 
     def to_dict(self) -> dict[str, Any]:
         counts = super().to_dict()
-        base = {f.name for f in fields(TokenCounts)}
-        counts.update({f.name: getattr(self, f.name) for f in fields(self)
-                       if f.name not in base and getattr(self, f.name) is not None})
+        counts.update({name: getattr(self, name) for name in SPARSITY_FIELDS if getattr(self, name) is not None})
         return counts
+
+
+# SparsityCounts' own fields, named as in the answer records' metadata
+SPARSITY_FIELDS = tuple(f.name for f in fields(SparsityCounts) if f.name not in {g.name for g in fields(TokenCounts)})
 
 
 def counts_from(metadata: dict[str, Any], prompt_tokens: int) -> SparsityCounts:
     """A request's :class:`SparsityCounts` from its answer record's ``metadata`` (:func:`evaluate_arm`)."""
-    keys = {f.name for f in fields(SparsityCounts)} - {f.name for f in fields(TokenCounts)}
     return SparsityCounts(
         input_tokens=prompt_tokens, output_tokens=metadata.get("generated_tokens"),
-        **{key: metadata.get(key) for key in keys},
+        **{key: metadata.get(key) for key in SPARSITY_FIELDS},
     )
 
 
@@ -182,15 +182,14 @@ class DllavaLMM(lmms):
         if text is True:
             raise ValueError("dllava: text=true is not a generated-token policy; use learned, off or a keep rate in (0, 1]")
         self.arm: Arm = arm_for(model, method, keep, text, budget, options, prune_layer)
-        SparseEngine(model, method=self.arm.method, keep=self.arm.keep, text=self.arm.text, budget=self.arm.budget,
-                     options=self.arm.options, prune_layer=self.arm.prune_layer)  # every setting checked now, not at request 1
+        self.seed = int(seed)
+        self.engine = self.arm.engine(model, self.seed)  # every setting checked now, not at request 1
         try:
             self.batch_size_per_gpu = int(batch_size)
         except (TypeError, ValueError):
             raise ValueError(f"dllava: batch_size must be an integer, got {batch_size!r}") from None
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"dllava: batch_size must be >= 1, got {self.batch_size_per_gpu}")
-        self.seed = int(seed)
         self.preprocess = make_preprocessor(self.loaded.processor, max_length, model.adapter)
         self.stats_path = Path(stats_path) if stats_path else None
         self.progress = bool(progress)
@@ -236,11 +235,9 @@ class DllavaLMM(lmms):
         """Greedy answers, batched through the sparse engine; requests with the same generation settings
         run together (their order inside a batch does not change an answer: batch == alone)."""
         groups: dict[tuple[int, tuple[str, ...]], list[int]] = {}
-        settings = []
         for i, request in enumerate(requests):
-            context, gen_kwargs, _, doc_id, task, split = request.args
+            _, gen_kwargs, _, doc_id, task, _ = request.args
             setting = greedy_length(dict(gen_kwargs or {}), f"task {task!r} doc {doc_id}")
-            settings.append(setting)
             groups.setdefault(setting, []).append(i)
         out: list[GenerationResult | None] = [None] * len(requests)
         for (max_new_tokens, until), members in groups.items():
@@ -275,15 +272,13 @@ class DllavaLMM(lmms):
         ``(loss, greedy)`` pair comes wrapped as a :class:`GenerationResult`'s ``text``: the evaluator
         turns a bare tuple into its string (``unwrap_generation_output``) and its multiple-choice scoring
         then fails; the wrapper is passed through as is."""
-        model, device = self.loaded.model, self.loaded.device
-        dtype = next(model.parameters()).dtype
-        engine = SparseEngine(model, method=self.arm.method, keep=self.arm.keep, text=self.arm.text, seed=self.seed,
-                              budget=self.arm.budget, options=self.arm.options, prune_layer=self.arm.prune_layer)
+        device = self.loaded.device
+        dtype = next(self.loaded.model.parameters()).dtype
         pad = self.loaded.processor.tokenizer.pad_token_id
         out: list[GenerationResult] = []
         for batch in batches(self._scored(requests), self.batch_size_per_gpu):
             ids, mask, images = collate_questions([q for q, _ in batch], pad)
-            result = engine.reference_nll(ids.to(device), mask.to(device), [t for _, t in batch],
+            result = self.engine.reference_nll(ids.to(device), mask.to(device), [t for _, t in batch],
                                           **pixels_to(images, device, dtype))
             out.extend(GenerationResult(text=(score.nll / score.tokens, score.greedy)) for score in result)  # type: ignore[arg-type]
         return out
